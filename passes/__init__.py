@@ -1,0 +1,78 @@
+"""Graph passes, by name. Every pass is an onnx-ir pass; names are what the CLI's --passes takes.
+
+``DEFAULT_PIPELINE`` is the FP32 optimization qcompile runs by default: canonicalise, fold, fuse,
+clean up, in an order where each step exposes work for the next.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+
+from qcompile.passes.cleanup import (
+    cse,
+    dead_code,
+    dedup_initializers,
+    default_attributes,
+    identity,
+    lift_constants,
+    no_op,
+    topo_sort,
+)
+from qcompile.passes.folding import constant_folding
+from qcompile.passes.fuse_batchnorm import fuse_batchnorm
+from qcompile.passes.fuse_gelu import fuse_gelu
+from qcompile.passes.fuse_gemm import fuse_gemm
+from qcompile.passes.fuse_layernorm import fuse_layernorm
+from qcompile.passes.shapes import shape_inference
+
+PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
+    "default-attributes": default_attributes,
+    "lift-constants": lift_constants,
+    "shape-inference": shape_inference,
+    "constant-folding": constant_folding,
+    "identity": identity,
+    "no-op": no_op,
+    "cse": cse,
+    "dedup-initializers": dedup_initializers,
+    "fuse-batchnorm": fuse_batchnorm,
+    "fuse-gemm": fuse_gemm,
+    "fuse-layernorm": fuse_layernorm,
+    "fuse-gelu": fuse_gelu,
+    "dead-code": dead_code,
+    "topo-sort": topo_sort,
+}
+
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "default-attributes",
+    "lift-constants",
+    "shape-inference",
+    "constant-folding",
+    "identity",
+    "no-op",
+    "cse",
+    "dedup-initializers",
+    "fuse-batchnorm",
+    "fuse-layernorm",
+    "fuse-gelu",
+    "fuse-gemm",
+    "dead-code",
+    "topo-sort",
+)
+
+
+def pass_names() -> list[str]:
+    return list(PASSES)
+
+
+def make_pass(name: str) -> ir.passes.PassBase:
+    """A fresh pass by name; KeyError lists the known names."""
+    try:
+        factory = PASSES[name]
+    except KeyError:
+        raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}") from None
+    return factory()
+
+
+__all__ = ["DEFAULT_PIPELINE", "PASSES", "make_pass", "pass_names"]

@@ -1,0 +1,75 @@
+"""Clean-up passes: dead nodes, identities and no-ops, common subexpressions, duplicate
+initializers, Constant lifting, topological order.
+
+Each is onnx-ir's or onnxscript's own pass or rule set, given a stable name:
+
+    dead-code     remove nodes whose outputs reach no graph output; unused functions and opsets
+    identity      Identity(x) -> x
+    no-op         x+0 -> x, x-0 -> x, x*1 -> x, x/1 -> x, Dropout(inference) -> x,
+                  Cast(x: T -> T) -> x, Expand(x, shape(x)) -> x, Transpose(x, id) -> x,
+                  Cast(Cast(x)) -> Cast(x) where exact, Reshape(Reshape(x)) -> Reshape(x), ...
+    cse           two nodes with the same op, attributes and inputs -> one
+    dedup-initializers   byte-identical initializers -> one
+    lift-constants       Constant node -> graph initializer
+    topo-sort            nodes in a valid topological order
+    default-attributes   omitted attributes written out with their schema defaults, so that
+                         rules match ``ReduceMean(x)`` and ``ReduceMean(x, keepdims=1)`` alike
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter.rules.common import _basic_rules, _no_op
+
+from qcompile.passes._rewrite import RuleSetPass
+
+
+class DeadCodeEliminationPass(ir.passes.InPlacePass):
+    """Remove unused nodes, then unused functions and opset imports."""
+
+    name = "dead-code"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for inner in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):
+            modified |= inner(model).modified
+        return ir.passes.PassResult(model, modified)
+
+
+def _named(pass_instance: ir.passes.PassBase, name: str) -> ir.passes.PassBase:
+    pass_instance.name = name  # type: ignore[attr-defined]
+    return pass_instance
+
+
+def dead_code() -> ir.passes.PassBase:
+    return DeadCodeEliminationPass()
+
+
+def identity() -> ir.passes.PassBase:
+    return _named(common.IdentityEliminationPass(), "identity")
+
+
+def no_op() -> ir.passes.PassBase:
+    rules = list(_no_op.rules.rules) + list(_basic_rules.basic_optimization_rules().rules)
+    return RuleSetPass("no-op", rules)
+
+
+def cse() -> ir.passes.PassBase:
+    return _named(common.CommonSubexpressionEliminationPass(), "cse")
+
+
+def dedup_initializers() -> ir.passes.PassBase:
+    return _named(common.DeduplicateHashedInitializersPass(), "dedup-initializers")
+
+
+def lift_constants() -> ir.passes.PassBase:
+    return _named(common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0), "lift-constants")
+
+
+def topo_sort() -> ir.passes.PassBase:
+    return _named(common.TopologicalSortPass(), "topo-sort")
+
+
+def default_attributes() -> ir.passes.PassBase:
+    return _named(common.AddDefaultAttributesPass(), "default-attributes")

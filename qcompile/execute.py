@@ -1,0 +1,53 @@
+"""Load an in-memory model into a runtime and run feeds through it (the core's bridge to runtimes)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import modelio
+from qcompile.errors import BackendFailedError, RuntimeUnavailableError, UnknownNameError
+from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, get_runtime
+
+
+def resolve_runtime(name: str) -> Runtime:
+    """A runtime by name, checked to be usable here."""
+    try:
+        runtime = get_runtime(name)
+    except KeyError as exc:
+        raise UnknownNameError(str(exc.args[0]), fix="see `qcompile bench --help` for targets") from None
+    availability = runtime.available()
+    if not availability:
+        raise RuntimeUnavailableError(f"runtime {name!r} is not available: {availability.reason}")
+    return runtime
+
+
+@contextlib.contextmanager
+def loaded(
+    model: ir.Model | str, target: str = "ort-cpu", options: RuntimeOptions | None = None
+) -> Iterator[Runtime]:
+    """A runtime with ``model`` loaded (an ir.Model or a path), closed on exit."""
+    runtime = resolve_runtime(target)
+    try:
+        if isinstance(model, ir.Model):
+            with modelio.runnable(model) as payload:
+                runtime.load(payload, options)
+        else:
+            runtime.load(str(model), options)
+    except BackendError as exc:
+        raise BackendFailedError(str(exc), where=target, fix="check the model with `qcompile inspect`") from None
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def run_all(runtime: Runtime, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Run every feed; backend failures become BackendFailedError."""
+    try:
+        return [runtime.run(feed) for feed in feeds]
+    except BackendError as exc:
+        raise BackendFailedError(str(exc), where=runtime.name, fix="check the inputs match the model") from None

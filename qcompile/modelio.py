@@ -1,0 +1,256 @@
+"""Model I/O on onnx-ir: validated loading, atomic saving, external data, opset conversion.
+
+Protobuf is touched only here, at the edges. Weights stored as external data stay memory-mapped by
+onnx-ir; large models are written tensor by tensor, never through one protobuf message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qcompile.errors import (
+    ExternalDataError,
+    InvalidModelError,
+    ModelLoadError,
+    OutputPathError,
+)
+
+log = logging.getLogger(__name__)
+
+#: Models whose initializers add up to more than this are saved with external data by default.
+AUTO_EXTERNAL_BYTES = 256 * 1024 * 1024
+#: Protobuf's hard limit for one message; a model above it can only exist with external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load an ONNX model into onnx-ir, validating it on the way in.
+
+    External data is memory-mapped, never copied. Raises :class:`ModelLoadError` for a file that is
+    missing, empty or not ONNX, :class:`ExternalDataError` for external data that is missing or
+    escapes the model's folder, and :class:`InvalidModelError` when ``check`` and the ONNX checker
+    rejects the graph.
+    """
+    path = Path(path)
+    proto = _read_proto(path)
+    _check_external_locations(proto.graph, path)
+    if check:
+        _run_checker(proto, path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+    model.meta["qcompile.source_path"] = str(path.resolve())
+    return model
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError("model file not found", where=str(path), fix="check the path and try again")
+    if path.is_dir():
+        raise ModelLoadError("expected an .onnx file, got a folder", where=str(path), fix="name the model file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError("model file is empty (0 bytes)", where=str(path), fix="re-export the model")
+    try:
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"not a valid ONNX protobuf ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})",
+            where=str(path),
+            fix="the file may be truncated or not ONNX; re-export it",
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file: {exc.strerror}", where=str(path), fix="check permissions") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise ModelLoadError(
+            "file parsed but holds no ONNX model (no ir_version, graph or opset_import)",
+            where=str(path),
+            fix="pass a binary .onnx file written by an ONNX exporter",
+        )
+    return proto
+
+
+def _iter_tensor_protos(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_tensor_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _iter_tensor_protos(sub)
+
+
+def _check_external_locations(graph: onnx.GraphProto, model_path: Path) -> None:
+    """Refuse external data that escapes the model's folder, is missing, or is too short."""
+    base = model_path.parent.resolve()
+    for tensor in _iter_tensor_protos(graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"tensor {tensor.name!r} of {model_path}"
+        if not location or os.path.isabs(location):
+            raise ExternalDataError(
+                f"external data location {location!r} is absolute or empty", where=where,
+                fix="external data must be a relative path inside the model's folder; re-save the model",
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise ExternalDataError(
+                f"external data location {location!r} escapes the model's folder", where=where,
+                fix="move the data file next to the model and re-save it; qcompile never reads outside the model's folder",
+            )
+        if not target.is_file():
+            raise ExternalDataError(
+                f"external data file {location!r} not found", where=where,
+                fix="copy the data file next to the model",
+            )
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        if length is not None and offset + int(length) > target.stat().st_size:
+            raise ExternalDataError(
+                f"external data file {location!r} is shorter than the tensor needs", where=where,
+                fix="the data file is truncated; re-export the model",
+            )
+
+
+def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "checker failed")
+        raise InvalidModelError(
+            f"model fails the ONNX checker: {first}", where=str(path),
+            fix="fix the exporter or the graph; qcompile only accepts valid ONNX",
+        ) from None
+
+
+def check(model: ir.Model) -> None:
+    """Run the ONNX checker on an in-memory model (external tensors are not read)."""
+    proto = ir.serde.serialize_model(model)
+    _run_checker(proto, Path(model.meta.get("qcompile.source_path") or "<in-memory model>"))
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes held by the main graph's initializers."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _referenced_data_files(model: ir.Model) -> set[Path]:
+    files = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path).resolve())
+    return files
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    size_threshold_bytes: int = 1024,
+) -> Path:
+    """Write ``model`` to ``path`` atomically (temp files in the same folder, then rename).
+
+    ``external_data`` None decides by size: weights go to ``<name>.data`` when the initializers add
+    up to more than 256 MiB or the model already kept them outside. Tensors smaller than
+    ``size_threshold_bytes`` stay inline. Refuses to overwrite the model's own source file or any
+    data file it still reads from. Returns the path written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError("output path is a folder", where=str(path), fix="name a .onnx file")
+    parent = path.parent.resolve()
+    if not parent.is_dir():
+        raise OutputPathError("output folder does not exist", where=str(parent), fix="create it first")
+    source = model.meta.get("qcompile.source_path")
+    if source and (Path(source).resolve() == path.resolve() or _same_file(Path(source), path)):
+        raise OutputPathError("refusing to overwrite the input model", where=str(path), fix="choose another output path")
+    data_name = f"{path.name}.data"
+    data_path = parent / data_name
+    if data_path.resolve() in _referenced_data_files(model):
+        raise OutputPathError(
+            "refusing to overwrite external data the model is still reading", where=str(data_path),
+            fix="choose another output name",
+        )
+    if external_data is None:
+        external_data = has_external_data(model) or initializer_bytes(model) > AUTO_EXTERNAL_BYTES
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
+        else:
+            if initializer_bytes(model) > PROTOBUF_LIMIT:
+                raise OutputPathError(
+                    "model is larger than 2 GB and cannot be stored in one protobuf", where=str(path),
+                    fix="save with external data",
+                )
+            ir.save(model, tmp_model)
+        tmp_data = tmp_dir / data_name
+        if tmp_data.exists():
+            os.replace(tmp_data, data_path)
+        elif data_path.exists() and not external_data:
+            log.info("leaving unrelated file %s in place", data_path)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def convert_opset(model: ir.Model, target_opset: int) -> ir.Model:
+    """Convert the default-domain opset of ``model`` to ``target_opset`` (in place)."""
+    from onnxscript import version_converter
+
+    current = model.opset_imports.get("", None)
+    if current == target_opset:
+        return model
+    try:
+        version_converter.convert_version(model, target_version=target_opset, fallback=True)
+    except Exception as exc:  # the converter raises many types; all mean "cannot convert"
+        raise InvalidModelError(
+            f"cannot convert opset {current} to {target_opset}: {exc}", where="version converter",
+            fix="pick a target opset the model's ops support",
+        ) from None
+    return model
+
+
+@contextlib.contextmanager
+def runnable(model: ir.Model, *, inline_limit: int = 1 << 30) -> Iterator[str | bytes]:
+    """Yield something a runtime can load: protobuf bytes for small models, else a temp file path.
+
+    Models with external data or more than ``inline_limit`` bytes of weights are written to a
+    temporary folder (removed afterwards) so nothing is ever forced through one protobuf message.
+    """
+    if not has_external_data(model) and initializer_bytes(model) <= inline_limit:
+        yield ir.serde.serialize_model(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="qcompile-run-") as tmp:
+        target = Path(tmp) / "model.onnx"
+        ir.save(model, target, external_data="model.onnx.data", size_threshold_bytes=1024)
+        yield str(target)

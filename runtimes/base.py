@@ -1,0 +1,52 @@
+"""The runtime protocol every backend implements.
+
+A runtime is cheap to construct; ``load`` does the heavy work (session creation, engine build).
+``available()`` answers without side effects and says why not. Optional backends import their
+libraries lazily so a missing one costs nothing until it is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class BackendError(Exception):
+    """A backend failed to load or run a model (wrapped into a QCompileError by the core)."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a runtime can be used here; ``reason`` says why not."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Options common to runtimes; backend-specific ones go in ``extra``."""
+
+    threads: int | None = None
+    optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A backend that loads an ONNX model (path or protobuf bytes) and runs feeds through it."""
+
+    name: str
+
+    def available(self) -> Availability: ...
+
+    def load(self, model: str | bytes, options: RuntimeOptions | None = None) -> None: ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...

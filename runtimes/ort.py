@@ -1,0 +1,85 @@
+"""ONNX Runtime backends: CPU (always available) and CUDA (with onnxruntime-gpu)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from qcompile.runtimes.base import Availability, BackendError, RuntimeOptions
+
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+class OrtRuntime:
+    """ONNX Runtime with one execution provider."""
+
+    def __init__(self, name: str = "ort-cpu", provider: str = "CPUExecutionProvider") -> None:
+        self.name = name
+        self.provider = provider
+        self._session = None
+
+    def available(self) -> Availability:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return Availability(False, "onnxruntime is not installed (pip install onnxruntime)")
+        if self.provider not in ort.get_available_providers():
+            return Availability(
+                False, f"{self.provider} is not in this onnxruntime build (install onnxruntime-gpu and a CUDA driver)"
+            )
+        return Availability(True)
+
+    def load(self, model: str | bytes, options: RuntimeOptions | None = None) -> None:
+        import onnxruntime as ort
+
+        options = options or RuntimeOptions()
+        if options.optimization not in _LEVELS:
+            raise BackendError(f"unknown optimization level {options.optimization!r}; use one of {sorted(_LEVELS)}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[options.optimization])
+        so.log_severity_level = 3
+        if options.threads:
+            so.intra_op_num_threads = int(options.threads)
+            so.inter_op_num_threads = 1
+        for key, value in options.extra.items():
+            so.add_session_config_entry(str(key), str(value))
+        try:
+            self._session = ort.InferenceSession(model, sess_options=so, providers=[self.provider])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise BackendError(f"onnxruntime could not load the model: {str(exc).strip().splitlines()[0]}") from exc
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self._require().get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._require().get_outputs()]
+
+    def _require(self):
+        if self._session is None:
+            raise BackendError(f"{self.name}: call load() before run()")
+        return self._session
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._require()
+        try:
+            outputs = session.run(None, dict(feeds))
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed to run: {str(exc).strip().splitlines()[0]}") from exc
+        return dict(zip(self.output_names, outputs))
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> "OrtRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
