@@ -1,0 +1,131 @@
+"""What a zoo entry is, and the cache its exports live in (outside git, keyed by entry version)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from qcompile.errors import DependencyError
+
+Feed = dict[str, np.ndarray]
+
+
+class FeedReader:
+    """A calibration data reader with ORT's ``get_next()`` protocol over an iterator of feeds."""
+
+    def __init__(self, feeds: Iterator[Feed] | list[Feed]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> Feed | None:
+        return next(self._it, None)
+
+    def __iter__(self) -> Iterator[Feed]:
+        while (feed := self.get_next()) is not None:
+            yield feed
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One model of the zoo: how to build it, what it takes, how to feed and judge it.
+
+    ``export(path, **options)`` writes the ONNX file; ``calibration(n)`` returns a reader of n real
+    feeds (random for speed-only entries); ``evaluate(model_path, target, reference)`` returns the
+    task metric as a dict (empty for speed-only entries, which have random weights).
+    """
+
+    name: str
+    version: str
+    description: str
+    real_weights: bool
+    task: str
+    export: Callable[..., None]
+    calibration: Callable[[int], FeedReader]
+    evaluate: Callable[..., dict[str, Any]]
+    bench_dims: Mapping[str, int] = field(default_factory=dict)
+    default_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "real_weights": self.real_weights,
+            "task": self.task,
+            "options": dict(self.default_options),
+        }
+
+
+def cache_root() -> Path:
+    """$QCOMPILE_CACHE, else ~/.cache/qcompile."""
+    root = os.environ.get("QCOMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qcompile")
+    return Path(root)
+
+
+def _options_key(options: Mapping[str, Any]) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+
+
+def cached_export(entry: ZooEntry, options: Mapping[str, Any] | None = None) -> Path:
+    """The entry's ONNX export from the cache, exporting it first if missing (atomically)."""
+    opts = {**entry.default_options, **(options or {})}
+    key = f"{entry.name}-v{entry.version}" + (f"-{_options_key(opts)}" if opts != dict(entry.default_options) else "")
+    folder = cache_root() / "zoo" / key
+    model_path = folder / "model.onnx"
+    if model_path.is_file():
+        return model_path
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+    try:
+        entry.export(tmp / "model.onnx", **opts)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first
+            if not model_path.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model_path
+
+
+def require(module: str, extra: str = "export"):
+    """Import an optional dependency or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DependencyError(
+            f"the model zoo needs {module!r}, which is not installed",
+            fix=f"pip install 'qcompile-onnx[{extra}]' (see README: setup)",
+        ) from None
+
+
+def hf_offline() -> None:
+    """Never reach a model hub at run time."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def torch_export(module, args: tuple, path: Path, input_names, output_names, dynamic_axes, opset: int = 17) -> None:
+    """TorchScript ONNX export (fast, opset 17) of a module in eval mode, into ``path``."""
+    torch = require("torch")
+    module.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
