@@ -25,7 +25,7 @@ from qcompile.passes.fuse_batchnorm import fuse_batchnorm
 from qcompile.passes.fuse_gelu import fuse_gelu
 from qcompile.passes.fuse_gemm import fuse_gemm
 from qcompile.passes.fuse_layernorm import fuse_layernorm
-from qcompile.passes.shapes import shape_inference
+from qcompile.passes.shapes import clear_shapes, shape_inference
 
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "default-attributes": default_attributes,
@@ -42,6 +42,7 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fuse-gelu": fuse_gelu,
     "dead-code": dead_code,
     "topo-sort": topo_sort,
+    "clear-shapes": clear_shapes,
 }
 
 DEFAULT_PIPELINE: tuple[str, ...] = (
@@ -61,6 +62,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "topo-sort",
 )
 
+#: Run once after the default pipeline reaches its fixed point.
+FINAL_PASSES: tuple[str, ...] = ("clear-shapes",)
+
 
 def pass_names() -> list[str]:
     return list(PASSES)
@@ -75,4 +79,4 @@ def make_pass(name: str) -> ir.passes.PassBase:
     return factory()
 
 
-__all__ = ["DEFAULT_PIPELINE", "PASSES", "make_pass", "pass_names"]
+__all__ = ["DEFAULT_PIPELINE", "FINAL_PASSES", "PASSES", "make_pass", "pass_names"]

@@ -84,7 +84,8 @@ def pass_name(p: ir.passes.PassBase) -> str:
 
 
 class PassManager:
-    """Runs onnx-ir passes in order (``steps`` sweeps, stopping early at a fixed point)."""
+    """Runs onnx-ir passes in order (``steps`` sweeps, stopping early at a fixed point), then the
+    ``finalize`` passes once."""
 
     def __init__(
         self,
@@ -93,9 +94,11 @@ class PassManager:
         verify: bool = False,
         verify_options: VerifyOptions | None = None,
         steps: int = 1,
+        finalize: Sequence[ir.passes.PassBase] = (),
         on_pass: Callable[[PassStats], None] | None = None,
     ) -> None:
         self.passes = list(passes)
+        self.finalize = list(finalize)
         self.verify = verify
         self.verify_options = verify_options or VerifyOptions()
         self.steps = max(1, steps)
@@ -110,19 +113,25 @@ class PassManager:
         stats: list[PassStats] = []
         any_modified = False
         for _ in range(self.steps):
-            sweep_modified = False
-            for p in self.passes:
-                model, stat = self._run_pass(p, model)
-                if stat.modified and reference is not None:
-                    self._verify(model, stat, feeds, reference)
-                stats.append(stat)
-                if self.on_pass:
-                    self.on_pass(stat)
-                sweep_modified |= stat.modified
+            model, sweep_modified = self._sweep(self.passes, model, stats, feeds, reference)
             any_modified |= sweep_modified
             if not sweep_modified:
                 break
+        model, final_modified = self._sweep(self.finalize, model, stats, feeds, reference)
+        any_modified |= final_modified
         return PassManagerResult(model, any_modified, stats)
+
+    def _sweep(self, passes, model, stats, feeds, reference) -> tuple[ir.Model, bool]:
+        modified = False
+        for p in passes:
+            model, stat = self._run_pass(p, model)
+            if stat.modified and reference is not None:
+                self._verify(model, stat, feeds, reference)
+            stats.append(stat)
+            if self.on_pass:
+                self.on_pass(stat)
+            modified |= stat.modified
+        return model, modified
 
     def _run_pass(self, p: ir.passes.PassBase, model: ir.Model) -> tuple[ir.Model, PassStats]:
         name = pass_name(p)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from qcompile import modelio
 from qcompile.errors import UnknownNameError
-from qcompile.passes import DEFAULT_PIPELINE, PASSES, make_pass
+from qcompile.passes import DEFAULT_PIPELINE, FINAL_PASSES, PASSES, make_pass
 from qcompile.passmanager import PassManager, PassManagerResult, PassStats, VerifyOptions
 
 
@@ -35,15 +35,22 @@ def optimize_with_stats(
     verify: bool = False,
     verify_options: VerifyOptions | None = None,
     target_opset: int | None = None,
-    steps: int = 2,
+    steps: int = 3,
     on_pass: Callable[[PassStats], None] | None = None,
 ) -> PassManagerResult:
-    """Optimize a model (in place when given an ir.Model) and return it with per-pass stats."""
+    """Optimize a model (in place when given an ir.Model) and return it with per-pass stats.
+
+    ``passes`` None runs the default pipeline to a fixed point (at most ``steps`` sweeps), then
+    the final clean-up passes; a list of names runs exactly those passes, sweep by sweep.
+    """
     model = _as_model(model_or_path)
     pass_list = resolve_passes(passes)
+    final = resolve_passes(FINAL_PASSES) if passes is None else []
     if target_opset is not None:
         modelio.convert_opset(model, target_opset)
-    manager = PassManager(pass_list, verify=verify, verify_options=verify_options, steps=steps, on_pass=on_pass)
+    manager = PassManager(
+        pass_list, verify=verify, verify_options=verify_options, steps=steps, finalize=final, on_pass=on_pass
+    )
     return manager(model)
 
 

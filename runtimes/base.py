@@ -34,6 +34,9 @@ class RuntimeOptions:
 
     threads: int | None = None
     optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    # Worker threads busy-wait between runs for lower latency. Turn it off when several sessions
+    # take turns (side-by-side timing): one session's spinning threads would steal the cores.
+    spin_wait: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

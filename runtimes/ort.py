@@ -47,6 +47,9 @@ class OrtRuntime:
         if options.threads:
             so.intra_op_num_threads = int(options.threads)
             so.inter_op_num_threads = 1
+        if not options.spin_wait:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         for key, value in options.extra.items():
             so.add_session_config_entry(str(key), str(value))
         try:

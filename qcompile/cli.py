@@ -1,0 +1,334 @@
+"""The `qcompile` command line. Exit codes: 0 success, 1 a check failed, 2 usage or input error."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from qcompile import modelio, specs
+from qcompile.errors import QCompileError, UnknownNameError
+from qcompile.progress import bar, stderr
+
+stdout = Console(soft_wrap=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def emit_json(data) -> None:
+    """Machine-readable result on stdout (strict JSON: non-finite floats become strings)."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    click.echo(json.dumps(clean(data), indent=2, default=_json_default, allow_nan=False))
+
+
+def fail(exc: QCompileError) -> None:
+    click.echo(f"error: {exc.line()}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def handle_errors(fn):
+    """Turn qcompile's errors into one line on stderr and their exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from qcompile.runtimes import BackendError
+
+        try:
+            return fn(*args, **kwargs)
+        except QCompileError as exc:
+            fail(exc)
+        except BackendError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory — try a smaller batch or sequence length", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def resolve_model(arg: str) -> Path:
+    """A model path, or ``zoo:NAME`` for a zoo export (exported and cached on first use)."""
+    if arg.startswith("zoo:"):
+        from qcompile.models import cached_export, get_entry
+
+        try:
+            entry = get_entry(arg[4:])
+        except KeyError as exc:
+            raise UnknownNameError(str(exc.args[0]), fix="see `qcompile zoo list`") from None
+        with bar(f"exporting {entry.name} (cached after the first time)"):
+            return cached_export(entry)
+    return Path(arg)
+
+
+shape_options = [
+    click.option("--batch", type=click.IntRange(min=1), default=None, help="Size of symbolic batch dims (axis 0)."),
+    click.option("--seq", type=click.IntRange(min=1), default=None, help="Size of other symbolic dims."),
+    click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Size of a named symbolic dim (repeatable)."),
+]
+
+
+def with_shape_options(fn):
+    for option in reversed(shape_options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qcompile-onnx", prog_name="qcompile")
+def main() -> None:
+    """qcompile — an ONNX graph-rewriting compiler with verified passes and measured results."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@handle_errors
+def inspect(model: str, as_json: bool) -> None:
+    """Opsets, inputs/outputs, op histogram, parameters, bytes and external data of MODEL."""
+    from qcompile.inspect import summarize
+
+    path = resolve_model(model)
+    summary = summarize(modelio.load(path), path)
+    if as_json:
+        emit_json(summary)
+        return
+    stdout.print(f"[bold]{path}[/bold]  ir_version {summary['ir_version']}  producer {summary['producer']}")
+    stdout.print("opsets: " + ", ".join(f"{d} {v}" for d, v in summary["opsets"].items()))
+    table = Table("", "name", "dtype", "shape")
+    for kind in ("inputs", "outputs"):
+        for item in summary[kind]:
+            table.add_row(kind[:-1], item["name"], str(item["dtype"]), str(item["shape"]))
+    stdout.print(table)
+    stdout.print(
+        f"nodes {summary['nodes']}  parameters {summary['parameters']:,}  "
+        f"initializer bytes {summary['initializer_bytes']:,}  external tensors {summary['external_data']['tensors']}"
+    )
+    ops = Table("op", "count")
+    for op, count in summary["op_histogram"].items():
+        ops.add_row(op, str(count))
+    stdout.print(ops)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
+@click.option("--passes", default=None, help="Comma-separated pass names (default: the FP32 pipeline).")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check every pass numerically on ORT CPU.")
+@click.option("--target-opset", type=click.IntRange(min=7), default=None, help="Convert to this opset first.")
+@click.option("--tolerance", type=float, default=1e-5, show_default=True, help="Max relative L2 error per pass.")
+@click.option("--external-data/--no-external-data", default=None, help="Weights in OUTPUT.data (default: by size).")
+@with_shape_options
+@click.option("--json", "as_json", is_flag=True, help="Print per-pass stats as JSON on stdout.")
+@handle_errors
+def optimize(model, output, passes, verify, target_opset, tolerance, external_data, batch, seq, dims, as_json):
+    """Optimize MODEL with verified FP32 passes and write OUTPUT atomically."""
+    from qcompile.passes import DEFAULT_PIPELINE
+    from qcompile.passmanager import VerifyOptions
+    from qcompile.pipeline import optimize_with_stats
+
+    path = resolve_model(model)
+    names = [n.strip() for n in passes.split(",") if n.strip()] if passes else None
+    out = Path(output)
+    if out.exists() and path.exists() and os.path.samefile(out, path):
+        fail(modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o"))
+    loaded = modelio.load(path)
+    options = VerifyOptions(dims=specs.parse_dims(dims), batch=batch, seq=seq, rel_l2=tolerance)
+    planned = len(names or DEFAULT_PIPELINE)
+    with bar("optimizing", total=None) as advance:
+        result = optimize_with_stats(
+            loaded, names, verify=verify, verify_options=options, target_opset=target_opset,
+            on_pass=lambda s: advance(description=f"{s.name} ({planned} passes per sweep)"),
+        )
+    modelio.save(result.model, out, external_data=external_data)
+    first, last = result.stats[0], result.stats[-1]
+    summary = {
+        "input": str(path),
+        "output": str(out),
+        "verified": verify,
+        "nodes_before": first.nodes_before,
+        "nodes_after": last.nodes_after,
+        "initializer_bytes_before": first.initializer_bytes_before,
+        "initializer_bytes_after": last.initializer_bytes_after,
+        **result.to_json(),
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table("pass", "ms", "nodes", "bytes", "changed", "verified (rel L2)")
+    for s in result.stats:
+        check = "—" if s.verified is None else (f"yes ({s.rel_l2:.1e})" if s.verified else "NO")
+        table.add_row(
+            s.name, f"{s.seconds * 1e3:.1f}", f"{s.nodes_before} → {s.nodes_after}",
+            f"{s.initializer_bytes_before:,} → {s.initializer_bytes_after:,}", "yes" if s.modified else "", check,
+        )
+    stdout.print(table)
+    stdout.print(f"nodes {first.nodes_before} → {last.nodes_after}; wrote {out}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--target", default="ort-cpu", show_default=True, help="Runtime to time on.")
+@with_shape_options
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@click.option("--min-time", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Keep timing at least this many seconds.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: runtime's).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
+@handle_errors
+def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, as_json):
+    """Time MODELS (paths or zoo:NAME) side by side on the same feed; ratios vs the first."""
+    from qcompile.bench import BenchSettings, bench_models
+
+    paths = [resolve_model(m) for m in models]
+    settings = BenchSettings(target=target, batch=batch, seq=seq, dims=specs.parse_dims(dims), runs=runs,
+                             warmup=warmup, min_time_s=min_time, threads=threads)
+    report = bench_models(paths, settings, labels=list(models))
+    if as_json:
+        emit_json(report)
+        return
+    table = Table("model", "median ms", "p90 ms", "min ms", "mean ± sd ms", "items/s", "speed vs first")
+    for r in report["results"]:
+        table.add_row(r["name"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['min_ms']:.3f}",
+                      f"{r['mean_ms']:.3f} ± {r['stdev_ms']:.3f}", f"{r['throughput']:.1f}",
+                      f"{r['speedup_vs_baseline']:.3f}×")
+    stdout.print(table)
+    stdout.print(f"target {target}; feed {report['feed_shapes']}; {runs} interleaved runs after {warmup} warm-up")
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("candidate")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz of inputs (samples stacked or single).")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Random feeds (or cap on --data).")
+@click.option("--target", default="ort-cpu", show_default=True)
+@with_shape_options
+@click.option("--max-rel-l2", type=float, default=None, help="Exit 1 if any output's relative L2 exceeds this.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON on stdout.")
+@handle_errors
+def compare(reference, candidate, data, samples, target, batch, seq, dims, max_rel_l2, as_json):
+    """Compare CANDIDATE's outputs with REFERENCE's on the same feeds."""
+    from qcompile.bench import compare_models
+    from qcompile.errors import CheckFailedError
+    from qcompile.feeds import load_npz_feeds
+
+    ref_path, cand_path = resolve_model(reference), resolve_model(candidate)
+    ref_specs = specs.input_specs(modelio.load(ref_path))
+    cand_specs = specs.input_specs(modelio.load(cand_path))
+    if data:
+        feeds = load_npz_feeds(data, ref_specs, limit=samples)
+    else:
+        feeds = [specs.random_feed(ref_specs, seed=i, dims=specs.parse_dims(dims), batch=batch, seq=seq) for i in range(samples)]
+    for i, feed in enumerate(feeds):
+        specs.validate_feed(cand_specs, feed, where=f"sample {i} for {cand_path}")
+    comparison = compare_models(ref_path, cand_path, feeds, target)
+    passed = max_rel_l2 is None or comparison.within(max_rel_l2)
+    if as_json:
+        emit_json({"samples": len(feeds), "outputs": comparison.to_json(), "passed": passed, "max_rel_l2": max_rel_l2})
+    else:
+        table = Table("output", "max abs", "rel L2", "cosine", "SQNR dB", "top-1 agree")
+        for o in comparison.outputs.values():
+            top1 = "—" if o.top1 is None else f"{o.top1:.4f}"
+            table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.rel_l2:.3g}", f"{o.cosine:.6f}", f"{o.sqnr_db:.1f}", top1)
+        stdout.print(table)
+        stdout.print(f"{len(feeds)} samples on {target}")
+    if not passed:
+        worst = comparison.worst()
+        fail(CheckFailedError(f"output {worst.name!r} rel L2 {worst.rel_l2:.3g} exceeds --max-rel-l2 {max_rel_l2:g}"))
+
+
+@main.group()
+def zoo() -> None:
+    """The model zoo: real-weight models with their data, and speed-only builders."""
+
+
+@zoo.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def zoo_list(as_json: bool) -> None:
+    """List zoo entries."""
+    from qcompile.models import ZOO
+
+    if as_json:
+        emit_json([e.to_json() for e in ZOO.values()])
+        return
+    table = Table("name", "version", "weights", "task", "description")
+    for e in ZOO.values():
+        table.add_row(e.name, e.version, "real" if e.real_weights else "RANDOM", e.task, e.description)
+    stdout.print(table)
+
+
+@zoo.command("export")
+@click.argument("name")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX file.")
+@click.option("--option", "options", multiple=True, metavar="KEY=INT", help="Builder option, e.g. width=768 (gpt_synth).")
+@handle_errors
+def zoo_export(name: str, output: str, options: tuple[str, ...]) -> None:
+    """Export zoo model NAME (from the cache when present) to OUTPUT."""
+    from qcompile.models import cached_export, get_entry
+
+    try:
+        entry = get_entry(name)
+    except KeyError as exc:
+        raise UnknownNameError(str(exc.args[0]), fix="see `qcompile zoo list`") from None
+    parsed = specs.parse_dims(options)
+    unknown = sorted(set(parsed) - set(entry.default_options))
+    if unknown:
+        raise UnknownNameError(f"{name} has no option {unknown[0]!r}",
+                               fix=f"options: {', '.join(entry.default_options) or 'none'}")
+    with bar(f"exporting {name}"):
+        path = cached_export(entry, parsed)
+    model = modelio.load(path)
+    modelio.save(model, output)
+    click.echo(f"wrote {output} ({entry.description})")
+
+
+@main.command()
+@click.option("--out-dir", type=click.Path(file_okay=False), default="qcompile-demo", show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def demo(out_dir: str, runs: int, as_json: bool) -> None:
+    """Export MiniLM with real weights, optimize it with verification, time and score before/after."""
+    from qcompile.demo import run_demo
+
+    report = run_demo(Path(out_dir), runs=runs, log=lambda msg: stderr.print(msg))
+    if as_json:
+        emit_json(report)
+        return
+    table = Table("model", "nodes", "median ms (b1, seq 128)", "speed vs FP32", "R@1", "embedding cosine")
+    for row in report["rows"]:
+        table.add_row(row["model"], str(row["nodes"]), f"{row['median_ms']:.2f}", f"{row['speedup']:.3f}×",
+                      f"{row['r_at_1']:.3f}", f"{row['embedding_cosine']:.6f}")
+    stdout.print(table)
+    stdout.print(f"files in {out_dir}/")
+
+
+if __name__ == "__main__":
+    main()
