@@ -50,9 +50,19 @@ def identity() -> ir.passes.PassBase:
     return _named(common.IdentityEliminationPass(), "identity")
 
 
+class NoOpRemovalPass(RuleSetPass):
+    """onnxscript's no-op rules rewrite to Identity; the Identities are then removed."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = super().call(model)
+        if result.modified:
+            common.IdentityEliminationPass()(model)
+        return result
+
+
 def no_op() -> ir.passes.PassBase:
     rules = list(_no_op.rules.rules) + list(_basic_rules.basic_optimization_rules().rules)
-    return RuleSetPass("no-op", rules)
+    return NoOpRemovalPass("no-op", rules)
 
 
 def cse() -> ir.passes.PassBase:

@@ -21,13 +21,15 @@ from qcompile.passes._rewrite import RuleSetPass
 _GEMM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
-def _bias_fits(input_c: ir.Value, result: ir.Value | None) -> bool:
-    shape = input_c.shape
-    if shape is None or shape.rank() > 2 or input_c.dtype not in _GEMM_TYPES:
+def _bias_fits(input_a: ir.Value, input_b: ir.Value, input_c: ir.Value, trans_a: bool, trans_b: bool) -> bool:
+    """C must broadcast unidirectionally to Gemm's [M, N] (so Add could not have grown it)."""
+    if input_c.dtype not in _GEMM_TYPES or input_c.shape is None or input_c.shape.rank() > 2:
         return False
-    if result is None or result.shape is None or result.shape.rank() != 2:
+    if input_a.shape is None or input_b.shape is None:
         return False
-    for c_dim, out_dim in zip(reversed(list(shape)), reversed(list(result.shape))):
+    m = input_a.shape[1 if trans_a else 0]
+    n = input_b.shape[0 if trans_b else 1]
+    for c_dim, out_dim in zip(reversed(list(input_c.shape)), (n, m)):
         if not (c_dim == 1 or (isinstance(c_dim, int) and c_dim == out_dim)):
             return False
     return True
@@ -39,8 +41,7 @@ def _narrowed(base: type) -> type:
             result = super().check(context, input_a, input_b, **kwargs)
             if not result:
                 return result
-            out = context.root.outputs[0] if getattr(context, "root", None) is not None else None
-            if not _bias_fits(input_c, out):
+            if not _bias_fits(input_a, input_b, input_c, self.trans_a, self.trans_b):
                 return pattern.MatchResult().fail("bias does not broadcast to the [M, N] Gemm output", input_c)
             return result
 

@@ -126,9 +126,31 @@ def _check_external_locations(graph: onnx.GraphProto, model_path: Path) -> None:
             )
 
 
+def _externals_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The checker resolves external data against the working directory, not the model's folder.
+
+    Locations are validated by :func:`_check_external_locations`; for the checker, each external
+    initializer becomes a typed graph input instead (equivalent for every structural check).
+    """
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    names = {t.name for t in external}
+    kept = [t for t in copy.graph.initializer if t.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    declared = {i.name for i in copy.graph.input}
+    for tensor in external:
+        if tensor.name not in declared:
+            copy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return copy
+
+
 def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(_externals_as_inputs(proto), full_check=False)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "checker failed")
         raise InvalidModelError(
@@ -166,6 +188,22 @@ def _referenced_data_files(model: ir.Model) -> set[Path]:
         if isinstance(tensor, ir.ExternalTensor):
             files.add(Path(tensor.path).resolve())
     return files
+
+
+@contextlib.contextmanager
+def _inlined(model: ir.Model) -> Iterator[None]:
+    """Temporarily hold external tensors in memory so that a save writes them inline."""
+    swapped = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            swapped.append((value, tensor))
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+    try:
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def save(
@@ -211,7 +249,8 @@ def save(
                     "model is larger than 2 GB and cannot be stored in one protobuf", where=str(path),
                     fix="save with external data",
                 )
-            ir.save(model, tmp_model)
+            with _inlined(model):
+                ir.save(model, tmp_model)
         tmp_data = tmp_dir / data_name
         if tmp_data.exists():
             os.replace(tmp_data, data_path)
