@@ -113,10 +113,18 @@ def hf_offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def torch_export(module, args: tuple, path: Path, input_names, output_names, dynamic_axes, opset: int = 17) -> None:
-    """TorchScript ONNX export (fast, opset 17) of a module in eval mode, into ``path``."""
+def torch_export(
+    module, args: tuple, path: Path, input_names, output_names, dynamic_axes, opset: int = 17,
+    keep_batchnorm: bool = False,
+) -> None:
+    """TorchScript ONNX export (fast, opset 17) of a module in eval mode, into ``path``.
+
+    The exporter folds BatchNormalization into Conv by itself; ``keep_batchnorm`` exports the
+    BatchNormalization nodes (inference mode) as other exporters and frameworks do.
+    """
     torch = require("torch")
     module.eval()
+    mode = torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
     with torch.no_grad():
         torch.onnx.export(
             module,
@@ -128,4 +136,5 @@ def torch_export(module, args: tuple, path: Path, input_names, output_names, dyn
             opset_version=opset,
             dynamo=False,
             do_constant_folding=True,
+            training=mode,
         )

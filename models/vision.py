@@ -122,7 +122,7 @@ def _exporter(builder, seed: int):
             net = builder()
             _randomise_bn(net, seed)
         axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
-        torch_export(net.eval(), (torch.zeros(1, 3, 224, 224),), path, ["image"], ["logits"], axes)
+        torch_export(net.eval(), (torch.zeros(1, 3, 224, 224),), path, ["image"], ["logits"], axes, keep_batchnorm=True)
 
     return export
 
@@ -140,7 +140,7 @@ def no_metric(model_path: str | Path, target: str = "ort-cpu", reference: str | 
 def _entry(name: str, description: str, builder) -> ZooEntry:
     return ZooEntry(
         name=name,
-        version="1",
+        version="2",
         description=f"{description} — RANDOM WEIGHTS, speed only",
         real_weights=False,
         task="none (speed only)",

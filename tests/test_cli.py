@@ -1,0 +1,222 @@
+"""The CLI through click's runner and as a subprocess: JSON outputs, exit codes, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+from conftest import model_from_text
+
+import qcompile
+from qcompile.cli import main
+
+TEXT = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[batch, 8] x) => (float[batch, 8] y) {
+  c = Constant <value = float[8] {1, 2, 3, 4, 5, 6, 7, 8}> ()
+  d = Add(c, c)
+  a = Identity(x)
+  r = Relu(a)
+  s = Relu(a)
+  t = Add(r, s)
+  y = Add(t, d)
+}"""
+
+
+@pytest.fixture()
+def small_model(tmp_path) -> Path:
+    path = tmp_path / "small.onnx"
+    qcompile.save(model_from_text(TEXT), path)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_for_every_command():
+    for command in ([], ["inspect"], ["optimize"], ["bench"], ["compare"], ["zoo"], ["zoo", "list"], ["zoo", "export"], ["demo"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_inspect_json(small_model):
+    result = invoke("inspect", small_model, "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["opsets"] == {"ai.onnx": 17}
+    assert data["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}]
+    assert data["outputs"][0]["name"] == "y"
+    assert data["op_histogram"]["Relu"] == 2 and data["nodes"] == 7
+    assert data["external_data"]["tensors"] == 0
+    assert data["parameters"] == 0
+
+
+def test_optimize_writes_verified_smaller_model(small_model, tmp_path):
+    out = tmp_path / "opt.onnx"
+    result = invoke("optimize", small_model, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["verified"] and data["nodes_after"] < data["nodes_before"]
+    assert all(p["verified"] in (True, None) for p in data["passes"])
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(small_model)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_optimize_with_named_passes(small_model, tmp_path):
+    out = tmp_path / "opt.onnx"
+    result = invoke("optimize", small_model, "-o", out, "--passes", "identity,cse", "--json")
+    data = json.loads(result.output)
+    assert [p["name"] for p in data["passes"]][:2] == ["identity", "cse"]
+
+
+def test_optimize_unknown_pass_is_usage_error(small_model, tmp_path):
+    out = tmp_path / "opt.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes", "bogus"])
+    assert result.exit_code == 2 and "unknown pass 'bogus'" in result.output
+    assert not out.exists()
+
+
+def test_bench_json_side_by_side(small_model, tmp_path):
+    other = tmp_path / "other.onnx"
+    invoke("optimize", small_model, "-o", other)
+    result = invoke("bench", small_model, other, "--runs", "5", "--batch", "4", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["feed_shapes"] == {"x": [4, 8]}
+    first, second = data["results"]
+    assert first["speedup_vs_baseline"] == 1.0 and second["speedup_vs_baseline"] > 0
+    for key in ("min_ms", "median_ms", "p90_ms", "mean_ms", "stdev_ms", "throughput", "runs"):
+        assert key in first
+    assert first["runs"] == 5 and first["items_per_run"] == 4
+
+
+def test_compare_json_and_data_file(small_model, tmp_path):
+    other = tmp_path / "other.onnx"
+    invoke("optimize", small_model, "-o", other)
+    data_file = tmp_path / "feeds.npz"
+    np.savez(data_file, x=np.random.default_rng(0).standard_normal((3, 2, 8)).astype(np.float32))
+    result = invoke("compare", small_model, other, "--data", data_file, "--json", "--max-rel-l2", "1e-6")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["samples"] == 3 and data["passed"]
+    y = data["outputs"]["y"]
+    assert y["rel_l2"] == 0.0 and y["cosine"] == pytest.approx(1.0) and y["sqnr_db"] == "inf"
+
+
+def test_compare_gate_fails_with_exit_1(small_model, tmp_path):
+    changed = model_from_text(TEXT.replace("y = Add(t, d)", "y = Sub(t, d)"))
+    other = tmp_path / "changed.onnx"
+    qcompile.save(changed, other)
+    result = CliRunner().invoke(main, ["compare", str(small_model), str(other), "--max-rel-l2", "1e-3"])
+    assert result.exit_code == 1 and "exceeds" in result.output
+
+
+def test_compare_bad_data_names_the_input(small_model, tmp_path):
+    data_file = tmp_path / "feeds.npz"
+    np.savez(data_file, x=np.zeros((2, 8), dtype=np.int64))
+    result = CliRunner().invoke(main, ["compare", str(small_model), str(small_model), "--data", str(data_file)])
+    assert result.exit_code == 2 and "'x'" in result.output and "dtype" in result.output
+
+
+def test_zoo_list_json():
+    data = json.loads(invoke("zoo", "list", "--json").output)
+    names = {e["name"]: e for e in data}
+    assert {"minilm", "smollm2", "digits_cnn", "resnet18", "resnet50", "mobilenet_v2", "gpt_synth"} <= set(names)
+    assert names["minilm"]["real_weights"] and not names["resnet18"]["real_weights"]
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    good = ir.to_proto(model_from_text(TEXT)).SerializeToString()
+    files = {
+        "missing": tmp_path / "missing.onnx",
+        "empty": tmp_path / "empty.onnx",
+        "truncated": tmp_path / "truncated.onnx",
+        "text": tmp_path / "text.onnx",
+    }
+    files["empty"].write_bytes(b"")
+    files["truncated"].write_bytes(good[: len(good) - 7])
+    files["text"].write_text("hello, I am a text file and not a model\n")
+    import onnx
+
+    bad = onnx.load_from_string(good)
+    bad.graph.node[3].input[0] = "nowhere"
+    files["checker"] = tmp_path / "checker.onnx"
+    files["checker"].write_bytes(bad.SerializeToString())
+    escaping = onnx.load_from_string(ir.to_proto(model_from_text(
+        '<ir_version: 9, opset_import: ["" : 17]> g (float[4] x) => (float[4] y) <float[4] w = {1, 2, 3, 4}> { y = Add(x, w) }'
+    )).SerializeToString())
+    tensor = escaping.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    files["escaping"] = sub / "escaping.onnx"
+    files["escaping"].write_bytes(escaping.SerializeToString())
+    return files
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "text", "checker", "escaping"])
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, kind):
+    path = _bad_inputs(tmp_path)[kind]
+    before = path.read_bytes() if path.exists() else None
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qcompile", "optimize", str(path), "-o", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert str(path) in lines[0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (path.read_bytes() if path.exists() else None) == before
+
+
+def test_output_equal_to_input_is_refused(small_model):
+    before = small_model.read_bytes()
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(small_model)])
+    assert result.exit_code == 2 and "overwrite the input" in result.output
+    assert small_model.read_bytes() == before
+
+
+def test_verification_failure_exits_1_and_writes_nothing(small_model, tmp_path, monkeypatch):
+    from qcompile import passes
+
+    class Wrong(ir.passes.InPlacePass):
+        name = "wrong"
+
+        def call(self, model):
+            for node in model.graph:
+                if node.op_type == "Relu":
+                    node.op_type = "Sigmoid"
+            return ir.passes.PassResult(model, True)
+
+    monkeypatch.setitem(passes.PASSES, "wrong", Wrong)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes", "wrong"])
+    assert result.exit_code == 1 and "'wrong' changed the model's semantics" in result.output
+    assert not out.exists()
+
+
+def test_console_script_subprocess_inspect(small_model):
+    exe = Path(sys.executable).with_name("qcompile")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "qcompile"]
+    proc = subprocess.run([*command, "inspect", str(small_model), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["nodes"] == 7
