@@ -217,6 +217,7 @@ def test_verification_failure_exits_1_and_writes_nothing(small_model, tmp_path, 
 def test_console_script_subprocess_inspect(small_model):
     exe = Path(sys.executable).with_name("qcompile")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "qcompile"]
-    proc = subprocess.run([*command, "inspect", str(small_model), "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([*command, "inspect", str(small_model), "--json"], capture_output=True, text=True, timeout=120,
+                          cwd=small_model.parent)
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["nodes"] == 7
