@@ -1,0 +1,215 @@
+"""Streaming range observers: MinMax, Percentile, Entropy (KL) and MSE, per tensor or per channel.
+
+Each observer sees batches through ``update(x)`` and keeps a fixed amount of state (a min/max pair,
+or a 2048-bin histogram per channel), whatever the number of samples. Non-finite values (-inf
+attention masks, inf, NaN) never enter a range: they are counted in ``nonfinite`` and skipped.
+
+    minmax      [min x, max x]
+    percentile  the central p % of the values (default 99.999), two-sided
+    entropy     symmetric threshold T minimising KL(P || Q) between the |x| histogram P and its
+                128-level quantisation Q (TensorRT's method)
+    mse         symmetric threshold T minimising E[(x - q_T(x))^2] over the |x| histogram
+                (clipping error beyond T, uniform rounding error (2T/255)^2 / 12 inside)
+
+``range()`` returns (lo, hi) as float64 arrays: shape () per tensor, (C,) per channel; lo <= 0 <= hi.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
+BINS = 2048
+
+
+def _channels_first(x: np.ndarray, axis: int | None) -> np.ndarray:
+    """x as [C, N] (per channel) or [1, N] (per tensor), float64."""
+    x = np.asarray(x)
+    if axis is None:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+
+@dataclass
+class MinMaxObserver:
+    axis: int | None = None
+    nonfinite: int = 0
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        rows = _channels_first(x, self.axis)
+        finite = np.isfinite(rows)
+        if not finite.all():
+            self.nonfinite += int(rows.size - np.count_nonzero(finite))
+            rows = np.where(finite, rows, np.nan)
+            with np.errstate(all="ignore"):
+                lo, hi = np.nanmin(rows, axis=1), np.nanmax(rows, axis=1)
+            lo, hi = np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=0.0)
+        elif rows.shape[1] == 0:
+            return
+        else:
+            lo, hi = rows.min(axis=1), rows.max(axis=1)
+        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.lo is None:
+            return np.zeros(()), np.zeros(())
+        lo, hi = np.minimum(self.lo, 0.0), np.maximum(self.hi, 0.0)
+        return (lo[0], hi[0]) if self.axis is None else (lo, hi)
+
+
+@dataclass
+class _Histogram:
+    """A signed histogram over [-limit, limit] that doubles its span to fit new data."""
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.float64))
+    limit: float = 0.0
+    lo: float = np.inf
+    hi: float = -np.inf
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        lo, hi = float(values.min()), float(values.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        peak = max(abs(lo), abs(hi))
+        if peak == 0.0 and self.limit == 0.0:
+            self.counts[BINS // 2] += values.size
+            return
+        if self.limit == 0.0:
+            self.limit = peak
+        elif peak > self.limit:
+            factor = 1
+            while self.limit * factor < peak:
+                factor *= 2
+            self._widen(factor)
+        hist, _ = np.histogram(values, bins=BINS, range=(-self.limit, self.limit))
+        self.counts += hist
+
+    def _widen(self, factor: int) -> None:
+        merged = self.counts.reshape(-1, factor).sum(axis=1) if factor <= BINS else np.array([self.counts.sum()])
+        counts = np.zeros(BINS, dtype=np.float64)
+        start = (BINS - merged.size) // 2
+        counts[start : start + merged.size] = merged
+        self.counts = counts
+        self.limit *= factor
+
+    @property
+    def width(self) -> float:
+        return 2 * self.limit / BINS
+
+    def abs_counts(self) -> np.ndarray:
+        """|x| histogram: BINS/2 bins over [0, limit]."""
+        half = BINS // 2
+        return self.counts[half:] + self.counts[:half][::-1]
+
+
+def _percentile_range(h: _Histogram, percentile: float) -> tuple[float, float]:
+    total = h.counts.sum()
+    if total == 0 or h.limit == 0.0:
+        return 0.0, 0.0
+    tail = (100.0 - percentile) / 200.0
+    cdf = np.cumsum(h.counts) / total
+    edges = np.linspace(-h.limit, h.limit, BINS + 1)
+    lo = edges[int(np.searchsorted(cdf, tail, side="left"))]
+    hi = edges[min(BINS, int(np.searchsorted(cdf, 1.0 - tail, side="left")) + 1)]
+    return max(lo, h.lo), min(hi, h.hi)
+
+
+def _entropy_threshold(h: _Histogram, levels: int = 128) -> float:
+    p_full = h.abs_counts()
+    if p_full.sum() == 0:
+        return 0.0
+    last = int(np.nonzero(p_full)[0][-1]) + 1
+    if last <= levels:
+        return last * h.width
+    best, best_kl = last, np.inf
+    for i in range(levels, last + 1, max(1, (last - levels) // 256)):
+        p = p_full[:i].copy()
+        p[i - 1] += p_full[i:].sum()
+        nonzero = p_full[:i] > 0
+        # Q: merge the i bins into `levels` groups, spread each group's mass over its non-empty bins.
+        groups = np.array_split(np.arange(i), levels)
+        q = np.zeros(i)
+        for g in groups:
+            mask = nonzero[g]
+            if mask.any():
+                q[g[mask]] = p_full[g].sum() / mask.sum()
+        p_sum, q_sum = p.sum(), q.sum()
+        valid = (p > 0) & (q > 0)
+        kl = float(np.sum((p[valid] / p_sum) * np.log((p[valid] / p_sum) / (q[valid] / q_sum))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return best * h.width
+
+
+def _mse_threshold(h: _Histogram, levels: int = 255) -> float:
+    counts = h.abs_counts()
+    if counts.sum() == 0:
+        return 0.0
+    centers = (np.arange(counts.size) + 0.5) * h.width
+    peak = max(abs(h.lo), abs(h.hi))
+    best, best_err = peak, np.inf
+    for t in np.linspace(peak / 64, peak, 128):
+        step = 2 * t / levels
+        clipped = np.maximum(centers - t, 0.0)
+        err = float(np.sum(counts * np.where(centers > t, clipped**2, step * step / 12.0)))
+        if err < best_err:
+            best, best_err = t, err
+    return best
+
+
+@dataclass
+class HistogramObserver:
+    """Percentile, entropy or MSE ranges from streaming histograms (one per channel)."""
+
+    method: Method = "percentile"
+    axis: int | None = None
+    percentile: float = 99.999
+    nonfinite: int = 0
+    _hists: list[_Histogram] = field(default_factory=list)
+
+    def update(self, x: np.ndarray) -> None:
+        rows = _channels_first(x, self.axis)
+        if not self._hists:
+            self._hists = [_Histogram() for _ in range(rows.shape[0])]
+        finite = np.isfinite(rows)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            self.nonfinite += int(rows.size - np.count_nonzero(finite))
+        for row, mask, hist in zip(rows, finite, self._hists):
+            hist.add(row if all_finite else row[mask])
+
+    def _one(self, h: _Histogram) -> tuple[float, float]:
+        if h.hi < h.lo:  # saw nothing finite
+            return 0.0, 0.0
+        if self.method == "percentile":
+            lo, hi = _percentile_range(h, self.percentile)
+        else:
+            t = _entropy_threshold(h) if self.method == "entropy" else _mse_threshold(h)
+            lo, hi = max(-t, h.lo), min(t, h.hi)
+        return min(lo, 0.0), max(hi, 0.0)
+
+    def range(self) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self._one(h) for h in self._hists] or [(0.0, 0.0)]
+        lo = np.array([p[0] for p in pairs])
+        hi = np.array([p[1] for p in pairs])
+        return (lo[0], hi[0]) if self.axis is None else (lo, hi)
+
+
+Observer = MinMaxObserver | HistogramObserver
+
+
+def make_observer(method: Method, axis: int | None = None, percentile: float = 99.999) -> Observer:
+    """An observer by method name."""
+    if method == "minmax":
+        return MinMaxObserver(axis=axis)
+    if method in ("percentile", "entropy", "mse"):
+        return HistogramObserver(method=method, axis=axis, percentile=percentile)
+    raise ValueError(f"unknown calibration method {method!r}; use one of {METHODS}")
