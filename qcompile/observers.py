@@ -132,18 +132,21 @@ def _entropy_threshold(h: _Histogram, levels: int = 128) -> float:
     best, best_kl = last, np.inf
     for i in range(levels, last + 1, max(1, (last - levels) // 256)):
         p = p_full[:i].copy()
-        p[i - 1] += p_full[i:].sum()
-        nonzero = p_full[:i] > 0
-        # Q: merge the i bins into `levels` groups, spread each group's mass over its non-empty bins.
-        groups = np.array_split(np.arange(i), levels)
+        p[i - 1] += p_full[i:].sum()  # clipped values land in the last bin
+        nonzero = p > 0
+        # Q: merge the unclipped i bins into `levels` groups, spread each group's mass over the
+        # group's non-empty bins of P. Bins where P has mass but Q none (clipped outliers) get a
+        # small floor instead of being skipped, so clipping is never free.
         q = np.zeros(i)
-        for g in groups:
+        for g in np.array_split(np.arange(i), levels):
             mask = nonzero[g]
             if mask.any():
                 q[g[mask]] = p_full[g].sum() / mask.sum()
-        p_sum, q_sum = p.sum(), q.sum()
-        valid = (p > 0) & (q > 0)
-        kl = float(np.sum((p[valid] / p_sum) * np.log((p[valid] / p_sum) / (q[valid] / q_sum))))
+        p = p / p.sum()
+        q_sum = q.sum()
+        q = q / q_sum if q_sum > 0 else q
+        q[nonzero & (q == 0)] = 1e-6
+        kl = float(np.sum(p[nonzero] * np.log(p[nonzero] / q[nonzero])))
         if kl < best_kl:
             best, best_kl = i, kl
     return best * h.width

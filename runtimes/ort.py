@@ -70,13 +70,14 @@ class OrtRuntime:
             raise BackendError(f"{self.name}: call load() before run()")
         return self._session
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         session = self._require()
+        names = list(outputs) if outputs is not None else self.output_names
         try:
-            outputs = session.run(None, dict(feeds))
+            arrays = session.run(names, dict(feeds))
         except Exception as exc:
             raise BackendError(f"onnxruntime failed to run: {str(exc).strip().splitlines()[0]}") from exc
-        return dict(zip(self.output_names, outputs))
+        return dict(zip(names, arrays))
 
     def close(self) -> None:
         self._session = None

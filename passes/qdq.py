@@ -1,0 +1,134 @@
+"""Lowering a quantization plan to standard QDQ ONNX (opset 13+).
+
+Weights (weights.py is folded in here, one plan, one lowering):
+    W            -> DequantizeLinear(W_q: int8, s_w[C], 0, axis)           per channel (or tensor)
+    bias b       -> DequantizeLinear(b_q: int32, s_x * s_w[C], 0, axis=0)
+Activations:
+    x            -> DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)  on every consumer
+
+The runtime sees ``DQ -> op -> Q`` and fuses it into an integer kernel. Graph outputs keep their
+float values. The pass makes no decisions: the plan (quant_policy.py) and the activation
+parameters (computed by the core from calibration) say everything.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight
+from qcompile.passes.quant_policy import QuantPlan
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str) -> str:
+    name, i = base, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+class QDQLoweringPass(ir.passes.InPlacePass):
+    """Insert Q/DQ for activations and INT8/INT32 weights/biases according to a plan."""
+
+    name = "qdq-lowering"
+
+    def __init__(self, plan: QuantPlan, activation_qparams: Mapping[str, QParams]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.activation_qparams = activation_qparams
+        self.weight_qparams: dict[str, QParams] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = {node.name: node for node in graph}
+        values = {v.name: v for node in graph for v in node.outputs}
+        values.update({v.name: v for v in graph.inputs})
+        values.update(graph.initializers)
+        modified = self._lower_weights(graph, nodes, values)
+        modified |= self._lower_biases(graph, nodes, values)
+        modified |= self._lower_activations(graph, values)
+        return ir.passes.PassResult(model, modified)
+
+    def _dq(self, graph: ir.Graph, base: str, q: np.ndarray, qp: QParams, before: ir.Node | None) -> ir.Value:
+        q_val = _const(graph, _unique(graph, f"{base}_quantized"), q)
+        s_val = _const(graph, _unique(graph, f"{base}_scale"), np.asarray(qp.scale, dtype=np.float32))
+        z_val = _const(graph, _unique(graph, f"{base}_zero_point"), np.asarray(qp.zero_point))
+        attrs = {"axis": qp.axis} if qp.axis is not None else {}
+        node = ir.node("DequantizeLinear", [q_val, s_val, z_val], attributes=attrs, name=f"{base}_DequantizeLinear")
+        node.outputs[0].name = f"{base}_dequantized"
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        node.outputs[0].shape = ir.Shape(q.shape)
+        if before is not None:
+            graph.insert_before(before, node)
+        else:
+            graph.insert_before(next(iter(graph)), node)
+        return node.outputs[0]
+
+    def _lower_weights(self, graph, nodes, values) -> bool:
+        modified = False
+        for spec in self.plan.weights.values():
+            weight = values[spec.value]
+            q, qp = quantize_weight(weight.const_value.numpy(), spec.axis)
+            self.weight_qparams[spec.value] = qp
+            first = nodes[spec.consumers[0][0]]
+            dq = self._dq(graph, spec.value, q, qp, first)
+            for node_name, index in spec.consumers:
+                nodes[node_name].replace_input_with(index, dq)
+            modified = True
+        return modified
+
+    def _lower_biases(self, graph, nodes, values) -> bool:
+        modified = False
+        for key, spec in self.plan.biases.items():
+            act = self.activation_qparams.get(spec.activation)
+            wqp = self.weight_qparams.get(spec.weight)
+            if act is None or wqp is None:
+                continue
+            bias = values[spec.value].const_value.numpy()
+            q, qp = quantize_bias(bias, act.scale, wqp.scale)
+            node = nodes[spec.consumer[0]]
+            dq = self._dq(graph, f"{spec.value}_{spec.consumer[0]}", q, qp, node)
+            node.replace_input_with(spec.consumer[1], dq)
+            modified = True
+        return modified
+
+    def _lower_activations(self, graph, values) -> bool:
+        modified = False
+        for name in self.plan.activations:
+            value = values.get(name)
+            qp = self.activation_qparams.get(name)
+            if value is None or qp is None:
+                continue
+            uses = list(value.uses())
+            if not uses:
+                continue
+            base = name.replace("/", "_").strip("_") or "x"
+            scale = _const(graph, _unique(graph, f"{base}_act_scale"), np.asarray(qp.scale, dtype=np.float32))
+            zero = _const(graph, _unique(graph, f"{base}_act_zero_point"), np.asarray(qp.zero_point))
+            quant = ir.node("QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear")
+            quant.outputs[0].name = f"{base}_quantized"
+            quant.outputs[0].dtype = ir.DataType.from_numpy(np.dtype(qp.dtype))
+            dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale, zero], name=f"{base}_DequantizeLinear")
+            dequant.outputs[0].name = f"{base}_dequantized"
+            dequant.outputs[0].dtype = ir.DataType.FLOAT
+            producer = value.producer()
+            if producer is not None:
+                graph.insert_after(producer, [quant, dequant])
+            else:
+                first = next(iter(graph))
+                graph.insert_before(first, [quant, dequant])
+            for user, index in uses:
+                user.replace_input_with(index, dequant.outputs[0])
+            modified = True
+        return modified

@@ -1,0 +1,87 @@
+"""Quantization arithmetic (pure numpy).
+
+Affine:     q = clamp(round(x / s) + z, qmin, qmax),   x ~ s * (q - z)
+Asymmetric: s = (hi - lo) / (qmax - qmin),  z = round(qmin - lo / s)        (lo <= 0 <= hi)
+Symmetric:  s = max(|lo|, |hi|) / 127,      z = 0                            (int8, range +-127)
+Bias:       s_b = s_x * s_w (per output channel), z_b = 0, stored as int32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_LIMITS = {"uint8": (0, 255), "int8": (-128, 127)}
+_EPS = np.float32(1e-12)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point (scalars, or per-channel arrays along ``axis``)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str
+    axis: int | None = None
+
+
+def activation_qparams(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False) -> QParams:
+    """Per-tensor parameters for an activation range [lo, hi] (which is widened to contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = _LIMITS[dtype]
+    if symmetric:
+        bound = max(abs(lo), abs(hi))
+        if dtype == "uint8":
+            scale = bound * 2 / (qmax - qmin)
+            zero = 128
+        else:
+            scale = bound / 127.0
+            zero = 0
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero = int(round(qmin - lo / scale)) if scale > 0 else 0
+        zero = int(np.clip(zero, qmin, qmax))
+    scale = np.float32(scale if scale > 0 else 1.0)
+    return QParams(np.array(scale, dtype=np.float32), np.array(zero, dtype=np.dtype(dtype)), dtype)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, QParams]:
+    """Symmetric INT8 (range +-127) per channel along ``axis`` (or per tensor)."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        bound = np.max(np.abs(w)) if w.size else np.float32(0)
+        scale = np.array(bound / 127.0 if bound > 0 else 1.0, dtype=np.float32)
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        return q, QParams(scale, np.array(0, dtype=np.int8), "int8")
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    bound = np.abs(moved).max(axis=1)
+    scale = np.where(bound > 0, bound / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, QParams(scale, np.zeros(scale.shape, dtype=np.int8), "int8", axis)
+
+
+def quantize_bias(b: np.ndarray, activation_scale: np.ndarray, weight_scale: np.ndarray) -> tuple[np.ndarray, QParams]:
+    """INT32 bias with scale s_x * s_w per output channel."""
+    scale = (np.float32(activation_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
+    scale = np.maximum(scale, _EPS)
+    q = np.clip(np.round(np.asarray(b, dtype=np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
+    axis = 0 if scale.ndim else None
+    if scale.ndim == 0 and q.ndim == 1:
+        scale = np.full(q.shape, scale, dtype=np.float32)
+        axis = 0
+    return q, QParams(scale, np.zeros(scale.shape, dtype=np.int32), "int32", axis)
+
+
+def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """x -> dequantize(quantize(x)) with ``qp`` (numpy reference of Q/DQ)."""
+    qmin, qmax = {"uint8": (0, 255), "int8": (-128, 127), "int32": (-(2**31), 2**31 - 1)}[qp.dtype]
+    scale, zero = qp.scale.astype(np.float32), qp.zero_point.astype(np.float64)
+    if qp.axis is not None:
+        shape = [1] * x.ndim
+        shape[qp.axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    q = np.clip(np.round(x / scale) + zero, qmin, qmax)
+    return ((q - zero) * scale).astype(np.float32)

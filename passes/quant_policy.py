@@ -1,0 +1,226 @@
+"""Target quantization policies (WHERE to quantize) and the plan they produce for a model.
+
+A policy is data: which ops run in INT8, which of their outputs get Q/DQ so the runtime can fuse
+``DQ -> op -> Q`` into one integer kernel, which ops pass a quantized tensor through unchanged
+(sharing its scale), which tensors must share a scale (Concat), and which op classes stay float
+(measured slower in INT8 on the running CPU, or numerically fragile: Softmax, normalisations,
+masks). ``plan_quantization`` applies a policy to a graph and says, node by node, what happens and
+why; the lowering passes (weights.py, qdq.py) then execute the plan without further decisions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnx_ir as ir
+
+ActivationDType = Literal["uint8", "int8"]
+
+#: Op classes a policy can keep float; `op_class` maps a node to one of these.
+OP_CLASSES = ("MatMul", "Gemm", "Conv", "Conv1x1", "ConvDepthwise", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """What a target runs in INT8. Frozen: a policy never changes while a model is quantized."""
+
+    name: str
+    activation_dtype: ActivationDType = "uint8"
+    activation_symmetric: bool = False
+    per_channel: bool = True
+    compute_ops: frozenset[str] = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+    quantize_outputs_of: frozenset[str] = frozenset({"Conv"})
+    activation_followers: frozenset[str] = frozenset({"Relu", "Clip"})
+    passthrough_ops: frozenset[str] = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
+    shared_scale_ops: frozenset[str] = frozenset({"Concat"})
+    residual_add: bool = False
+    activation_by_activation_matmul: bool = False
+    keep_float: frozenset[str] = frozenset()
+
+    def with_(self, **changes) -> "QuantPolicy":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def op_class(node: ir.Node) -> str:
+    """The class a compute node falls in for keep-float decisions."""
+    if node.op_type != "Conv":
+        return node.op_type
+    weight = node.inputs[1]
+    group = node.attributes.get_int("group", 1)
+    shape = weight.shape if weight is not None else None
+    if group > 1 and shape is not None and shape[1] == 1:
+        return "ConvDepthwise"
+    if shape is not None and shape.rank() == 4 and shape[2] == 1 and shape[3] == 1:
+        return "Conv1x1"
+    return "Conv"
+
+
+@dataclass
+class WeightSpec:
+    """A constant weight to store as INT8, with its per-channel axis (None: per tensor)."""
+
+    value: str
+    axis: int | None
+    consumers: list[tuple[str, int]] = field(default_factory=list)  # (node name, input index)
+
+
+@dataclass
+class BiasSpec:
+    """A bias stored as INT32 with scale = s_activation * s_weight."""
+
+    value: str
+    activation: str
+    weight: str
+    consumer: tuple[str, int]
+
+
+@dataclass
+class QuantPlan:
+    """The decisions for one model: what to observe and quantize, and what stays float and why."""
+
+    activations: list[str] = field(default_factory=list)
+    weights: dict[str, WeightSpec] = field(default_factory=dict)
+    biases: dict[str, BiasSpec] = field(default_factory=dict)
+    shared: list[list[str]] = field(default_factory=list)
+    quantized_nodes: list[str] = field(default_factory=list)
+    kept_float: dict[str, str] = field(default_factory=dict)  # node name -> reason
+
+    def add_activation(self, name: str) -> None:
+        if name not in self.activations:
+            self.activations.append(name)
+
+    def to_json(self) -> dict:
+        return {
+            "activations": len(self.activations),
+            "weights": len(self.weights),
+            "biases": len(self.biases),
+            "quantized_nodes": len(self.quantized_nodes),
+            "kept_float": dict(self.kept_float),
+        }
+
+
+def _is_float_activation(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is None and value.dtype in (ir.DataType.FLOAT, None) and not _constant_only(value)
+
+
+def _constant_only(value: ir.Value) -> bool:
+    """True when the value is computed from initializers/constants alone (no graph input reaches it)."""
+    seen, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.const_value is not None or v.is_initializer():
+            continue
+        producer = v.producer()
+        if producer is None:
+            return False  # a graph input
+        if producer.op_type == "Constant":
+            continue
+        stack.extend(i for i in producer.inputs if i is not None)
+    return True
+
+
+def _weight_axis(node: ir.Node, rank: int, per_channel: bool) -> int | None:
+    if not per_channel:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return rank - 1  # MatMul: output channels are B's last axis
+
+
+def _excluded(node: ir.Node, exclude: frozenset[str]) -> bool:
+    """Excluded by op type, node name, or a shell-style pattern on the node name."""
+    return node.op_type in exclude or any(fnmatch.fnmatchcase(node.name, pattern) for pattern in exclude)
+
+
+def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[str] = frozenset()) -> QuantPlan:
+    """Decide, for every node of the main graph, what the policy quantizes."""
+    plan = QuantPlan()
+    for node in model.graph:
+        name = node.name
+        if node.op_type not in policy.compute_ops:
+            continue
+        if _excluded(node, exclude):
+            plan.kept_float[name] = "excluded by the user"
+            continue
+        klass = op_class(node)
+        if klass in policy.keep_float:
+            plan.kept_float[name] = f"{klass} measured slower in INT8 on this CPU"
+            continue
+        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or len(node.inputs) < 2):
+            plan.kept_float[name] = "Gemm with transA is not quantized"
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if not _is_float_activation(x):
+            plan.kept_float[name] = "first input is not a float activation"
+            continue
+        weight_is_const = w is not None and w.const_value is not None and w.dtype == ir.DataType.FLOAT
+        if not weight_is_const:
+            if node.op_type == "MatMul" and policy.activation_by_activation_matmul and _is_float_activation(w):
+                plan.add_activation(x.name)
+                plan.add_activation(w.name)
+                plan.quantized_nodes.append(name)
+            else:
+                plan.kept_float[name] = "activation x activation (attention) stays float"
+            continue
+        if w.shape is None or w.shape.rank() < 2:
+            plan.kept_float[name] = "weight rank < 2"
+            continue
+        plan.add_activation(x.name)
+        spec = plan.weights.setdefault(w.name, WeightSpec(w.name, _weight_axis(node, w.shape.rank(), policy.per_channel)))
+        spec.consumers.append((name, 1))
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = node.inputs[2]
+            out_channels = w.shape[spec.axis] if spec.axis is not None else None
+            if b.const_value is not None and b.shape is not None and b.shape.rank() == 1 and (out_channels is None or b.shape[0] == out_channels):
+                plan.biases[b.name + "@" + name] = BiasSpec(b.name, x.name, w.name, (name, 2))
+        plan.quantized_nodes.append(name)
+        if node.op_type in policy.quantize_outputs_of:
+            _quantize_output(node.outputs[0], policy, plan)
+    _extend_through_passthrough(model, policy, plan)
+    _shared_groups(model, policy, plan)
+    return plan
+
+
+def _quantize_output(out: ir.Value, policy: QuantPolicy, plan: QuantPlan) -> None:
+    """Q/DQ on a compute op's output, moved past a sole Relu/Clip so the runtime fuses it."""
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0][0].op_type in policy.activation_followers and not out.is_graph_output():
+        out = uses[0][0].outputs[0]
+    if out.dtype in (ir.DataType.FLOAT, None):
+        plan.add_activation(out.name)
+
+
+def _extend_through_passthrough(model: ir.Model, policy: QuantPolicy, plan: QuantPlan) -> None:
+    """Ops that move int8 data unchanged keep a quantized input quantized at their output."""
+    quantized = set(plan.activations)
+    for node in model.graph:
+        if node.op_type in policy.passthrough_ops and node.inputs and node.inputs[0] is not None:
+            if node.inputs[0].name in quantized and node.outputs[0].dtype in (ir.DataType.FLOAT, None):
+                plan.add_activation(node.outputs[0].name)
+                plan.shared.append([node.inputs[0].name, node.outputs[0].name])
+                quantized.add(node.outputs[0].name)
+        elif policy.residual_add and node.op_type == "Add":
+            a, b = node.inputs
+            if a is not None and b is not None and a.name in quantized and b.name in quantized:
+                plan.add_activation(node.outputs[0].name)
+                quantized.add(node.outputs[0].name)
+
+
+def _shared_groups(model: ir.Model, policy: QuantPolicy, plan: QuantPlan) -> None:
+    quantized = set(plan.activations)
+    for node in model.graph:
+        if node.op_type in policy.shared_scale_ops:
+            members = [v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name in quantized]
+            if len(members) > 1:
+                plan.shared.append(members)

@@ -1,0 +1,118 @@
+"""Streaming calibration: one pass over the data, observing only the tensors that will be quantized.
+
+The model is copied with those tensors added as outputs, run on ONNX Runtime CPU feed by feed, and
+each requested output is handed to its observer and dropped: memory does not grow with the number
+of samples, and no other intermediate tensor is ever materialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import execute, specs
+from qcompile.calibration import CalibrationReader, iter_feeds
+from qcompile.errors import InputSpecError
+from qcompile.observers import Method, make_observer
+from qcompile.progress import bar
+from qcompile.runtimes import Runtime, RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationResult:
+    """Observed ranges (lo, hi) per tensor, non-finite counts, and throughput."""
+
+    ranges: dict[str, tuple[float, float]]
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+    seconds: float = 0.0
+    first_feeds: list = field(default_factory=list, repr=False)  # kept for later checks
+
+    def to_json(self) -> dict:
+        widths = [hi - lo for lo, hi in self.ranges.values()]
+        return {
+            "tensors": len(self.ranges),
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "samples_per_s": self.samples / self.seconds if self.seconds else None,
+            "nonfinite_values": dict(self.nonfinite),
+            "range_width_min": min(widths) if widths else None,
+            "range_width_max": max(widths) if widths else None,
+        }
+
+
+@contextlib.contextmanager
+def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu") -> Iterator[Runtime]:
+    """A runtime on ``model`` with ``names`` exposed as extra outputs (the graph is restored after)."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    existing = {v.name for v in model.graph.outputs}
+    outputs_before = list(model.graph.outputs)
+    for name in names:
+        if name in existing:
+            continue
+        value = values.get(name)
+        if value is None:
+            raise InputSpecError(f"tensor {name!r} to observe is not in the graph", fix="report this as a bug")
+        if value.type is None:
+            value.dtype = ir.DataType.FLOAT
+        model.graph.outputs.append(value)
+    try:
+        with execute.loaded(model, target, RuntimeOptions()) as runtime:
+            yield runtime
+    finally:
+        model.graph.outputs.clear()
+        model.graph.outputs.extend(outputs_before)
+
+
+def collect_ranges(
+    model: ir.Model,
+    names: list[str],
+    reader: CalibrationReader,
+    *,
+    method: Method = "percentile",
+    samples: int | None = None,
+    percentile: float = 99.999,
+    target: str = "ort-cpu",
+    keep_feeds: int = 0,
+) -> CalibrationResult:
+    """Observe ``names`` over the reader's feeds; returns per-tensor (lo, hi).
+
+    ``keep_feeds`` keeps the first few feeds (inputs only) for checks that need to see data again.
+    """
+    input_specs = specs.input_specs(model)
+    observers = {name: make_observer(method, percentile=percentile) for name in names}
+    started = time.perf_counter()
+    count = 0
+    first_feeds = []
+    with tapped(model, names, target) as runtime:
+        with bar(f"calibrating {len(names)} tensors ({method})", total=samples) as advance:
+            for feed in iter_feeds(reader, input_specs, samples):
+                arrays = runtime.run(feed, outputs=names)
+                for name in names:
+                    observers[name].update(arrays[name])
+                del arrays
+                if count < keep_feeds:
+                    first_feeds.append(feed)
+                count += 1
+                elapsed = time.perf_counter() - started
+                advance(description=f"calibrating {len(names)} tensors ({method}) — {count / max(elapsed, 1e-9):.1f} samples/s")
+    seconds = time.perf_counter() - started
+    ranges = {}
+    nonfinite = {}
+    for name, observer in observers.items():
+        lo, hi = observer.range()
+        ranges[name] = (float(lo), float(hi))
+        if observer.nonfinite:
+            nonfinite[name] = observer.nonfinite
+    if nonfinite:
+        log.warning("non-finite values skipped while calibrating %d tensors (%d values)", len(nonfinite), sum(nonfinite.values()))
+    return CalibrationResult(ranges, nonfinite, count, seconds, first_feeds)

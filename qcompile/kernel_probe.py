@@ -1,0 +1,141 @@
+"""Measure, on the running CPU, which op classes run faster in INT8 than in FP32 on ORT CPU.
+
+Each class is timed as a one-op model, FP32 against its static QDQ form (u8 activations, s8
+per-channel weights), interleaved. The result is cached per CPU (instruction-set flags, cores) and
+onnxruntime version under the qcompile cache, so the measurement runs once per machine. The
+``ort-cpu`` policy keeps float every class whose INT8 form is not faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.runtimes import OrtRuntime, RuntimeOptions, time_side_by_side
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    label: str
+    op_class: str
+    op: str
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    attrs: dict
+    quantized_output: bool  # Q/DQ on the output too (how the policy lowers this class)
+
+
+#: One representative shape per class the ort-cpu policy decides on.
+PROBE_CASES = (
+    KernelCase("MatMul M=128 384x1536", "MatMul", "MatMul", (128, 384), (384, 1536), {}, False),
+    KernelCase("Conv 3x3 64->64 28x28", "Conv", "Conv", (1, 64, 28, 28), (64, 64, 3, 3), {"pads": [1, 1, 1, 1]}, True),
+    KernelCase("Conv 1x1 64->256 28x28", "Conv1x1", "Conv", (1, 64, 28, 28), (256, 64, 1, 1), {}, True),
+    KernelCase("Conv depthwise 3x3 144ch 28x28", "ConvDepthwise", "Conv", (1, 144, 28, 28), (144, 1, 3, 3),
+               {"pads": [1, 1, 1, 1], "group": 144}, True),
+    KernelCase("ConvTranspose 3x3/2 64->64 14x14", "ConvTranspose", "ConvTranspose", (1, 64, 14, 14), (64, 64, 3, 3),
+               {"strides": [2, 2], "pads": [1, 1, 1, 1]}, True),
+)
+
+
+def _qdq(name: str, scale: float, zero: int) -> tuple[list, list]:
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+             helper.make_tensor(f"{name}_z", TensorProto.UINT8, [], [zero])]
+    nodes = [helper.make_node("QuantizeLinear", [name, f"{name}_s", f"{name}_z"], [f"{name}_q"]),
+             helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"])]
+    return nodes, inits
+
+
+def _weight(w: np.ndarray, axis: int) -> tuple[list, list]:
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    scale = (np.abs(moved).max(axis=1) / 127.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(scale, "w_s"),
+             numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), "w_z")]
+    return [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=axis)], inits
+
+
+def case_model(case: KernelCase, w: np.ndarray, quantized: bool, quantized_output: bool | None = None) -> bytes:
+    """The one-op model for ``case``, FP32 or QDQ."""
+    out_q = case.quantized_output if quantized_output is None else quantized_output
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x_shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    if not quantized:
+        nodes, inits = [helper.make_node(case.op, ["x", "w"], ["y"], **case.attrs)], [numpy_helper.from_array(w, "w")]
+    else:
+        n1, i1 = _qdq("x", 0.05, 128)
+        n2, i2 = _weight(w, {"Conv": 0, "ConvTranspose": 1}.get(case.op, 1))
+        nodes, inits = n1 + n2, i1 + i2
+        nodes.append(helper.make_node(case.op, ["x_dq", "w_dq"], ["yf" if out_q else "y"], **case.attrs))
+        if out_q:
+            n3, i3 = _qdq("yf", 0.05, 128)
+            nodes += n3 + [helper.make_node("Identity", ["yf_dq"], ["y"])]
+            inits += i3
+    model = helper.make_model(helper.make_graph(nodes, "probe", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def time_case(case: KernelCase, runs: int = 60, variants: dict[str, tuple[bool, bool | None]] | None = None) -> dict[str, float]:
+    """Median ms of each variant (default: fp32 and int8 as the policy lowers it), interleaved."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(case.w_shape) * 0.05).astype(np.float32)
+    feed = {"x": rng.uniform(-3, 3, case.x_shape).astype(np.float32)}
+    variants = variants or {"fp32": (False, None), "int8": (True, None)}
+    runtimes = {}
+    for name, (quantized, out_q) in variants.items():
+        runtime = OrtRuntime()
+        runtime.load(case_model(case, w, quantized, out_q), RuntimeOptions(spin_wait=False))
+        runtimes[name] = runtime
+    results = time_side_by_side({k: (lambda rt=rt: rt.run(feed)) for k, rt in runtimes.items()}, runs=runs, warmup=5)
+    return {name: r.median_ms for name, r in results.items()}
+
+
+def cpu_signature() -> str:
+    """What decides INT8 speed: instruction-set flags, core count, onnxruntime version."""
+    import onnxruntime
+
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+                flags = ",".join(f for f in line.split(":", 1)[1].split() if f in wanted)
+                break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()}|{flags}|cores={os.cpu_count()}|ort={onnxruntime.__version__}"
+
+
+def probe(cache_dir: Path | None = None, runs: int = 60, refresh: bool = False) -> dict[str, float]:
+    """INT8-over-FP32 speed ratio per op class on this CPU (> 1: INT8 faster); cached."""
+    signature = cpu_signature()
+    cache_file = None
+    if cache_dir is not None:
+        key = hashlib.sha256(signature.encode()).hexdigest()[:16]
+        cache_file = Path(cache_dir) / f"kernel-probe-{key}.json"
+        if cache_file.is_file() and not refresh:
+            return json.loads(cache_file.read_text())["ratios"]
+    ratios = {}
+    for case in PROBE_CASES:
+        timing = time_case(case, runs)
+        ratios[case.op_class] = timing["fp32"] / timing["int8"]
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"signature": signature, "cases": [c.label for c in PROBE_CASES], "ratios": ratios}, indent=2))
+        os.replace(tmp, cache_file)
+    return ratios
+
+
+def slower_classes(ratios: dict[str, float], threshold: float = 1.0) -> frozenset[str]:
+    """Op classes whose INT8 kernels are not faster than FP32 (kept float by the policy)."""
+    return frozenset(klass for klass, ratio in ratios.items() if ratio < threshold)

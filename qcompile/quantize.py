@@ -1,0 +1,151 @@
+"""Static INT8 post-training quantization: optimize -> plan -> calibrate -> lower -> clean up.
+
+    plan       the target's policy decides what runs in INT8 (passes/quant_policy.py)
+    calibrate  one streaming pass over the reader's feeds observes only the planned tensors
+    lower      INT8 per-channel weights, INT32 biases, Q/DQ on activations (passes/qdq.py)
+
+The result is standard QDQ ONNX that the target runtime fuses into integer kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import onnx_ir as ir
+
+from qcompile import modelio
+from qcompile.calibrate import CalibrationResult, collect_ranges
+from qcompile.calibration import CalibrationReader
+from qcompile.errors import UnknownNameError
+from qcompile.models.base import cache_root
+from qcompile.observers import Method
+from qcompile.passes import make_pass
+from qcompile.passes.qdq import QDQLoweringPass
+from qcompile.passes.quant_math import QParams, activation_qparams
+from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, plan_quantization
+from qcompile.passmanager import PassManager, VerifyOptions
+from qcompile.pipeline import optimize_with_stats
+from qcompile.sensitivity import matmul_sqnr
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("ort-cpu",)
+#: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative error).
+DEFAULT_MIN_SQNR_DB = 28.0
+#: Calibration feeds kept to measure that SQNR.
+SENSITIVITY_FEEDS = 8
+
+
+def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable[str] | None = None) -> tuple[QuantPolicy, dict]:
+    """The policy for ``target`` on this machine, and the kernel measurements behind it."""
+    if target != "ort-cpu":
+        raise UnknownNameError(f"unknown quantization target {target!r}", fix=f"choose from: {', '.join(TARGETS)}")
+    ratios: dict = {}
+    if keep_float is None:
+        from qcompile.kernel_probe import probe, slower_classes
+
+        ratios = probe(cache_dir=cache_root() / "probe")
+        keep_float = slower_classes(ratios)
+    policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float))
+    return policy, ratios
+
+
+@dataclass
+class QuantizeResult:
+    """The quantized model and what happened on the way."""
+
+    model: ir.Model
+    plan: QuantPlan
+    calibration: CalibrationResult
+    policy: QuantPolicy
+    kernel_ratios: dict = field(default_factory=dict)
+    method: str = "mse"
+    sqnr_db: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.policy.name,
+            "method": self.method,
+            "activation_dtype": self.policy.activation_dtype,
+            "per_channel": self.policy.per_channel,
+            "kept_float_op_classes": sorted(self.policy.keep_float),
+            "kernel_int8_speed_ratios": self.kernel_ratios,
+            "plan": self.plan.to_json(),
+            "calibration": self.calibration.to_json(),
+            "node_sqnr_db": {k: round(v, 2) for k, v in sorted(self.sqnr_db.items(), key=lambda kv: kv[1])},
+        }
+
+
+def shared_qparams(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], policy: QuantPolicy) -> dict[str, QParams]:
+    """Activation parameters; tensors that must share a scale get the union of their ranges."""
+    parent = {name: name for name in ranges}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for group in plan.shared:
+        members = [m for m in group if m in parent]
+        for other in members[1:]:
+            parent[find(other)] = find(members[0])
+    union: dict[str, tuple[float, float]] = {}
+    for name, (lo, hi) in ranges.items():
+        root = find(name)
+        u = union.get(root, (lo, hi))
+        union[root] = (min(u[0], lo), max(u[1], hi))
+    return {
+        name: activation_qparams(*union[find(name)], dtype=policy.activation_dtype, symmetric=policy.activation_symmetric)
+        for name in ranges
+    }
+
+
+def quantize(
+    model_or_path: ir.Model | str | os.PathLike,
+    reader: CalibrationReader,
+    *,
+    target: str = "ort-cpu",
+    method: Method = "mse",
+    per_channel: bool = True,
+    exclude: Iterable[str] = (),
+    samples: int | None = None,
+    keep_float: Iterable[str] | None = None,
+    optimize: bool = True,
+    verify_options: VerifyOptions | None = None,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
+) -> QuantizeResult:
+    """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
+
+    ``keep_float`` names op classes to leave in float (default: measured on this CPU);
+    ``exclude`` names nodes, op types or name patterns to leave in float; MatMul/Gemm nodes whose
+    INT8 output SQNR on the first calibration feeds is below ``min_sqnr_db`` stay float too
+    (None: keep every planned node in INT8).
+    """
+    model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
+    if optimize:
+        model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
+    model = make_pass("shape-inference")(model).model
+    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
+    plan = plan_quantization(model, policy, frozenset(exclude))
+    calibration = collect_ranges(
+        model, plan.activations, reader, method=method, samples=samples, keep_feeds=SENSITIVITY_FEEDS
+    )
+    qparams = shared_qparams(plan, calibration.ranges, policy)
+    sqnr: dict[str, float] = {}
+    if min_sqnr_db is not None:
+        sqnr = matmul_sqnr(model, plan, qparams, calibration.first_feeds)
+        fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
+        if fragile:
+            plan = plan_quantization(model, policy, frozenset(exclude) | frozenset(fragile))
+            for name, db in fragile.items():
+                plan.kept_float[name] = f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
+            ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
+            qparams = shared_qparams(plan, ranges, policy)
+    lowering = [QDQLoweringPass(plan, qparams), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
+    model = PassManager(lowering).__call__(model).model
+    modelio.check(model)
+    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr)
