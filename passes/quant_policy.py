@@ -187,8 +187,7 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
         plan.quantized_nodes.append(name)
         if node.op_type in policy.quantize_outputs_of:
             _quantize_output(node.outputs[0], policy, plan)
-    _extend_through_passthrough(model, policy, plan)
-    _shared_groups(model, policy, plan)
+    _propagate_shared(model, policy, plan)
     return plan
 
 
@@ -201,26 +200,47 @@ def _quantize_output(out: ir.Value, policy: QuantPolicy, plan: QuantPlan) -> Non
         plan.add_activation(out.name)
 
 
-def _extend_through_passthrough(model: ir.Model, policy: QuantPolicy, plan: QuantPlan) -> None:
-    """Ops that move int8 data unchanged keep a quantized input quantized at their output."""
-    quantized = set(plan.activations)
-    for node in model.graph:
-        if node.op_type in policy.passthrough_ops and node.inputs and node.inputs[0] is not None:
-            if node.inputs[0].name in quantized and node.outputs[0].dtype in (ir.DataType.FLOAT, None):
-                plan.add_activation(node.outputs[0].name)
-                plan.shared.append([node.inputs[0].name, node.outputs[0].name])
-                quantized.add(node.outputs[0].name)
-        elif policy.residual_add and node.op_type == "Add":
-            a, b = node.inputs
-            if a is not None and b is not None and a.name in quantized and b.name in quantized:
-                plan.add_activation(node.outputs[0].name)
-                quantized.add(node.outputs[0].name)
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (ir.DataType.FLOAT, None) and value.const_value is None
 
 
-def _shared_groups(model: ir.Model, policy: QuantPolicy, plan: QuantPlan) -> None:
+def _propagate_shared(model: ir.Model, policy: QuantPolicy, plan: QuantPlan) -> None:
+    """Let int8 data flow through ops that only move it, with one scale on each side.
+
+    A passthrough op (MaxPool, Reshape, ...) with a quantized input gets a quantized output, and
+    one with a quantized output gets a quantized input, both sharing a scale. A shared-scale op
+    (Concat) with any quantized member gets all its float inputs and its output quantized, all on
+    one scale. Residual Adds (when the policy says so) get their output quantized. To a fixed point.
+    """
     quantized = set(plan.activations)
+
+    def mark(value: ir.Value) -> bool:
+        if value.name in quantized or not _is_float(value):
+            return False
+        quantized.add(value.name)
+        plan.add_activation(value.name)
+        return True
+
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph:
+            if node.op_type in policy.passthrough_ops and node.inputs and node.inputs[0] is not None:
+                x, y = node.inputs[0], node.outputs[0]
+                if x.name in quantized or y.name in quantized:
+                    changed |= mark(x) | mark(y)
+            elif node.op_type in policy.shared_scale_ops:
+                members = [v for v in (*node.inputs, *node.outputs) if v is not None]
+                if any(v.name in quantized for v in members) and all(_is_float(v) for v in members):
+                    for v in members:
+                        changed |= mark(v)
+            elif policy.residual_add and node.op_type == "Add":
+                a, b = node.inputs
+                if a is not None and b is not None and a.name in quantized and b.name in quantized:
+                    changed |= mark(node.outputs[0])
     for node in model.graph:
-        if node.op_type in policy.shared_scale_ops:
-            members = [v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name in quantized]
+        if node.op_type in policy.passthrough_ops or node.op_type in policy.shared_scale_ops:
+            members = [v.name for v in (*node.inputs[:1 if node.op_type in policy.passthrough_ops else None],
+                                        *node.outputs) if v is not None and v.name in quantized]
             if len(members) > 1:
                 plan.shared.append(members)

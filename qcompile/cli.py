@@ -264,6 +264,74 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
         fail(CheckFailedError(f"output {worst.name!r} rel L2 {worst.rel_l2:.3g} exceeds --max-rel-l2 {max_rel_l2:g}"))
 
 
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 model.")
+@click.option("--target", default="ort-cpu", show_default=True, help="Runtime the policy targets.")
+@click.option("--calib", "calib", required=True, metavar="SPEC",
+              help="random | FILE.npz (samples stacked) | FOLDER of .npz | module:callable | zoo:NAME")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE", help="Keep float: node name, op type or name pattern.")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples at most.")
+@click.option("--min-sqnr", type=float, default=28.0, show_default=True,
+              help="MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float; negative disables.")
+@click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if INT8 is not this much faster.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs for the speed check.")
+@with_shape_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@handle_errors
+def quantize(model, output, target, calib, method, per_channel, exclude, samples, min_sqnr, min_speedup, runs,
+             batch, seq, dims, as_json):
+    """Static INT8 quantization of MODEL for TARGET, calibrated on SPEC; times FP32 vs INT8."""
+    import tempfile
+
+    from qcompile.bench import BenchSettings, bench_models
+    from qcompile.calibration import resolve_reader
+    from qcompile.errors import CheckFailedError
+    from qcompile.quantize import quantize as run_quantize
+
+    path = resolve_model(model)
+    out = Path(output)
+    source = modelio.load(path)
+    if out.exists() and os.path.samefile(out, path):
+        raise modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o")
+    shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
+    reader = resolve_reader(calib, specs.input_specs(source), samples, **shape)
+    result = run_quantize(source, reader, target=target, method=method, per_channel=per_channel, exclude=exclude,
+                          samples=samples, min_sqnr_db=None if min_sqnr < 0 else min_sqnr)
+    with tempfile.TemporaryDirectory(dir=out.parent.resolve(), prefix=".qcompile-") as tmp:
+        candidate = Path(tmp) / out.name
+        modelio.save(result.model, candidate)
+        timing = bench_models([path, candidate], BenchSettings(target=target, runs=runs, **shape), labels=["fp32", "int8"])
+        speedup = timing["results"][1]["speedup_vs_baseline"]
+        report = {**result.to_json(), "output": str(out), "latency": timing, "int8_speedup": speedup}
+        if min_speedup is not None and speedup < min_speedup:
+            if as_json:
+                emit_json({**report, "written": False})
+            fail(CheckFailedError(f"INT8 is {speedup:.2f}x FP32 on {target}, below --min-speedup {min_speedup:g}",
+                                  fix="nothing was written; exclude slow ops or drop the gate"))
+        modelio.save(result.model, out)
+    report["written"] = True
+    if as_json:
+        emit_json(report)
+        return
+    plan = result.plan
+    stdout.print(f"quantized {len(plan.quantized_nodes)} nodes to INT8, kept {len(plan.kept_float)} float "
+                 f"({method}, {result.calibration.samples} samples, {len(plan.activations)} activation tensors)")
+    for name, reason in list(plan.kept_float.items())[:12]:
+        stdout.print(f"  float: {name} — {reason}")
+    if len(plan.kept_float) > 12:
+        stdout.print(f"  … and {len(plan.kept_float) - 12} more (see --json)")
+    if result.calibration.nonfinite:
+        stdout.print(f"non-finite values skipped in {len(result.calibration.nonfinite)} tensors")
+    fp32, int8 = timing["results"]
+    verdict = "faster" if speedup > 1.0 else "NOT faster"
+    stdout.print(f"latency on {target} {timing['feed_shapes']}: FP32 {fp32['median_ms']:.2f} ms, INT8 "
+                 f"{int8['median_ms']:.2f} ms — INT8 is {speedup:.2f}x, {verdict}")
+    stdout.print(f"wrote {out}")
+
+
 @main.group()
 def zoo() -> None:
     """The model zoo: real-weight models with their data, and speed-only builders."""

@@ -120,6 +120,8 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
+    Works in place when given an ir.Model (like :func:`qcompile.optimize`).
+
     ``keep_float`` names op classes to leave in float (default: measured on this CPU);
     ``exclude`` names nodes, op types or name patterns to leave in float; MatMul/Gemm nodes whose
     INT8 output SQNR on the first calibration feeds is below ``min_sqnr_db`` stay float too

@@ -1,0 +1,222 @@
+"""INT8 quantization: weight axes per op, shared scales, calibration readers, bad feeds, real models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import floats, model_from_text, op_types, run_ort
+
+import qcompile
+from qcompile.calibration import IterableReader, iter_feeds, resolve_reader
+from qcompile.errors import InputSpecError
+from qcompile.passes.quant_math import quantize_weight
+from qcompile.passes.quant_policy import QuantPolicy, plan_quantization
+from qcompile.quantize import quantize
+from qcompile.specs import input_specs
+
+RNG = np.random.default_rng(0)
+
+
+def sqnr(ref: np.ndarray, got: np.ndarray) -> float:
+    return 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - got).astype(np.float64) ** 2))
+
+
+def feeds_for(model: ir.Model, n: int, scale: float = 1.0) -> list[dict]:
+    rng = np.random.default_rng(1)
+    return [{s.name: (rng.standard_normal([d if isinstance(d, int) else 2 for d in s.shape]) * scale).astype(np.float32)
+             for s in input_specs(model)} for _ in range(n)]
+
+
+def weights(*shape) -> str:
+    return floats(RNG.standard_normal(shape) * 0.2)
+
+
+CASES = {
+    "Conv": ("float[1, 3, 8, 8] x", "float[1, 4, 8, 8] y", "float[4, 3, 3, 3] w = {W}, float[4] b = {B}",
+             "y = Conv <pads = [1, 1, 1, 1]> (x, w, b)", (4, 3, 3, 3), 4, 0),
+    "ConvTranspose": ("float[1, 3, 4, 4] x", "float[1, 5, 8, 8] y", "float[3, 5, 2, 2] w = {W}, float[5] b = {B}",
+                      "y = ConvTranspose <strides = [2, 2]> (x, w, b)", (3, 5, 2, 2), 5, 1),
+    "GemmTransB": ("float[2, 6] x", "float[2, 5] y", "float[5, 6] w = {W}, float[5] b = {B}",
+                   "y = Gemm <transB = 1> (x, w, b)", (5, 6), 5, 0),
+    "Gemm": ("float[2, 6] x", "float[2, 5] y", "float[6, 5] w = {W}, float[5] b = {B}",
+             "y = Gemm (x, w, b)", (6, 5), 5, 1),
+    "MatMul": ("float[2, 3, 6] x", "float[2, 3, 5] y", "float[6, 5] w = {W}", "y = MatMul(x, w)", (6, 5), None, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_weight_axis_per_op_and_numerics(case):
+    inp, out, inits, body, w_shape, bias_n, axis = CASES[case]
+    inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
+    model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g ({inp}) => ({out}) <{inits}> {{ {body} }}')
+    reference = ir.from_proto(ir.to_proto(model))
+    data = feeds_for(model, 16)
+    result = quantize(model, IterableReader(data), method="minmax", keep_float=(), optimize=False, min_sqnr_db=None)
+    plan = result.plan
+    assert plan.weights["w"].axis == axis
+    dq = [n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+          and n.inputs[0].dtype == ir.DataType.INT8]
+    assert len(dq) == 1 and dq[0].attributes.get_int("axis") == axis
+    assert dq[0].inputs[1].const_value.numpy().shape == (w_shape[axis],)
+    if bias_n:
+        bias_dq = [n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32]
+        assert len(bias_dq) == 1  # INT32 bias with scale s_x * s_w
+        s_x = result.model.graph.initializers[[n for n in result.model.graph if n.op_type == "QuantizeLinear"][0].inputs[1].name]
+        s_w = dq[0].inputs[1].const_value.numpy()
+        np.testing.assert_allclose(bias_dq[0].inputs[1].const_value.numpy(), s_x.const_value.numpy() * s_w, rtol=1e-6)
+    for feed in data[:4]:
+        assert sqnr(run_ort(reference, feed)[0], run_ort(result.model, feed)[0]) > 30
+
+
+def test_per_tensor_option():
+    model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g (float[2, 6] x) => (float[2, 5] y) '
+                            f'<float[6, 5] w = {{{weights(6, 5)}}}> {{ y = MatMul(x, w) }}')
+    result = quantize(model, IterableReader(feeds_for(model, 4)), per_channel=False, keep_float=(), optimize=False)
+    assert result.plan.weights["w"].axis is None
+
+
+def test_quantize_weight_reference():
+    w = RNG.standard_normal((4, 3)).astype(np.float32)
+    q, qp = quantize_weight(w, axis=1)
+    np.testing.assert_allclose(qp.scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127
+    np.testing.assert_allclose(q * qp.scale, w, atol=qp.scale.max() / 2 + 1e-7)
+
+
+CONCAT = f"""
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[1, 2, 6, 6] x) => (float[1, 4, 6, 6] y)
+  <float[3, 2, 3, 3] w1 = {{{weights(3, 2, 3, 3)}}}, float[2, 2, 3, 3] w2 = {{{weights(2, 2, 3, 3)}}},
+   float[4, 5, 1, 1] w3 = {{{weights(4, 5, 1, 1)}}}> {{
+  a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+  b = Conv <pads = [1, 1, 1, 1]> (x, w2)
+  s = Mul(b, b)
+  c = Concat <axis = 1> (a, s)
+  p = MaxPool <kernel_shape = [1, 1]> (c)
+  y = Conv (p, w3)
+}}"""
+
+
+def test_concat_inputs_and_passthrough_share_one_scale():
+    model = model_from_text(CONCAT)
+    reference = ir.from_proto(ir.to_proto(model))
+    result = quantize(model, IterableReader(feeds_for(model, 8, 3.0)), method="minmax", keep_float=(), optimize=False,
+                      min_sqnr_db=None)
+    graph = result.model.graph
+    q_of = {n.inputs[0].name: n for n in graph if n.op_type == "QuantizeLinear"}
+    assert {"a", "c", "p"} <= set(q_of)
+    scales = {name: (graph.initializers[q_of[name].inputs[1].name].const_value.numpy().item(),
+                     graph.initializers[q_of[name].inputs[2].name].const_value.numpy().item()) for name in ("a", "c", "p")}
+    assert scales["a"] == scales["c"] == scales["p"]
+    feed = feeds_for(reference, 1, 3.0)[0]
+    assert 25 < sqnr(run_ort(reference, feed)[0], run_ort(result.model, feed)[0]) < 80
+
+
+def test_policy_keeps_float_classes_and_exclusions():
+    model = model_from_text(CONCAT)
+    plan = plan_quantization(model, QuantPolicy("t", keep_float=frozenset({"Conv1x1"})), frozenset({"Mul"}))
+    assert len(plan.quantized_nodes) == 2
+    assert any("Conv1x1" in reason for reason in plan.kept_float.values())
+
+
+MASKED = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[1, 4, 8] x, float[1, 4, 8] mask) => (float[1, 4, 5] y) <float[8, 8] w1 = {W1}, float[8, 5] w2 = {W2}> {
+  h = MatMul(x, w1)
+  m = Add(h, mask)
+  s = Softmax <axis = -1> (m)
+  y = MatMul(s, w2)
+}"""
+
+
+def test_non_finite_mask_values_are_skipped_and_reported():
+    model = model_from_text(MASKED.replace("W1", weights(8, 8)).replace("W2", weights(8, 5)))
+    data = feeds_for(model, 6)
+    for feed in data:
+        feed["mask"][..., -2:] = -np.inf  # masked positions
+    result = quantize(model, IterableReader(data), method="percentile", keep_float=(), optimize=False, min_sqnr_db=None)
+    assert result.calibration.ranges  # softmax input stays float; what is observed is finite
+    assert all(np.isfinite(v).all() for v in result.calibration.ranges.values())
+    assert "m" not in result.plan.activations and "s" in result.plan.activations
+    out = run_ort(result.model, data[0])[0]
+    assert np.isfinite(out).all()
+
+
+def test_observed_tensor_with_inf_is_counted():
+    model = model_from_text(MASKED.replace("W1", weights(8, 8)).replace("W2", weights(8, 5)).replace(
+        "s = Softmax <axis = -1> (m)", "s = Relu(m)"))
+    data = feeds_for(model, 4)
+    for feed in data:
+        feed["mask"][..., 0] = -np.inf
+        feed["mask"][..., 1] = np.inf
+    from qcompile.calibrate import collect_ranges
+
+    result = collect_ranges(model, ["s"], IterableReader(data), method="minmax")
+    assert result.nonfinite["s"] == 4 * 4  # +inf survives the Relu: 4 rows x 4 samples
+    assert np.isfinite(result.ranges["s"]).all()
+
+
+def test_bad_feed_names_the_input():
+    model = model_from_text(MASKED.replace("W1", weights(8, 8)).replace("W2", weights(8, 5)))
+    bad = [{"x": np.zeros((1, 4, 8), np.float64), "mask": np.zeros((1, 4, 8), np.float32)}]
+    with pytest.raises(InputSpecError, match="'x'.*float64"):
+        quantize(model, IterableReader(bad), keep_float=(), optimize=False)
+
+
+def test_empty_reader_is_a_clear_error():
+    model = model_from_text(MASKED.replace("W1", weights(8, 8)).replace("W2", weights(8, 5)))
+    with pytest.raises(InputSpecError, match="no samples"):
+        list(iter_feeds(IterableReader([]), input_specs(model)))
+
+
+def test_reader_specs(tmp_path, monkeypatch):
+    model = model_from_text(MASKED.replace("W1", weights(8, 8)).replace("W2", weights(8, 5)))
+    specs = input_specs(model)
+    stacked = tmp_path / "calib.npz"
+    np.savez(stacked, x=np.zeros((3, 1, 4, 8), np.float32), mask=np.zeros((3, 1, 4, 8), np.float32))
+    assert len(list(iter_feeds(resolve_reader(str(stacked), specs, 10), specs))) == 3
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(2):
+        np.savez(folder / f"{i}.npz", x=np.zeros((1, 4, 8), np.float32), mask=np.zeros((1, 4, 8), np.float32))
+    assert len(list(iter_feeds(resolve_reader(str(folder), specs, 10), specs))) == 2
+    (tmp_path / "my_calib.py").write_text(
+        "import numpy as np\n"
+        "def feeds():\n"
+        "    return [{'x': np.ones((1, 4, 8), np.float32), 'mask': np.zeros((1, 4, 8), np.float32)}]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert len(list(iter_feeds(resolve_reader("my_calib:feeds", specs, 10), specs))) == 1
+    assert len(list(iter_feeds(resolve_reader("random", specs, 5), specs))) == 5
+    with pytest.raises(InputSpecError):
+        resolve_reader("no_such_thing", specs, 1)
+
+
+def test_ort_calibration_data_reader_works_unchanged():
+    from onnxruntime.quantization import CalibrationDataReader
+
+    model = model_from_text(MASKED.replace("W1", weights(8, 8)).replace("W2", weights(8, 5)))
+
+    class UserReader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter(feeds_for(model, 5))
+
+        def get_next(self):
+            return next(self.data, None)
+
+    result = quantize(model, UserReader(), keep_float=(), optimize=False)
+    assert result.calibration.samples == 5
+    assert "QuantizeLinear" in op_types(result.model)
+
+
+def test_quantized_minilm_keeps_retrieval(minilm_path, tmp_path):
+    from qcompile.models import minilm
+
+    result = quantize(minilm_path, minilm.ENTRY.calibration(64))
+    out = tmp_path / "minilm.int8.onnx"
+    qcompile.save(result.model, out)
+    assert len(result.plan.quantized_nodes) >= 20
+    scores = minilm.evaluate(out, reference=minilm_path)
+    assert scores["r_at_1"] >= 0.390
+    assert scores["embedding_cosine"] >= 0.99

@@ -1,0 +1,165 @@
+"""INT8 static quantization, side by side: FP32, onnxruntime.quantization.quantize_static, qcompile.
+
+    python tools/bench_quant.py [--models minilm,digits_cnn,resnet18,gpt_synth] [--runs 30]
+                                [--samples 64] [--json-out FILE]
+
+Every quantizer gets the same FP32 export and the same calibration feeds (the zoo entry's reader
+over real data; random images/tokens for the random-weight entries). ORT is run as its docs show:
+QDQ format, per-channel, U8 activations / S8 weights, with MinMax, Percentile and Entropy
+calibration (a crash is reported as such). Each quantizer runs in its own process so that its
+peak RSS is its own. Columns: task metric, latency ratio vs FP32 at batch 1 and 8 (interleaved on
+ORT CPU), quantize wall time, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
+SETUPS = {
+    # name: (zoo entry, export options, calibration samples, timing dims, timing batches)
+    "minilm": ("minilm", {}, 64, {"sequence": 128}, (1, 8)),
+    "digits_cnn": ("digits_cnn", {}, 300, {}, (1, 8)),
+    "resnet18": ("resnet18", {}, 16, {}, (1, 8)),
+    "gpt_synth": ("gpt_synth", GPT_168M, 32, {"sequence": 128}, ()),
+}
+
+
+def _ort_quantize(src: str, dst: str, feeds: list, method: str) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(
+        src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                          "entropy": CalibrationMethod.Entropy}[method],
+    )
+
+
+def _qcompile_quantize(src: str, dst: str, feeds: list, method: str) -> None:
+    import qcompile
+    from qcompile.calibration import IterableReader
+    from qcompile.quantize import quantize
+
+    result = quantize(src, IterableReader(feeds), method=method)
+    qcompile.save(result.model, dst)
+
+
+def _worker(kind: str, src: str, dst: str, feeds: list, method: str, queue) -> None:
+    started = time.perf_counter()
+    try:
+        (_ort_quantize if kind == "ort" else _qcompile_quantize)(src, dst, feeds, method)
+        error = None
+    except Exception as exc:  # a crash of the quantizer under test is a result, not our failure
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        traceback.print_exc()
+    queue.put({"seconds": time.perf_counter() - started,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "error": error})
+
+
+def run_isolated(kind: str, src: str, dst: str, feeds: list, method: str) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(kind, src, dst, feeds, method, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[dict]:
+    from qcompile.bench import BenchSettings, bench_models
+    from qcompile.models import cached_export, get_entry
+
+    entry_name, options, default_samples, dims, batches = SETUPS[name]
+    entry = get_entry(entry_name)
+    src = cached_export(entry, options)
+    n = samples or default_samples
+    reader = entry.calibration(n) if entry_name != "gpt_synth" else entry.calibration(n, 128, options["vocab"])
+    feeds = list(reader)
+    candidates = [("FP32", None, None), ("ORT quantize_static MinMax", "ort", "minmax"),
+                  ("ORT quantize_static Percentile", "ort", "percentile"),
+                  ("ORT quantize_static Entropy", "ort", "entropy"), ("qcompile (mse)", "qcompile", "mse")]
+    rows = []
+    for label, kind, method in candidates:
+        row = {"model": name, "quantizer": label, "samples": len(feeds)}
+        path = src
+        if kind is not None:
+            path = workdir / f"{name}-{kind}-{method}.onnx"
+            row.update(run_isolated(kind, str(src), str(path), feeds, method))
+            if row["error"]:
+                rows.append(row)
+                continue
+        row["path"] = str(path)
+        row["bytes"] = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+        if entry.real_weights:
+            row.update(entry.evaluate(path, reference=src) if name == "minilm" else entry.evaluate(path))
+        rows.append(row)
+    ok = [r for r in rows if not r.get("error")]
+    for batch in batches:
+        timing = bench_models([r["path"] for r in ok], BenchSettings(runs=runs, dims={"batch": batch, **dims}),
+                              labels=[r["quantizer"] for r in ok])
+        for r, t in zip(ok, timing["results"]):
+            r[f"speed_b{batch}"] = t["speedup_vs_baseline"]
+            r[f"median_ms_b{batch}"] = t["median_ms"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| model | quantizer | metric | speed vs FP32 b1 | b8 | quantize s | peak RSS MB | model MB |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['model']} | {r['quantizer']} | **crash**: {r['error']} | | | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | |")
+            continue
+        metric = ""
+        if "r_at_1" in r:
+            metric = f"R@1 {r['r_at_1']:.3f}, cos {r.get('embedding_cosine', 1.0):.4f}"
+        elif "top1" in r:
+            metric = f"top-1 {r['top1']:.4f}"
+        speed = lambda k: f"{r[k]:.2f}×" if k in r else "—"  # noqa: E731
+        secs = f"{r['seconds']:.1f}" if "seconds" in r else "—"
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "—"
+        out.append(f"| {r['model']} | {r['quantizer']} | {metric} | {speed('speed_b1')} | {speed('speed_b8')} "
+                   f"| {secs} | {rss} | {r['bytes'] / 1e6:.0f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,digits_cnn,resnet18,gpt_synth")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            rows += measure(name.strip(), args.runs, args.samples, Path(tmp))
+            print(markdown([r for r in rows if r["model"] == name.strip()]), flush=True)
+    from qcompile.kernel_probe import cpu_signature
+
+    print(f"\n{cpu_signature()}\n")
+    print(markdown(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
