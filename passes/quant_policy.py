@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 ActivationDType = Literal["uint8", "int8"]
 
@@ -144,7 +145,11 @@ def _excluded(node: ir.Node, exclude: frozenset[str]) -> bool:
 
 
 def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[str] = frozenset()) -> QuantPlan:
-    """Decide, for every node of the main graph, what the policy quantizes."""
+    """Decide, for every node of the main graph, what the policy quantizes.
+
+    Unnamed or duplicate node names are fixed first: the plan refers to nodes by name.
+    """
+    common_passes.NameFixPass()(model)
     plan = QuantPlan()
     for node in model.graph:
         name = node.name

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -64,6 +65,7 @@ class QuantizeResult:
     kernel_ratios: dict = field(default_factory=dict)
     method: str = "mse"
     sqnr_db: dict = field(default_factory=dict)
+    phase_seconds: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -75,8 +77,22 @@ class QuantizeResult:
             "kernel_int8_speed_ratios": self.kernel_ratios,
             "plan": self.plan.to_json(),
             "calibration": self.calibration.to_json(),
+            "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "node_sqnr_db": {k: round(v, 2) for k, v in sorted(self.sqnr_db.items(), key=lambda kv: kv[1])},
         }
+
+
+class _PhaseClock:
+    """Wall time per phase of the pipeline."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
 
 
 def shared_qparams(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], policy: QuantPolicy) -> dict[str, QParams]:
@@ -127,19 +143,25 @@ def quantize(
     INT8 output SQNR on the first calibration feeds is below ``min_sqnr_db`` stay float too
     (None: keep every planned node in INT8).
     """
+    clock = _PhaseClock()
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
+    clock.lap("load")
     if optimize:
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
+        clock.lap("optimize")
     model = make_pass("shape-inference")(model).model
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
     plan = plan_quantization(model, policy, frozenset(exclude))
+    clock.lap("plan")
     calibration = collect_ranges(
         model, plan.activations, reader, method=method, samples=samples, keep_feeds=SENSITIVITY_FEEDS
     )
+    clock.lap("calibrate")
     qparams = shared_qparams(plan, calibration.ranges, policy)
     sqnr: dict[str, float] = {}
     if min_sqnr_db is not None:
         sqnr = matmul_sqnr(model, plan, qparams, calibration.first_feeds)
+        clock.lap("sensitivity")
         fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
         if fragile:
             plan = plan_quantization(model, policy, frozenset(exclude) | frozenset(fragile))
@@ -148,6 +170,7 @@ def quantize(
             ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
             qparams = shared_qparams(plan, ranges, policy)
     lowering = [QDQLoweringPass(plan, qparams), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
-    model = PassManager(lowering).__call__(model).model
+    model = PassManager(lowering)(model).model
     modelio.check(model)
-    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr)
+    clock.lap("lower")
+    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds)

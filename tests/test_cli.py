@@ -221,3 +221,52 @@ def test_console_script_subprocess_inspect(small_model):
                           cwd=small_model.parent)
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["nodes"] == 7
+
+
+MATMUL_TEXT = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[batch, 16] x) => (float[batch, 8] y) <float[16, 32] w1 = {W1}, float[32, 8] w2 = {W2}> {
+  h = MatMul(x, w1)
+  r = Relu(h)
+  y = MatMul(r, w2)
+}"""
+
+
+@pytest.fixture()
+def matmul_model(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    text = MATMUL_TEXT.replace("W1", ", ".join(f"{v:.4f}" for v in rng.standard_normal(16 * 32) * 0.2))
+    text = text.replace("W2", ", ".join(f"{v:.4f}" for v in rng.standard_normal(32 * 8) * 0.2))
+    path = tmp_path / "mm.onnx"
+    qcompile.save(model_from_text(text), path)
+    return path
+
+
+def test_quantize_json_report(matmul_model, tmp_path):
+    out = tmp_path / "mm.int8.onnx"
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((8, 4, 16)).astype(np.float32))
+    result = invoke("quantize", matmul_model, "-o", out, "--calib", data, "--method", "minmax", "--runs", "3",
+                    "--batch", "4", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["written"] and out.is_file()
+    assert report["plan"]["quantized_nodes"] == 2 and report["calibration"]["samples"] == 8
+    assert report["int8_speedup"] > 0 and len(report["latency"]["results"]) == 2
+    assert "kernel_int8_speed_ratios" in report
+
+
+def test_quantize_speed_gate_exits_1_and_writes_nothing(matmul_model, tmp_path):
+    out = tmp_path / "mm.int8.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(out), "--calib", "random",
+                                       "--runs", "3", "--min-speedup", "1000"])
+    assert result.exit_code == 1 and "below --min-speedup" in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_quantize_empty_calibration_folder_is_usage_error(matmul_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(tmp_path / "o.onnx"), "--calib", str(empty)])
+    assert result.exit_code == 2 and "no .npz files" in result.output
