@@ -83,17 +83,21 @@ def collect_ranges(
     percentile: float = 99.999,
     target: str = "ort-cpu",
     keep_feeds: int = 0,
+    runtime: Runtime | None = None,
 ) -> CalibrationResult:
     """Observe ``names`` over the reader's feeds; returns per-tensor (lo, hi).
 
     ``keep_feeds`` keeps the first few feeds (inputs only) for checks that need to see data again.
+    ``runtime``: an open :func:`tapped` runtime exposing ``names`` (else one is opened here).
     """
     input_specs = specs.input_specs(model)
     observers = {name: make_observer(method, percentile=percentile) for name in names}
     started = time.perf_counter()
     count = 0
     first_feeds = []
-    with tapped(model, names, target) as runtime:
+    with contextlib.ExitStack() as stack:
+        if runtime is None:
+            runtime = stack.enter_context(tapped(model, names, target))
         with bar(f"calibrating {len(names)} tensors ({method})", total=samples) as advance:
             for feed in iter_feeds(reader, input_specs, samples):
                 arrays = runtime.run(feed, outputs=names)

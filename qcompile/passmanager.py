@@ -34,6 +34,7 @@ class VerifyOptions:
     rel_l2: float = 1e-5
     target: str = "ort-cpu"
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None
+    each_pass: bool = True  # False: one comparison at the end (cheaper on large models)
 
     def make_feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
         if self.feeds is not None:
@@ -112,13 +113,16 @@ class PassManager:
             reference = self._run(model, feeds)
         stats: list[PassStats] = []
         any_modified = False
+        per_pass = reference if self.verify_options.each_pass else None
         for _ in range(self.steps):
-            model, sweep_modified = self._sweep(self.passes, model, stats, feeds, reference)
+            model, sweep_modified = self._sweep(self.passes, model, stats, feeds, per_pass)
             any_modified |= sweep_modified
             if not sweep_modified:
                 break
-        model, final_modified = self._sweep(self.finalize, model, stats, feeds, reference)
+        model, final_modified = self._sweep(self.finalize, model, stats, feeds, per_pass)
         any_modified |= final_modified
+        if reference is not None and per_pass is None and any_modified:
+            self._verify(model, PassStats("all passes", 0.0, 0, 0, 0, 0, True), feeds, reference)
         return PassManagerResult(model, any_modified, stats)
 
     def _sweep(self, passes, model, stats, feeds, reference) -> tuple[ir.Model, bool]:

@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 import onnx_ir as ir
 
 from qcompile import modelio
-from qcompile.calibrate import CalibrationResult, collect_ranges
+from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
 from qcompile.calibration import CalibrationReader
 from qcompile.errors import UnknownNameError
 from qcompile.models.base import cache_root
@@ -37,7 +37,7 @@ TARGETS = ("ort-cpu",)
 #: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative error).
 DEFAULT_MIN_SQNR_DB = 28.0
 #: Calibration feeds kept to measure that SQNR.
-SENSITIVITY_FEEDS = 8
+SENSITIVITY_FEEDS = 4
 
 
 def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable[str] | None = None) -> tuple[QuantPolicy, dict]:
@@ -147,21 +147,24 @@ def quantize(
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     clock.lap("load")
     if optimize:
+        verify_options = verify_options or VerifyOptions(each_pass=False)
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
         clock.lap("optimize")
     model = make_pass("shape-inference")(model).model
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
     plan = plan_quantization(model, policy, frozenset(exclude))
     clock.lap("plan")
-    calibration = collect_ranges(
-        model, plan.activations, reader, method=method, samples=samples, keep_feeds=SENSITIVITY_FEEDS
-    )
-    clock.lap("calibrate")
-    qparams = shared_qparams(plan, calibration.ranges, policy)
-    sqnr: dict[str, float] = {}
-    if min_sqnr_db is not None:
-        sqnr = matmul_sqnr(model, plan, qparams, calibration.first_feeds)
-        clock.lap("sensitivity")
+    with tapped(model, plan.activations, target) as runtime:  # one session for both phases
+        calibration = collect_ranges(
+            model, plan.activations, reader, method=method, samples=samples, keep_feeds=SENSITIVITY_FEEDS,
+            runtime=runtime,
+        )
+        clock.lap("calibrate")
+        qparams = shared_qparams(plan, calibration.ranges, policy)
+        sqnr: dict[str, float] = {}
+        if min_sqnr_db is not None:
+            sqnr = matmul_sqnr(model, plan, qparams, calibration.first_feeds, runtime=runtime)
+            clock.lap("sensitivity")
         fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
         if fragile:
             plan = plan_quantization(model, policy, frozenset(exclude) | frozenset(fragile))

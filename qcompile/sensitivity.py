@@ -10,6 +10,7 @@ where fq is quantize-dequantize with the planned parameters. Nodes below the thr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from typing import Iterable, Mapping
@@ -20,6 +21,7 @@ import onnx_ir as ir
 from qcompile.calibrate import tapped
 from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
+from qcompile.runtimes import Runtime
 
 
 def _float_weight(node: ir.Node) -> np.ndarray | None:
@@ -33,9 +35,13 @@ def _float_weight(node: ir.Node) -> np.ndarray | None:
 
 
 def matmul_sqnr(
-    model: ir.Model, plan: QuantPlan, qparams: Mapping[str, QParams], feeds: Iterable[dict[str, np.ndarray]]
+    model: ir.Model, plan: QuantPlan, qparams: Mapping[str, QParams], feeds: Iterable[dict[str, np.ndarray]],
+    runtime: Runtime | None = None,
 ) -> dict[str, float]:
-    """SQNR in dB of every planned MatMul/Gemm with a constant weight, over ``feeds``."""
+    """SQNR in dB of every planned MatMul/Gemm with a constant weight, over ``feeds``.
+
+    ``runtime``: an open :func:`tapped` runtime that exposes the nodes' inputs (else one is opened).
+    """
     nodes = [n for n in model.graph if n.name in set(plan.quantized_nodes) and n.op_type in ("MatMul", "Gemm")]
     nodes = [n for n in nodes if _float_weight(n) is not None and n.inputs[0].name in qparams]
     if not nodes:
@@ -49,7 +55,9 @@ def matmul_sqnr(
         weights[n.name] = (w, fake_quantize(w, wq))
     names = sorted({n.inputs[0].name for n in nodes})
     signal, noise = defaultdict(float), defaultdict(float)
-    with tapped(model, names) as runtime:
+    with contextlib.ExitStack() as stack:
+        if runtime is None:
+            runtime = stack.enter_context(tapped(model, names))
         for feed in feeds:
             captured = runtime.run(feed, outputs=names)
             for n in nodes:

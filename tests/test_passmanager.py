@@ -91,3 +91,11 @@ def test_user_feeds_are_used_for_verification():
     feeds = [{"x": np.full((2, 4), -1.0, dtype=np.float32)}]  # Relu(x) = 0 = Sigmoid(x)? no: 0.27
     with pytest.raises(VerificationError):
         PassManager([ReluToSigmoid()], verify=True, verify_options=VerifyOptions(feeds=feeds))(model)
+
+
+def test_end_only_verification_still_catches_a_wrong_pass():
+    model = model_from_text(TEXT)
+    manager = PassManager([make_pass("identity"), ReluToSigmoid()], verify=True,
+                          verify_options=VerifyOptions(each_pass=False))
+    with pytest.raises(VerificationError, match="all passes"):
+        manager(model)
