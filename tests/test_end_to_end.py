@@ -19,11 +19,13 @@ def test_demo_runs_and_reports(tmp_path, minilm_path):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    fp32, optimized = report["rows"]
+    fp32, optimized, int8 = report["rows"]
     assert optimized["nodes"] < fp32["nodes"]
     assert report["worst_pass_rel_l2"] <= 1e-5
     assert optimized["r_at_1"] == pytest.approx(fp32["r_at_1"], abs=0.002)
-    assert (tmp_path / "demo" / "minilm.opt.onnx").is_file()
+    assert int8["r_at_1"] >= 0.390 and int8["embedding_cosine"] >= 0.99
+    assert report["quantization"]["plan"]["quantized_nodes"] >= 20
+    assert (tmp_path / "demo" / "minilm.int8.onnx").is_file()
 
 
 @pytest.mark.slow
