@@ -21,8 +21,6 @@ stdout = Console(soft_wrap=True)
 
 
 def _json_default(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
     if hasattr(obj, "to_json"):
         return obj.to_json()
     if hasattr(obj, "tolist"):

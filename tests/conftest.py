@@ -9,6 +9,19 @@ import onnxruntime as ort
 import pytest
 
 
+class ReluToSigmoid(ir.passes.InPlacePass):
+    """A deliberately wrong pass: it changes what the model computes (for verification tests)."""
+
+    name = "relu-to-sigmoid"
+
+    def call(self, model):
+        for node in model.graph:
+            if node.op_type == "Relu":
+                node.op_type = "Sigmoid"
+                return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, False)
+
+
 def model_from_text(text: str) -> ir.Model:
     """An onnx-ir model from ONNX textual syntax, checked first."""
     proto = onnx.parser.parse_model(text)

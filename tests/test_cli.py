@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
-from conftest import model_from_text
+from conftest import ReluToSigmoid, model_from_text
 
 import qcompile
 from qcompile.cli import main
@@ -198,19 +198,10 @@ def test_output_equal_to_input_is_refused(small_model):
 def test_verification_failure_exits_1_and_writes_nothing(small_model, tmp_path, monkeypatch):
     from qcompile import passes
 
-    class Wrong(ir.passes.InPlacePass):
-        name = "wrong"
-
-        def call(self, model):
-            for node in model.graph:
-                if node.op_type == "Relu":
-                    node.op_type = "Sigmoid"
-            return ir.passes.PassResult(model, True)
-
-    monkeypatch.setitem(passes.PASSES, "wrong", Wrong)
+    monkeypatch.setitem(passes.PASSES, "relu-to-sigmoid", ReluToSigmoid)
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes", "wrong"])
-    assert result.exit_code == 1 and "'wrong' changed the model's semantics" in result.output
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes", "relu-to-sigmoid"])
+    assert result.exit_code == 1 and "'relu-to-sigmoid' changed the model's semantics" in result.output
     assert not out.exists()
 
 
