@@ -66,7 +66,9 @@ def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu") -> Iterat
             value.dtype = ir.DataType.FLOAT
         model.graph.outputs.append(value)
     try:
-        with execute.loaded(model, target, RuntimeOptions()) as runtime:
+        # Pre-packing would keep a second, re-laid-out copy of every weight: not worth it for a few feeds.
+        options = RuntimeOptions(extra={"session.disable_prepacking": "1"})
+        with execute.loaded(model, target, options) as runtime:
             yield runtime
     finally:
         model.graph.outputs.clear()

@@ -280,7 +280,7 @@ def convert_opset(model: ir.Model, target_opset: int) -> ir.Model:
 
 
 @contextlib.contextmanager
-def runnable(model: ir.Model, *, inline_limit: int = 1 << 30) -> Iterator[str | bytes]:
+def runnable(model: ir.Model, *, inline_limit: int = AUTO_EXTERNAL_BYTES) -> Iterator[str | bytes]:
     """Yield something a runtime can load: protobuf bytes for small models, else a temp file path.
 
     Models with external data or more than ``inline_limit`` bytes of weights are written to a
