@@ -56,13 +56,19 @@ def export(path: Path) -> None:
     torch_export(Wrapper(encoder), args, path, INPUTS, ["last_hidden_state"], axes)
 
 
-def encode(texts: list[str], max_length: int = 128) -> dict[str, np.ndarray]:
-    batch = tokenizer()(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+def encode(texts: list[str], max_length: int = 128, pad_to_max: bool = False) -> dict[str, np.ndarray]:
+    padding = "max_length" if pad_to_max else True
+    batch = tokenizer()(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="np")
     return {name: batch[name].astype(np.int64) for name in INPUTS}
 
 
-def calibration(n: int) -> FeedReader:
-    """n feeds of one sentence each, from pydoc prose (not in the retrieval eval set)."""
+def calibration(n: int, pad_to: int | None = None) -> FeedReader:
+    """n feeds of one sentence each, from pydoc prose (not in the retrieval eval set).
+
+    ``pad_to`` pads every feed to that many tokens (fixed-shape calibration) instead of its own length.
+    """
+    if pad_to:
+        return FeedReader(encode([s], max_length=pad_to, pad_to_max=True) for s in data.pydoc_sentences(n))
     return FeedReader(encode([s]) for s in data.pydoc_sentences(n))
 
 

@@ -98,13 +98,20 @@ def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[di
                   ("ORT quantize_static Entropy", "ort", "entropy"), ("qcompile (mse)", "qcompile", "mse")]
     if not batches:  # cost-only entries: the anchor is MinMax
         candidates = [c for c in candidates if c[2] in (None, "minmax", "mse")]
+    padded = None
+    if name == "minilm":  # ORT's histogram calibrators need equal-length feeds: give them padded ones too
+        padded = list(entry.calibration(n, pad_to=128))
+        candidates += [("ORT quantize_static Percentile, feeds padded to 128", "ort", "percentile"),
+                       ("ORT quantize_static Entropy, feeds padded to 128", "ort", "entropy"),
+                       ("qcompile (mse), feeds padded to 128", "qcompile", "mse")]
     rows = []
     for label, kind, method in candidates:
         row = {"model": name, "quantizer": label, "samples": len(feeds)}
         path = src
         if kind is not None:
-            path = workdir / f"{name}-{kind}-{method}.onnx"
-            row.update(run_isolated(kind, str(src), str(path), feeds, method))
+            use_padded = "padded" in label
+            path = workdir / f"{name}-{kind}-{method}{'-padded' if use_padded else ''}.onnx"
+            row.update(run_isolated(kind, str(src), str(path), padded if use_padded else feeds, method))
             if row["error"]:
                 rows.append(row)
                 continue
