@@ -274,12 +274,14 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples at most.")
 @click.option("--min-sqnr", type=float, default=28.0, show_default=True,
               help="MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float; negative disables.")
+@click.option("--smoothquant", "alpha", default=None, metavar="ALPHA|auto",
+              help="Fold SmoothQuant scales first (alpha in [0, 1], or auto: searched per layer).")
 @click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if INT8 is not this much faster.")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs for the speed check.")
 @with_shape_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
-def quantize(model, output, target, calib, method, per_channel, exclude, samples, min_sqnr, min_speedup, runs,
+def quantize(model, output, target, calib, method, per_channel, exclude, samples, min_sqnr, alpha, min_speedup, runs,
              batch, seq, dims, as_json):
     """Static INT8 quantization of MODEL for TARGET, calibrated on SPEC; times FP32 vs INT8."""
     import tempfile
@@ -289,6 +291,7 @@ def quantize(model, output, target, calib, method, per_channel, exclude, samples
     from qcompile.errors import CheckFailedError
     from qcompile.quantize import quantize as run_quantize
 
+    smoothquant = _parse_alpha(alpha)
     path = resolve_model(model)
     out = Path(output)
     source = modelio.load(path)
@@ -297,7 +300,7 @@ def quantize(model, output, target, calib, method, per_channel, exclude, samples
     shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
     reader = resolve_reader(calib, specs.input_specs(source), samples, **shape)
     result = run_quantize(source, reader, target=target, method=method, per_channel=per_channel, exclude=exclude,
-                          samples=samples, min_sqnr_db=None if min_sqnr < 0 else min_sqnr)
+                          samples=samples, min_sqnr_db=None if min_sqnr < 0 else min_sqnr, smoothquant=smoothquant)
     with tempfile.TemporaryDirectory(dir=out.parent.resolve(), prefix=".qcompile-") as tmp:
         candidate = Path(tmp) / out.name
         modelio.save(result.model, candidate)
@@ -328,6 +331,18 @@ def quantize(model, output, target, calib, method, per_channel, exclude, samples
     stdout.print(f"latency on {target} {timing['feed_shapes']}: FP32 {fp32['median_ms']:.2f} ms, INT8 "
                  f"{int8['median_ms']:.2f} ms — INT8 is {speedup:.2f}x, {verdict}")
     stdout.print(f"wrote {out}")
+
+
+def _parse_alpha(alpha: str | None) -> float | str | None:
+    if alpha is None or alpha == "auto":
+        return alpha
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"{alpha!r} is not a number in [0, 1] or 'auto'", param_hint="--smoothquant")
+    return value
 
 
 @main.group()

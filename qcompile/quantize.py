@@ -17,9 +17,9 @@ from typing import Iterable, Mapping
 
 import onnx_ir as ir
 
-from qcompile import modelio
+from qcompile import modelio, specs
 from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
-from qcompile.calibration import CalibrationReader
+from qcompile.calibration import CalibrationReader, IterableReader, iter_feeds
 from qcompile.errors import UnknownNameError
 from qcompile.models.base import cache_root
 from qcompile.observers import Method
@@ -30,6 +30,7 @@ from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, plan_quantizati
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.pipeline import optimize_with_stats
 from qcompile.sensitivity import matmul_sqnr
+from qcompile.smoothing import smooth
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class QuantizeResult:
     method: str = "mse"
     sqnr_db: dict = field(default_factory=dict)
     phase_seconds: dict = field(default_factory=dict)
+    smoothquant: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -77,6 +79,7 @@ class QuantizeResult:
             "kernel_int8_speed_ratios": self.kernel_ratios,
             "plan": self.plan.to_json(),
             "calibration": self.calibration.to_json(),
+            "smoothquant": self.smoothquant,
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "node_sqnr_db": {k: round(v, 2) for k, v in sorted(self.sqnr_db.items(), key=lambda kv: kv[1])},
         }
@@ -133,6 +136,7 @@ def quantize(
     optimize: bool = True,
     verify_options: VerifyOptions | None = None,
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
+    smoothquant: float | str | None = None,
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
@@ -141,7 +145,8 @@ def quantize(
     ``keep_float`` names op classes to leave in float (default: measured on this CPU);
     ``exclude`` names nodes, op types or name patterns to leave in float; MatMul/Gemm nodes whose
     INT8 output SQNR on the first calibration feeds is below ``min_sqnr_db`` stay float too
-    (None: keep every planned node in INT8).
+    (None: keep every planned node in INT8). ``smoothquant`` (an alpha, or "auto") first folds
+    SmoothQuant scales into the FP32 model, from the same calibration feeds.
     """
     clock = _PhaseClock()
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
@@ -150,6 +155,13 @@ def quantize(
         verify_options = verify_options or VerifyOptions(each_pass=False)
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
         clock.lap("optimize")
+    smoothing = None
+    if smoothquant is not None:
+        feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice
+        smoothing = smooth(model, feeds, smoothquant)
+        model = smoothing.model
+        reader = IterableReader(feeds)
+        clock.lap("smoothquant")
     model = make_pass("shape-inference")(model).model
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
     plan = plan_quantization(model, policy, frozenset(exclude))
@@ -176,4 +188,5 @@ def quantize(
     model = PassManager(lowering)(model).model
     modelio.check(model)
     clock.lap("lower")
-    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds)
+    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds,
+                          smoothing.to_json() if smoothing else None)

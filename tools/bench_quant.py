@@ -57,7 +57,8 @@ def _qcompile_quantize(src: str, dst: str, feeds: list, method: str) -> None:
     from qcompile.calibration import IterableReader
     from qcompile.quantize import quantize
 
-    result = quantize(src, IterableReader(feeds), method=method)
+    method, _, smooth = method.partition("+smoothquant")
+    result = quantize(src, IterableReader(feeds), method=method, smoothquant="auto" if smooth else None)
     qcompile.save(result.model, dst)
 
 
@@ -101,7 +102,8 @@ def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[di
     padded = None
     if name == "minilm":  # ORT's histogram calibrators need equal-length feeds: give them padded ones too
         padded = list(entry.calibration(n, pad_to=128))
-        candidates += [("ORT quantize_static Percentile, feeds padded to 128", "ort", "percentile"),
+        candidates += [("qcompile (mse + SmoothQuant auto)", "qcompile", "mse+smoothquant"),
+                       ("ORT quantize_static Percentile, feeds padded to 128", "ort", "percentile"),
                        ("ORT quantize_static Entropy, feeds padded to 128", "ort", "entropy"),
                        ("qcompile (mse), feeds padded to 128", "qcompile", "mse")]
     rows = []
@@ -110,7 +112,7 @@ def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[di
         path = src
         if kind is not None:
             use_padded = "padded" in label
-            path = workdir / f"{name}-{kind}-{method}{'-padded' if use_padded else ''}.onnx"
+            path = workdir / f"{name}-{kind}-{method.replace('+', '-')}{'-padded' if use_padded else ''}.onnx"
             row.update(run_isolated(kind, str(src), str(path), padded if use_padded else feeds, method))
             if row["error"]:
                 rows.append(row)
