@@ -57,7 +57,7 @@ def _qcompile_quantize(src: str, dst: str, feeds: list, method: str) -> None:
     from qcompile.calibration import IterableReader
     from qcompile.quantize import quantize
 
-    method, _, smooth = method.partition("+smoothquant")
+    method, smooth, _ = method.partition("+smoothquant")
     result = quantize(src, IterableReader(feeds), method=method, smoothquant="auto" if smooth else None)
     qcompile.save(result.model, dst)
 
