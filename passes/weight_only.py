@@ -1,0 +1,208 @@
+"""Block-wise weight-only quantization of MatMul weights (W8A16 / W4A16).
+
+For W [K, N] (MatMul's B) cut into blocks of ``block_size`` rows along K, per output column n:
+
+    symmetric  (GGUF Q4_0 style):  d = v / -2^(b-1),  v the block's value of largest |.|;
+                                    code = clamp(round(w / d), -2^(b-1), 2^(b-1) - 1) + 2^(b-1),  zp = 2^(b-1)
+    asymmetric:                    d = (max - min) / (2^b - 1),  zp = clamp(round(-min / d), 0, 2^b - 1),
+                                    code = clamp(round(w / d) + zp, 0, 2^b - 1)
+    dequantised:                   w ~ d * (code - zp)
+
+Lowered either as ORT's ``com.microsoft.MatMulNBits`` (B packed [N, K/block, block*b/8] low bits
+first, scales [N * K/block], zero points packed likewise) or as a standard blocked
+``DequantizeLinear`` (opset 21, int4/uint4 or int8/uint8 along axis 0, ``block_size``) feeding MatMul.
+Codes are computed by RTN here, or handed in precomputed (GPTQ, from the core's calibration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+Format = Literal["matmulnbits", "dq"]
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    bits: int = 4
+    block_size: int = 128
+    symmetric: bool = True
+    format: Format = "matmulnbits"
+    include_lm_head: bool = False
+    accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 compute of A
+
+
+@dataclass
+class BlockQuant:
+    """codes [N, k_blocks, block] (unsigned), scales [N, k_blocks], zero points [N, k_blocks]."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    k: int
+    bits: int
+    symmetric: bool
+
+    def dequantize(self) -> np.ndarray:
+        """W [K, N] as the runtime reconstructs it (numpy reference)."""
+        w = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
+        return w.reshape(w.shape[0], -1)[:, : self.k].T.copy()
+
+
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) per block; ``blocks`` is [..., block]."""
+    half = 2 ** (bits - 1)
+    if symmetric:
+        idx = np.argmax(np.abs(blocks), axis=-1)
+        extreme = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
+        scale = extreme / -half
+        zero = np.full(scale.shape, half, dtype=np.float32)
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0)
+        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        scale = (hi - lo) / (2**bits - 1)
+        safe = np.where(scale == 0, 1.0, scale)
+        zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return scale, zero
+
+
+def quantize_codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 2**bits - 1).astype(np.uint8)
+
+
+def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuant:
+    """Round-to-nearest block quantization of W [K, N]."""
+    k, n = w.shape
+    blocks_k = -(-k // block_size)
+    padded = np.zeros((blocks_k * block_size, n), dtype=np.float32)
+    padded[:k] = w
+    blocks = padded.T.reshape(n, blocks_k, block_size)
+    scale, zero = block_params(blocks, bits, symmetric)
+    return BlockQuant(quantize_codes(blocks, scale, zero, bits), scale, zero.astype(np.uint8), k, bits, symmetric)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes along the last axis, low bits first (bits in {2, 4, 8})."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    per_byte = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint16)
+    out = np.zeros(c.shape[:-1], dtype=np.uint16)
+    for i in range(per_byte):
+        out |= c[..., i] << (bits * i)
+    return out.astype(np.uint8)
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def is_lm_head(node: ir.Node) -> bool:
+    out = node.outputs[0]
+    return out.is_graph_output() or any(u.op_type in ("Reshape", "Identity") and u.outputs[0].is_graph_output()
+                                        for u, _ in out.uses())
+
+
+def candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.Node]:
+    """MatMul nodes with a constant float 2-D weight, K a multiple of 16 (LM head only if asked)."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.inputs[1] is None or node.inputs[1].const_value is None:
+            continue
+        w = node.inputs[1]
+        if w.dtype != ir.DataType.FLOAT or w.shape is None or w.shape.rank() != 2 or w.shape[0] % 16:
+            continue
+        if is_lm_head(node) and not config.include_lm_head:
+            continue
+        found.append(node)
+    return found
+
+
+class WeightOnlyPass(ir.passes.InPlacePass):
+    """Replace MatMul weights by block-quantized ones (RTN unless codes are given per weight)."""
+
+    name = "weight-only"
+
+    def __init__(self, config: WeightOnlyConfig, precomputed: Mapping[str, BlockQuant] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.precomputed = precomputed or {}
+        self.quantized: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg = self.config
+        if cfg.format == "dq" and model.opset_imports.get("", 0) < 21:
+            raise ValueError("blocked DequantizeLinear needs opset 21: convert the model first")
+        graph = model.graph
+        common_passes.NameFixPass()(model)  # new nodes are named after the old ones
+        for node in candidates(model, cfg):
+            w_value = node.inputs[1]
+            bq = self.precomputed.get(w_value.name) or rtn(w_value.const_value.numpy(), cfg.bits, cfg.block_size, cfg.symmetric)
+            base = w_value.name.replace("/", "_").replace(":", "_")
+            if cfg.format == "matmulnbits":
+                self._to_matmulnbits(graph, node, bq, base)
+            else:
+                self._to_blocked_dq(graph, node, bq, base)
+            self.quantized.append(node.name)
+        if cfg.format == "matmulnbits" and self.quantized:
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, bool(self.quantized))
+
+    def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+        cfg = self.config
+        n, k_blocks, _ = bq.codes.shape
+        b = _const(graph, f"{base}_q{cfg.bits}", pack(bq.codes, cfg.bits))
+        scales = _const(graph, f"{base}_scales", bq.scales.reshape(-1).astype(np.float32))
+        inputs = [node.inputs[0], b, scales]
+        if not cfg.symmetric:
+            zp = bq.zero_points
+            if cfg.bits < 8:
+                per_byte = 8 // cfg.bits
+                padded = np.full((n, -(-k_blocks // per_byte) * per_byte), 0, dtype=np.uint8)
+                padded[:, :k_blocks] = zp
+                zp = pack(padded, cfg.bits)
+            inputs.append(_const(graph, f"{base}_zero_points", zp.reshape(-1)))
+        new = ir.node(
+            "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_MatMulNBits",
+            attributes={"K": bq.k, "N": n, "bits": cfg.bits, "block_size": cfg.block_size,
+                        "accuracy_level": cfg.accuracy_level},
+        )
+        self._replace(graph, node, new)
+
+    def _to_blocked_dq(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+        cfg = self.config
+        n, k_blocks, block = bq.codes.shape
+        codes = bq.codes.reshape(n, k_blocks * block)[:, : bq.k].T  # [K, N]
+        half = 2 ** (cfg.bits - 1)
+        if cfg.symmetric:  # signed storage, zero point 0
+            signed = (codes.astype(np.int16) - half).astype(np.int8)
+            dtype = ir.DataType.INT4 if cfg.bits == 4 else ir.DataType.INT8
+            q = _const(graph, f"{base}_q{cfg.bits}", signed, dtype)
+            zp_array, zp_dtype = np.zeros((k_blocks, n), dtype=np.int8), dtype
+        else:
+            dtype = ir.DataType.UINT4 if cfg.bits == 4 else ir.DataType.UINT8
+            q = _const(graph, f"{base}_q{cfg.bits}", codes.astype(np.uint8), dtype)
+            zp_array, zp_dtype = bq.zero_points.T.astype(np.uint8).copy(), dtype
+        scales = _const(graph, f"{base}_scales", bq.scales.T.astype(np.float32).copy())
+        zero = _const(graph, f"{base}_zero_points", zp_array, zp_dtype)
+        dq = ir.node("DequantizeLinear", [q, scales, zero], name=f"{node.name}_DequantizeLinear",
+                     attributes={"axis": 0, "block_size": cfg.block_size})
+        dq.outputs[0].name = f"{base}_dequantized"
+        graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+
+    @staticmethod
+    def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+        graph.insert_before(old, new)
+        name = old.outputs[0].name
+        ir.convenience.replace_all_uses_with(old.outputs[0], new.outputs[0], replace_graph_outputs=True)
+        graph.remove(old, safe=True)
+        new.outputs[0].name = name

@@ -1,0 +1,104 @@
+"""Weight-only quantization (W8A16 / W4A16): RTN, or GPTQ with Hessians from calibration data.
+
+The Hessian of a MatMul's input X [*, K] is accumulated over the calibration feeds in one
+streaming pass (H += X^T X; nodes sharing an input share H), then every weight is quantized by
+passes/gptq.py and lowered by passes/weight_only.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import modelio, specs
+from qcompile.calibrate import tapped
+from qcompile.calibration import CalibrationReader, iter_feeds
+from qcompile.passes import make_pass
+from qcompile.passes.gptq import gptq
+from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
+from qcompile.passmanager import PassManager
+from qcompile.progress import bar
+
+Algorithm = Literal["rtn", "gptq"]
+
+
+@dataclass
+class WeightOnlyResult:
+    model: ir.Model
+    config: WeightOnlyConfig
+    algorithm: str
+    quantized: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        c = self.config
+        return {"bits": c.bits, "block_size": c.block_size, "symmetric": c.symmetric, "format": c.format,
+                "include_lm_head": c.include_lm_head, "algorithm": self.algorithm,
+                "quantized_matmuls": len(self.quantized), "phase_seconds": self.seconds}
+
+
+def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
+                     samples: int | None = None) -> dict[str, np.ndarray]:
+    """H = sum X^T X per distinct MatMul input, streamed over the calibration feeds."""
+    names = sorted({n.inputs[0].name for n in nodes})
+    hessians: dict[str, np.ndarray] = {}
+    with tapped(model, names) as runtime, bar("collecting Hessians", total=samples) as advance:
+        for feed in iter_feeds(reader, specs.input_specs(model), samples):
+            arrays = runtime.run(feed, outputs=names)
+            for name in names:
+                x = arrays[name].reshape(-1, arrays[name].shape[-1]).astype(np.float32)
+                h = x.T @ x
+                hessians[name] = hessians[name] + h if name in hessians else h
+            advance()
+    return hessians
+
+
+def quantize_weights(
+    model_or_path: ir.Model | str,
+    config: WeightOnlyConfig,
+    *,
+    algorithm: Algorithm = "rtn",
+    reader: CalibrationReader | None = None,
+    samples: int | None = None,
+    optimize: bool = True,
+) -> WeightOnlyResult:
+    """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model)."""
+    model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
+    seconds = {}
+    started = time.perf_counter()
+    if optimize:
+        from qcompile.pipeline import optimize_with_stats
+        from qcompile.passmanager import VerifyOptions
+
+        model = optimize_with_stats(model, verify=True, verify_options=VerifyOptions(each_pass=False)).model
+        seconds["optimize"] = time.perf_counter() - started
+    if config.format == "dq" and model.opset_imports.get("", 0) < 21:
+        modelio.convert_opset(model, 21)
+    precomputed: dict[str, BlockQuant] = {}
+    if algorithm == "gptq":
+        if reader is None:
+            raise ValueError("GPTQ needs calibration data (a reader)")
+        model = make_pass("shape-inference")(model).model
+        nodes = candidates(model, config)
+        t = time.perf_counter()
+        hessians = collect_hessians(model, nodes, reader, samples)
+        seconds["hessians"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with bar("GPTQ", total=len(nodes)) as advance:
+            for node in nodes:
+                w = node.inputs[1]
+                precomputed[w.name] = gptq(w.const_value.numpy(), hessians[node.inputs[0].name],
+                                           config.bits, config.block_size, config.symmetric)
+                advance()
+        seconds["gptq"] = time.perf_counter() - t
+    elif algorithm != "rtn":
+        raise ValueError(f"unknown weight-only algorithm {algorithm!r}; use rtn or gptq")
+    lowering = WeightOnlyPass(config, precomputed)
+    t = time.perf_counter()
+    model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model
+    seconds["lower"] = time.perf_counter() - t
+    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds)
