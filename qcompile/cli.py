@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -264,72 +265,104 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 
 @main.command()
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the INT8 model.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized model.")
 @click.option("--target", default="ort-cpu", show_default=True, help="Runtime the policy targets.")
-@click.option("--calib", "calib", required=True, metavar="SPEC",
+@click.option("--recipe", "recipe_name", default="int8", show_default=True,
+              help="int8 | w8a8-smoothquant | w8-weight-only | w4-weight-only")
+@click.option("--recipe-file", type=click.Path(dir_okay=False), default=None, help="Load the recipe from TOML.")
+@click.option("--save-recipe", type=click.Path(dir_okay=False), default=None, help="Write the resolved recipe as TOML.")
+@click.option("--calib", "calib", default=None, metavar="SPEC",
               help="random | FILE.npz (samples stacked) | FOLDER of .npz | module:callable | zoo:NAME")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True)
-@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default=None,
+              help="Calibration method (static INT8; recipe default mse).")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default per channel).")
+@click.option("--alpha", default=None, metavar="ALPHA|auto", help="SmoothQuant alpha in [0, 1], or auto (per layer).")
+@click.option("--bits", type=click.Choice(["4", "8"]), default=None, help="Weight-only bits.")
+@click.option("--block-size", type=int, default=None, help="Weight-only block size (32/64/128).")
+@click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default=None, help="Weight-only algorithm.")
+@click.option("--format", "fmt", type=click.Choice(["matmulnbits", "dq"]), default=None,
+              help="Weight-only lowering: ORT MatMulNBits, or blocked DequantizeLinear (opset 21).")
+@click.option("--asymmetric", is_flag=True, default=False, help="Weight-only: asymmetric blocks (zero points).")
+@click.option("--include-lm-head", is_flag=True, default=False, help="Weight-only: quantize the LM head too.")
 @click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE", help="Keep float: node name, op type or name pattern.")
-@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples at most.")
-@click.option("--min-sqnr", type=float, default=28.0, show_default=True,
-              help="MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float; negative disables.")
-@click.option("--smoothquant", "alpha", default=None, metavar="ALPHA|auto",
-              help="Fold SmoothQuant scales first (alpha in [0, 1], or auto: searched per layer).")
-@click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if INT8 is not this much faster.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Calibration samples at most.")
+@click.option("--min-sqnr", type=float, default=None,
+              help="Static INT8: MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float (28); negative disables.")
+@click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if not this much faster.")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs for the speed check.")
 @with_shape_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
-def quantize(model, output, target, calib, method, per_channel, exclude, samples, min_sqnr, alpha, min_speedup, runs,
+def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha, bits,
+             block_size, algorithm, fmt, asymmetric, include_lm_head, exclude, samples, min_sqnr, min_speedup, runs,
              batch, seq, dims, as_json):
-    """Static INT8 quantization of MODEL for TARGET, calibrated on SPEC; times FP32 vs INT8."""
+    """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     import tempfile
 
     from qcompile.bench import BenchSettings, bench_models
     from qcompile.calibration import resolve_reader
     from qcompile.errors import CheckFailedError
-    from qcompile.quantize import quantize as run_quantize
+    from qcompile.recipes import Recipe, preset, run_recipe
 
-    smoothquant = _parse_alpha(alpha)
+    base = Recipe.load(recipe_file) if recipe_file else preset(recipe_name)
+    recipe = base.with_(
+        method=method, per_channel=per_channel, smoothquant=_parse_alpha(alpha), bits=int(bits) if bits else None,
+        block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
+        symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
+        min_sqnr_db=None if min_sqnr is None else (min_sqnr if min_sqnr >= 0 else -1.0),
+    )
+    if recipe.min_sqnr_db is not None and recipe.min_sqnr_db < 0:
+        recipe = dataclasses.replace(recipe, min_sqnr_db=None)
+    recipe.validate()
+    if save_recipe:
+        recipe.save(save_recipe)
     path = resolve_model(model)
     out = Path(output)
     source = modelio.load(path)
     if out.exists() and os.path.samefile(out, path):
         raise modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o")
     shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
-    reader = resolve_reader(calib, specs.input_specs(source), samples, **shape)
-    result = run_quantize(source, reader, target=target, method=method, per_channel=per_channel, exclude=exclude,
-                          samples=samples, min_sqnr_db=None if min_sqnr < 0 else min_sqnr, smoothquant=smoothquant)
+    reader = resolve_reader(calib, specs.input_specs(source), recipe.samples, **shape) if calib else None
+    result = run_recipe(source, recipe, reader, target=target, exclude=exclude)
     with tempfile.TemporaryDirectory(dir=out.parent.resolve(), prefix=".qcompile-") as tmp:
         candidate = Path(tmp) / out.name
         modelio.save(result.model, candidate)
-        timing = bench_models([path, candidate], BenchSettings(target=target, runs=runs, **shape), labels=["fp32", "int8"])
+        timing = bench_models([path, candidate], BenchSettings(target=target, runs=runs, **shape),
+                              labels=["fp32", "quantized"])
         speedup = timing["results"][1]["speedup_vs_baseline"]
-        report = {**result.to_json(), "output": str(out), "latency": timing, "int8_speedup": speedup}
+        report = {"recipe": dataclasses.asdict(recipe), **result.to_json(), "output": str(out), "latency": timing,
+                  "speedup": speedup}
         if min_speedup is not None and speedup < min_speedup:
             if as_json:
                 emit_json({**report, "written": False})
-            fail(CheckFailedError(f"INT8 is {speedup:.2f}x FP32 on {target}, below --min-speedup {min_speedup:g}",
-                                  fix="nothing was written; exclude slow ops or drop the gate"))
+            fail(CheckFailedError(f"the quantized model is {speedup:.2f}x FP32 on {target}, below --min-speedup "
+                                  f"{min_speedup:g}", fix="nothing was written; exclude slow ops or drop the gate"))
         modelio.save(result.model, out)
     report["written"] = True
     if as_json:
         emit_json(report)
         return
-    plan = result.plan
-    stdout.print(f"quantized {len(plan.quantized_nodes)} nodes to INT8, kept {len(plan.kept_float)} float "
-                 f"({method}, {result.calibration.samples} samples, {len(plan.activations)} activation tensors)")
-    for name, reason in list(plan.kept_float.items())[:12]:
-        stdout.print(f"  float: {name} — {reason}")
-    if len(plan.kept_float) > 12:
-        stdout.print(f"  … and {len(plan.kept_float) - 12} more (see --json)")
-    if result.calibration.nonfinite:
-        stdout.print(f"non-finite values skipped in {len(result.calibration.nonfinite)} tensors")
-    fp32, int8 = timing["results"]
+    _print_quantize_summary(recipe, result, timing, speedup, target, out)
+
+
+def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> None:
+    if recipe.kind == "weight-only":
+        stdout.print(f"{recipe.name}: {len(result.quantized)} MatMul weights to INT{recipe.bits} "
+                     f"(block {recipe.block_size}, {recipe.algorithm}, {recipe.format})")
+    else:
+        plan = result.plan
+        stdout.print(f"{recipe.name}: {len(plan.quantized_nodes)} nodes to INT8, {len(plan.kept_float)} kept float "
+                     f"({recipe.method}, {result.calibration.samples} samples, {len(plan.activations)} activation tensors)")
+        for name, reason in list(plan.kept_float.items())[:12]:
+            stdout.print(f"  float: {name} — {reason}")
+        if len(plan.kept_float) > 12:
+            stdout.print(f"  … and {len(plan.kept_float) - 12} more (see --json)")
+        if result.calibration.nonfinite:
+            stdout.print(f"non-finite values skipped in {len(result.calibration.nonfinite)} tensors")
+    fp32, quantized = timing["results"]
     verdict = "faster" if speedup > 1.0 else "NOT faster"
-    stdout.print(f"latency on {target} {timing['feed_shapes']}: FP32 {fp32['median_ms']:.2f} ms, INT8 "
-                 f"{int8['median_ms']:.2f} ms — INT8 is {speedup:.2f}x, {verdict}")
+    stdout.print(f"latency on {target} {timing['feed_shapes']}: FP32 {fp32['median_ms']:.2f} ms, quantized "
+                 f"{quantized['median_ms']:.2f} ms — {speedup:.2f}x, {verdict}")
     stdout.print(f"wrote {out}")
 
 
@@ -341,7 +374,7 @@ def _parse_alpha(alpha: str | None) -> float | str | None:
     except ValueError:
         value = -1.0
     if not 0.0 <= value <= 1.0:
-        raise click.BadParameter(f"{alpha!r} is not a number in [0, 1] or 'auto'", param_hint="--smoothquant")
+        raise click.BadParameter(f"{alpha!r} is not a number in [0, 1] or 'auto'", param_hint="--alpha")
     return value
 
 

@@ -243,7 +243,8 @@ def test_quantize_json_report(matmul_model, tmp_path):
     report = json.loads(result.output)
     assert report["written"] and out.is_file()
     assert report["plan"]["quantized_nodes"] == 2 and report["calibration"]["samples"] == 8
-    assert report["int8_speedup"] > 0 and len(report["latency"]["results"]) == 2
+    assert report["speedup"] > 0 and len(report["latency"]["results"]) == 2
+    assert report["recipe"]["name"] == "int8" and report["recipe"]["method"] == "minmax"
     assert "kernel_int8_speed_ratios" in report
 
 
@@ -251,7 +252,7 @@ def test_quantize_speed_gate_exits_1_and_writes_nothing(matmul_model, tmp_path):
     out = tmp_path / "mm.int8.onnx"
     result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(out), "--calib", "random",
                                        "--runs", "3", "--min-speedup", "1000"])
-    assert result.exit_code == 1 and "below --min-speedup" in result.output
+    assert result.exit_code == 1 and "below --min-speedup" in result.output, result.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -261,3 +262,34 @@ def test_quantize_empty_calibration_folder_is_usage_error(matmul_model, tmp_path
     empty.mkdir()
     result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(tmp_path / "o.onnx"), "--calib", str(empty)])
     assert result.exit_code == 2 and "no .npz files" in result.output
+
+
+def test_quantize_recipes_and_recipe_files(matmul_model, tmp_path):
+    saved = tmp_path / "w4.toml"
+    out = tmp_path / "mm.w4.onnx"
+    result = invoke("quantize", matmul_model, "-o", out, "--recipe", "w4-weight-only", "--algorithm", "rtn",
+                    "--block-size", "16", "--save-recipe", saved, "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["quantized_matmuls"] == 1  # the LM head (graph output) stays float by default
+    assert report["recipe"]["bits"] == 4 and report["recipe"]["block_size"] == 16
+    text = saved.read_text()
+    assert 'algorithm = "rtn"' in text and "block_size = 16" in text
+    again = tmp_path / "mm.again.onnx"
+    result = invoke("quantize", matmul_model, "-o", again, "--recipe-file", saved, "--runs", "2", "--json")
+    assert json.loads(result.output)["recipe"] == report["recipe"]
+    assert again.read_bytes() == out.read_bytes()  # the file reproduces the run
+
+
+def test_quantize_gptq_recipe_needs_calibration(matmul_model, tmp_path):
+    result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(tmp_path / "o.onnx"),
+                                       "--recipe", "w4-weight-only"])
+    assert result.exit_code == 2 and "needs calibration data" in result.output
+
+
+def test_bad_recipe_file_is_usage_error(matmul_model, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('bits = 3\n')
+    result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(tmp_path / "o.onnx"),
+                                       "--recipe-file", str(bad)])
+    assert result.exit_code == 2 and "bits 3" in result.output

@@ -1,0 +1,153 @@
+"""Named quantization recipes: presets that expand into the pipeline's settings, savable as TOML.
+
+    int8               static INT8 (W8A8) for the target, MSE calibration, SQNR guard
+    w8a8-smoothquant   the same after SmoothQuant (alpha searched per layer unless given)
+    w8-weight-only     INT8 weights, block 128, RTN, activations float (W8A16)
+    w4-weight-only     INT4 weights, block 128, GPTQ, activations float (W4A16)
+
+A recipe file holds the fields of :class:`Recipe` as ``key = value`` lines (TOML); loading it and
+running it reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from qcompile.errors import InputSpecError, UnknownNameError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Kind = Literal["static-int8", "weight-only"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a quantization run."""
+
+    name: str = "int8"
+    kind: Kind = "static-int8"
+    # static INT8
+    method: str = "mse"
+    per_channel: bool = True
+    smoothquant: float | str | None = None  # alpha in [0, 1], "auto", or None
+    min_sqnr_db: float | None = 28.0
+    # weight-only
+    bits: int = 8
+    block_size: int = 128
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    format: str = "matmulnbits"
+    include_lm_head: bool = False
+    accuracy_level: int = 0
+    # both
+    samples: int = 64
+
+    def with_(self, **changes: Any) -> "Recipe":
+        """A copy with the non-None ``changes`` applied."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def validate(self) -> "Recipe":
+        problems = []
+        if self.kind not in ("static-int8", "weight-only"):
+            problems.append(f"kind {self.kind!r} (static-int8 | weight-only)")
+        if self.bits not in (4, 8):
+            problems.append(f"bits {self.bits} (4 | 8)")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            problems.append(f"block_size {self.block_size} (a power of two, 16..256)")
+        if self.algorithm not in ("rtn", "gptq"):
+            problems.append(f"algorithm {self.algorithm!r} (rtn | gptq)")
+        if self.format not in ("matmulnbits", "dq"):
+            problems.append(f"format {self.format!r} (matmulnbits | dq)")
+        if self.method not in ("minmax", "percentile", "entropy", "mse"):
+            problems.append(f"method {self.method!r}")
+        sq = self.smoothquant
+        if sq is not None and sq != "auto" and not (isinstance(sq, (int, float)) and 0 <= sq <= 1):
+            problems.append(f"smoothquant {sq!r} (alpha in [0, 1] or 'auto')")
+        if problems:
+            raise InputSpecError(f"invalid recipe {self.name!r}: " + "; ".join(problems), fix="fix the recipe file or flags")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind == "static-int8" or self.algorithm == "gptq"
+
+    def to_toml(self) -> str:
+        lines = ["# qcompile quantization recipe"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue  # TOML has no null: absent means None
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, (int, float)):
+                text = repr(value)
+            else:
+                text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            lines.append(f"{f.name} = {text}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, text: str, where: str = "recipe") -> "Recipe":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InputSpecError(f"cannot parse recipe: {exc}", where=where, fix="write it as key = value lines") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where, fix=f"keys: {', '.join(sorted(known))}")
+        defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant",)}
+        return cls(**{**defaults, **data}).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise InputSpecError("recipe file not found", where=str(path), fix="check the path")
+        return cls.from_toml(path.read_text(), where=str(path))
+
+
+PRESETS: dict[str, Recipe] = {
+    "int8": Recipe(),
+    "w8a8-smoothquant": Recipe(name="w8a8-smoothquant", smoothquant="auto"),
+    "w8-weight-only": Recipe(name="w8-weight-only", kind="weight-only", bits=8, block_size=128, algorithm="rtn"),
+    "w4-weight-only": Recipe(name="w4-weight-only", kind="weight-only", bits=4, block_size=128, algorithm="gptq",
+                             samples=32),
+}
+
+
+def preset(name: str) -> Recipe:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown recipe {name!r}", fix=f"choose from: {', '.join(PRESETS)}") from None
+
+
+def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", exclude=()):
+    """Run ``recipe`` on ``model`` (path or ir.Model); returns the quantize or weight-only result."""
+    recipe.validate()
+    if recipe.needs_calibration and reader is None:
+        raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
+    if recipe.kind == "static-int8":
+        from qcompile.quantize import quantize
+
+        return quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
+                        exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
+                        smoothquant=recipe.smoothquant)
+    from qcompile.passes.weight_only import WeightOnlyConfig
+    from qcompile.weight_only import quantize_weights
+
+    config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
+                              format=recipe.format, include_lm_head=recipe.include_lm_head,
+                              accuracy_level=recipe.accuracy_level)
+    return quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader, samples=recipe.samples)
