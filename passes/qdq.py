@@ -18,24 +18,9 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.passes._graph import add_initializer
 from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique(graph: ir.Graph, base: str) -> str:
-    name, i = base, 0
-    while name in graph.initializers:
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 class QDQLoweringPass(ir.passes.InPlacePass):
@@ -61,9 +46,9 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def _dq(self, graph: ir.Graph, base: str, q: np.ndarray, qp: QParams, before: ir.Node | None) -> ir.Value:
-        q_val = _const(graph, _unique(graph, f"{base}_quantized"), q)
-        s_val = _const(graph, _unique(graph, f"{base}_scale"), np.asarray(qp.scale, dtype=np.float32))
-        z_val = _const(graph, _unique(graph, f"{base}_zero_point"), np.asarray(qp.zero_point))
+        q_val = add_initializer(graph, f"{base}_quantized", q)
+        s_val = add_initializer(graph, f"{base}_scale", np.asarray(qp.scale, dtype=np.float32))
+        z_val = add_initializer(graph, f"{base}_zero_point", np.asarray(qp.zero_point))
         attrs = {"axis": qp.axis} if qp.axis is not None else {}
         node = ir.node("DequantizeLinear", [q_val, s_val, z_val], attributes=attrs, name=f"{base}_DequantizeLinear")
         node.outputs[0].name = f"{base}_dequantized"
@@ -90,7 +75,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
 
     def _lower_biases(self, graph, nodes, values) -> bool:
         modified = False
-        for key, spec in self.plan.biases.items():
+        for spec in self.plan.biases.values():
             act = self.activation_qparams.get(spec.activation)
             wqp = self.weight_qparams.get(spec.weight)
             if act is None or wqp is None:
@@ -114,8 +99,8 @@ class QDQLoweringPass(ir.passes.InPlacePass):
             if not uses:
                 continue
             base = name.replace("/", "_").strip("_") or "x"
-            scale = _const(graph, _unique(graph, f"{base}_act_scale"), np.asarray(qp.scale, dtype=np.float32))
-            zero = _const(graph, _unique(graph, f"{base}_act_zero_point"), np.asarray(qp.zero_point))
+            scale = add_initializer(graph, f"{base}_act_scale", np.asarray(qp.scale, dtype=np.float32))
+            zero = add_initializer(graph, f"{base}_act_zero_point", np.asarray(qp.zero_point))
             quant = ir.node("QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear")
             quant.outputs[0].name = f"{base}_quantized"
             quant.outputs[0].dtype = ir.DataType.from_numpy(np.dtype(qp.dtype))

@@ -26,6 +26,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qcompile.passes._graph import add_initializer, weight_kn
+
 _MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
 
 
@@ -41,20 +43,6 @@ class SmoothGroup:
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
-
-
-def _consumer_weight(node: ir.Node) -> np.ndarray | None:
-    """W as [K, N] for MatMul / Gemm(transB) with a constant 2-D weight and X as first input."""
-    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
-        return None
-    w = _const(node.inputs[1])
-    if w is None or w.ndim != 2:
-        return None
-    if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return None
-        return w.T if node.attributes.get_int("transB", 0) else w
-    return w
 
 
 def _producer_ok(node: ir.Node, k: int) -> bool:
@@ -83,12 +71,12 @@ def find_groups(model: ir.Model) -> list[SmoothGroup]:
         if x.dtype not in (ir.DataType.FLOAT, None):
             continue
         uses = list(x.uses())
-        consumers = [u for u, index in uses if index == 0 and _consumer_weight(u) is not None
+        consumers = [u for u, index in uses if index == 0 and weight_kn(u) is not None
                      and len(u.inputs[1].uses()) == 1 and u.inputs[1] is not x]
         if not consumers:
             continue
-        k = _consumer_weight(consumers[0]).shape[0]
-        if any(_consumer_weight(c).shape[0] != k for c in consumers):
+        k = weight_kn(consumers[0]).shape[0]
+        if any(weight_kn(c).shape[0] != k for c in consumers):
             continue
         producer = x.producer()
         fold = (producer is not None and len(consumers) == len(uses) and not x.is_graph_output()
@@ -101,7 +89,7 @@ def find_groups(model: ir.Model) -> list[SmoothGroup]:
 def weight_row_absmax(model: ir.Model, group: SmoothGroup) -> np.ndarray:
     """max_i max_n |W_i[j, n]| over the group's consumers, per input channel j."""
     nodes = {n.name: n for n in model.graph}
-    return np.max([np.abs(_consumer_weight(nodes[c])).max(axis=1) for c in group.consumers], axis=0)
+    return np.max([np.abs(weight_kn(nodes[c])).max(axis=1) for c in group.consumers], axis=0)
 
 
 def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -162,9 +150,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     @staticmethod
     def _insert_mul(graph: ir.Graph, x: ir.Value, consumers: list[ir.Node], s: np.ndarray) -> None:
         base = x.name.replace("/", "_").strip("_") or "x"
-        inv = ir.Value(name=f"{base}_smooth_inv_scale", const_value=ir.tensor((1.0 / s).astype(np.float32)))
-        inv.shape, inv.dtype = ir.Shape(s.shape), ir.DataType.FLOAT
-        graph.register_initializer(inv)
+        inv = add_initializer(graph, f"{base}_smooth_inv_scale", (1.0 / s).astype(np.float32))
         mul = ir.node("Mul", [x, inv], name=f"{base}_SmoothQuant_Mul")
         mul.outputs[0].name = f"{base}_smoothed"
         mul.outputs[0].dtype = ir.DataType.FLOAT

@@ -23,6 +23,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from qcompile.passes._graph import add_initializer
+
 Format = Literal["matmulnbits", "dq"]
 
 
@@ -98,13 +100,6 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    tensor = ir.Tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
-
-
 def is_lm_head(node: ir.Node) -> bool:
     out = node.outputs[0]
     return out.is_graph_output() or any(u.op_type in ("Reshape", "Identity") and u.outputs[0].is_graph_output()
@@ -159,8 +154,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
     def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
         cfg = self.config
         n, k_blocks, _ = bq.codes.shape
-        b = _const(graph, f"{base}_q{cfg.bits}", pack(bq.codes, cfg.bits))
-        scales = _const(graph, f"{base}_scales", bq.scales.reshape(-1).astype(np.float32))
+        b = add_initializer(graph, f"{base}_q{cfg.bits}", pack(bq.codes, cfg.bits))
+        scales = add_initializer(graph, f"{base}_scales", bq.scales.reshape(-1).astype(np.float32))
         inputs = [node.inputs[0], b, scales]
         if not cfg.symmetric:
             zp = bq.zero_points
@@ -169,7 +164,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
                 padded = np.full((n, -(-k_blocks // per_byte) * per_byte), 0, dtype=np.uint8)
                 padded[:, :k_blocks] = zp
                 zp = pack(padded, cfg.bits)
-            inputs.append(_const(graph, f"{base}_zero_points", zp.reshape(-1)))
+            inputs.append(add_initializer(graph, f"{base}_zero_points", zp.reshape(-1)))
         new = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_MatMulNBits",
             attributes={"K": bq.k, "N": n, "bits": cfg.bits, "block_size": cfg.block_size,
@@ -185,14 +180,14 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         if cfg.symmetric:  # signed storage, zero point 0
             signed = (codes.astype(np.int16) - half).astype(np.int8)
             dtype = ir.DataType.INT4 if cfg.bits == 4 else ir.DataType.INT8
-            q = _const(graph, f"{base}_q{cfg.bits}", signed, dtype)
+            q = add_initializer(graph, f"{base}_q{cfg.bits}", signed, dtype)
             zp_array, zp_dtype = np.zeros((k_blocks, n), dtype=np.int8), dtype
         else:
             dtype = ir.DataType.UINT4 if cfg.bits == 4 else ir.DataType.UINT8
-            q = _const(graph, f"{base}_q{cfg.bits}", codes.astype(np.uint8), dtype)
+            q = add_initializer(graph, f"{base}_q{cfg.bits}", codes.astype(np.uint8), dtype)
             zp_array, zp_dtype = bq.zero_points.T.astype(np.uint8).copy(), dtype
-        scales = _const(graph, f"{base}_scales", bq.scales.T.astype(np.float32).copy())
-        zero = _const(graph, f"{base}_zero_points", zp_array, zp_dtype)
+        scales = add_initializer(graph, f"{base}_scales", bq.scales.T.astype(np.float32).copy())
+        zero = add_initializer(graph, f"{base}_zero_points", zp_array, zp_dtype)
         dq = ir.node("DequantizeLinear", [q, scales, zero], name=f"{node.name}_DequantizeLinear",
                      attributes={"axis": 0, "block_size": cfg.block_size})
         dq.outputs[0].name = f"{base}_dequantized"

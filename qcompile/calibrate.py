@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
 import onnx_ir as ir
 
 from qcompile import execute, specs

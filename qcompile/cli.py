@@ -73,6 +73,12 @@ def handle_errors(fn):
     return wrapper
 
 
+def _refuse_overwriting_input(out: Path, source: Path) -> None:
+    """Checked before any work: writing over the model being read is never what the user meant."""
+    if out.exists() and source.exists() and os.path.samefile(out, source):
+        raise modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o")
+
+
 def resolve_model(arg: str) -> Path:
     """A model path, or ``zoo:NAME`` for a zoo export (exported and cached on first use)."""
     if arg.startswith("zoo:"):
@@ -156,8 +162,7 @@ def optimize(model, output, passes, verify, target_opset, tolerance, external_da
     path = resolve_model(model)
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes else None
     out = Path(output)
-    if out.exists() and path.exists() and os.path.samefile(out, path):
-        fail(modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o"))
+    _refuse_overwriting_input(out, path)
     loaded = modelio.load(path)
     options = VerifyOptions(dims=specs.parse_dims(dims), batch=batch, seq=seq, rel_l2=tolerance)
     planned = len(names or DEFAULT_PIPELINE)
@@ -309,18 +314,16 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
         method=method, per_channel=per_channel, smoothquant=_parse_alpha(alpha), bits=int(bits) if bits else None,
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
-        min_sqnr_db=None if min_sqnr is None else (min_sqnr if min_sqnr >= 0 else -1.0),
     )
-    if recipe.min_sqnr_db is not None and recipe.min_sqnr_db < 0:
-        recipe = dataclasses.replace(recipe, min_sqnr_db=None)
+    if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
+        recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)
     recipe.validate()
     if save_recipe:
         recipe.save(save_recipe)
     path = resolve_model(model)
     out = Path(output)
+    _refuse_overwriting_input(out, path)
     source = modelio.load(path)
-    if out.exists() and os.path.samefile(out, path):
-        raise modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o")
     shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
     reader = resolve_reader(calib, specs.input_specs(source), recipe.samples, **shape) if calib else None
     result = run_recipe(source, recipe, reader, target=target, exclude=exclude)

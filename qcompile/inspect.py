@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from qcompile import modelio, specs
+from qcompile import specs
 from qcompile.passmanager import count_nodes
 
 

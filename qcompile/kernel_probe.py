@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from qcompile.passes.quant_math import quantize_weight
 from qcompile.runtimes import OrtRuntime, RuntimeOptions, time_side_by_side
 
 
@@ -53,13 +54,9 @@ def _qdq(name: str, scale: float, zero: int) -> tuple[list, list]:
 
 
 def _weight(w: np.ndarray, axis: int) -> tuple[list, list]:
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    scale = (np.abs(moved).max(axis=1) / 127.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(scale, "w_s"),
-             numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), "w_z")]
+    q, qp = quantize_weight(w, axis)
+    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(qp.scale, "w_s"),
+             numpy_helper.from_array(qp.zero_point, "w_z")]
     return [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=axis)], inits
 
 

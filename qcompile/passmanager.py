@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import execute, modelio, specs
-from qcompile.errors import PassFailedError, QCompileError, VerificationError
+from qcompile.errors import BackendFailedError, PassFailedError, QCompileError, VerificationError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.runtimes import RuntimeOptions
 
@@ -176,7 +176,11 @@ class PassManager:
         except QCompileError as exc:
             stat.verified = False
             raise VerificationError(f"pass {stat.name!r} produced an invalid model: {exc.what}") from None
-        outputs = self._run(model, feeds)
+        try:
+            outputs = self._run(model, feeds)
+        except BackendFailedError as exc:
+            stat.verified = False
+            raise VerificationError(f"pass {stat.name!r} produced a model the runtime cannot run: {exc.what}") from None
         comparison: Comparison = compare_outputs(zip(reference, outputs))
         worst = comparison.worst()
         stat.rel_l2, stat.max_abs = worst.rel_l2, worst.max_abs

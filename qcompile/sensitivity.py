@@ -19,19 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibrate import tapped
+from qcompile.passes._graph import weight_kn
 from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
 from qcompile.runtimes import Runtime
-
-
-def _float_weight(node: ir.Node) -> np.ndarray | None:
-    w = node.inputs[1]
-    if w is None or w.const_value is None:
-        return None
-    array = w.const_value.numpy()
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        array = array.T
-    return array
 
 
 def matmul_sqnr(
@@ -43,12 +34,12 @@ def matmul_sqnr(
     ``runtime``: an open :func:`tapped` runtime that exposes the nodes' inputs (else one is opened).
     """
     nodes = [n for n in model.graph if n.name in set(plan.quantized_nodes) and n.op_type in ("MatMul", "Gemm")]
-    nodes = [n for n in nodes if _float_weight(n) is not None and n.inputs[0].name in qparams]
+    nodes = [n for n in nodes if weight_kn(n) is not None and n.inputs[0].name in qparams]
     if not nodes:
         return {}
     weights = {}
     for n in nodes:
-        w = _float_weight(n)
+        w = weight_kn(n)
         spec = plan.weights[n.inputs[1].name]
         axis = spec.axis if spec.axis is None or n.op_type == "MatMul" else 1  # transposed Gemm: channels last
         _, wq = quantize_weight(w, axis)

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from qcompile.calibrate import tapped
 from qcompile.observers import MinMaxObserver
+from qcompile.passes._graph import weight_kn
 from qcompile.passes.quant_math import activation_qparams, fake_quantize, quantize_weight
 from qcompile.passes.smoothquant import SmoothGroup, SmoothQuantPass, find_groups, smoothing_scales, weight_row_absmax
 from qcompile.passmanager import PassManager, VerifyOptions
@@ -75,7 +76,7 @@ def smooth(
         w_max = weight_row_absmax(model, group)
         if alpha == "auto":
             x = np.concatenate(samples[group.activation]).astype(np.float32)
-            ws = [_weight(nodes[c]) for c in group.consumers]
+            ws = [weight_kn(nodes[c]).astype(np.float32) for c in group.consumers]
             errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a)) for a in ALPHA_GRID}
             chosen = min(errors, key=errors.get)
         else:
@@ -85,13 +86,6 @@ def smooth(
     manager = PassManager([SmoothQuantPass(groups, scales)], verify=verify,
                           verify_options=VerifyOptions(feeds=list(feeds[:2]) or None))
     return SmoothingResult(manager(model).model, alphas, len(groups))
-
-
-def _weight(node: ir.Node) -> np.ndarray:
-    w = node.inputs[1].const_value.numpy()
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
-        w = w.T
-    return w.astype(np.float32)
 
 
 __all__ = ["ALPHA_GRID", "SmoothGroup", "SmoothingResult", "smooth"]

@@ -86,3 +86,23 @@ def test_end_only_verification_still_catches_a_wrong_pass():
                           verify_options=VerifyOptions(each_pass=False))
     with pytest.raises(VerificationError, match="all passes"):
         manager(model)
+
+
+class ToUnknownCustomOp(ir.passes.InPlacePass):
+    """Valid ONNX (custom domain) that no runtime here can run."""
+
+    name = "to-unknown-op"
+
+    def call(self, model):
+        for node in model.graph:
+            if node.op_type == "Relu":
+                node.op_type, node.domain = "NoSuchKernel", "com.example"
+                model.opset_imports["com.example"] = 1
+                return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, False)
+
+
+def test_pass_producing_an_unrunnable_model_is_named():
+    model = model_from_text(TEXT)
+    with pytest.raises(VerificationError, match="to-unknown-op.*cannot run"):
+        PassManager([ToUnknownCustomOp()], verify=True)(model)

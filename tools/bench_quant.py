@@ -22,7 +22,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
 SETUPS = {
