@@ -35,7 +35,8 @@ class WeightOnlyConfig:
     symmetric: bool = True
     format: Format = "matmulnbits"
     include_lm_head: bool = False
-    accuracy_level: int = 0  # MatMulNBits: 0 = float compute, 4 = int8 compute of A
+    accuracy_level: int | None = None  # MatMulNBits: 0 float compute, 4 int8 compute of A; None: 0 here,
+                                       # the fastest on the CPU in qcompile.weight_only.quantize_weights
 
 
 @dataclass
@@ -168,7 +169,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         new = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_MatMulNBits",
             attributes={"K": bq.k, "N": n, "bits": cfg.bits, "block_size": cfg.block_size,
-                        "accuracy_level": cfg.accuracy_level},
+                        "accuracy_level": cfg.accuracy_level or 0},
         )
         self._replace(graph, node, new)
 
@@ -197,7 +198,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
     @staticmethod
     def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
         graph.insert_before(old, new)
-        name = old.outputs[0].name
-        ir.convenience.replace_all_uses_with(old.outputs[0], new.outputs[0], replace_graph_outputs=True)
+        out, name = new.outputs[0], old.outputs[0].name
+        out.type, out.shape = old.outputs[0].type, old.outputs[0].shape  # it may be a graph output
+        ir.convenience.replace_all_uses_with(old.outputs[0], out, replace_graph_outputs=True)
         graph.remove(old, safe=True)
-        new.outputs[0].name = name
+        out.name = name

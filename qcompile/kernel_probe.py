@@ -1,9 +1,11 @@
-"""Measure, on the running CPU, which op classes run faster in INT8 than in FP32 on ORT CPU.
+"""Measure, on the running CPU, which kernels ORT CPU runs fastest.
 
-Each class is timed as a one-op model, FP32 against its static QDQ form (u8 activations, s8
-per-channel weights), interleaved. The result is cached per CPU (instruction-set flags, cores) and
-onnxruntime version under the qcompile cache, so the measurement runs once per machine. The
-``ort-cpu`` policy keeps float every class whose INT8 form is not faster.
+Static INT8: each op class is timed as a one-op model, FP32 against its static QDQ form (u8
+activations, s8 per-channel weights), interleaved; the ``ort-cpu`` policy keeps float every class
+whose INT8 form is not faster. Weight-only: ``MatMulNBits`` at a decode shape (one token) with
+float compute (accuracy level 0) against int8 compute of the activations (level 4); the faster
+level is used unless the user sets one. Results are cached per CPU (instruction-set flags, cores)
+and onnxruntime version under the qcompile cache, so each measurement runs once per machine.
 """
 
 from __future__ import annotations
@@ -112,25 +114,80 @@ def cpu_signature() -> str:
     return f"{platform.machine()}|{flags}|cores={os.cpu_count()}|ort={onnxruntime.__version__}"
 
 
-def probe(cache_dir: Path | None = None, runs: int = 60, refresh: bool = False) -> dict[str, float]:
-    """INT8-over-FP32 speed ratio per op class on this CPU (> 1: INT8 faster); cached."""
+def _cached(kind: str, cache_dir: Path | None, refresh: bool, cases: list[str], measure) -> dict[str, float]:
+    """``measure()`` once per CPU signature, cached as kind-<hash>.json under ``cache_dir``."""
     signature = cpu_signature()
     cache_file = None
     if cache_dir is not None:
         key = hashlib.sha256(signature.encode()).hexdigest()[:16]
-        cache_file = Path(cache_dir) / f"kernel-probe-{key}.json"
+        cache_file = Path(cache_dir) / f"{kind}-{key}.json"
         if cache_file.is_file() and not refresh:
             return json.loads(cache_file.read_text())["ratios"]
-    ratios = {}
-    for case in PROBE_CASES:
-        timing = time_case(case, runs)
-        ratios[case.op_class] = timing["fp32"] / timing["int8"]
+    ratios = measure()
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"signature": signature, "cases": [c.label for c in PROBE_CASES], "ratios": ratios}, indent=2))
+        tmp.write_text(json.dumps({"signature": signature, "cases": cases, "ratios": ratios}, indent=2))
         os.replace(tmp, cache_file)
     return ratios
+
+
+def probe(cache_dir: Path | None = None, runs: int = 60, refresh: bool = False) -> dict[str, float]:
+    """INT8-over-FP32 speed ratio per op class on this CPU (> 1: INT8 faster); cached."""
+
+    def measure() -> dict[str, float]:
+        ratios = {}
+        for case in PROBE_CASES:
+            timing = time_case(case, runs)
+            ratios[case.op_class] = timing["fp32"] / timing["int8"]
+        return ratios
+
+    return _cached("kernel-probe", cache_dir, refresh, [c.label for c in PROBE_CASES], measure)
+
+
+#: The decode-shaped MatMulNBits case: one token through a 1024 x 4096 weight.
+NBITS_K, NBITS_N = 1024, 4096
+
+
+def nbits_model(bits: int, block_size: int, accuracy_level: int, w: np.ndarray) -> bytes:
+    """x [1, K] -> MatMulNBits(w, symmetric RTN) -> y, at ``accuracy_level``."""
+    from qcompile.passes.weight_only import pack, rtn
+
+    bq = rtn(w, bits, block_size, symmetric=True)
+    n, k_blocks, _ = bq.codes.shape
+    inits = [numpy_helper.from_array(pack(bq.codes, bits), "w_q"), numpy_helper.from_array(bq.scales.reshape(-1), "w_s")]
+    node = helper.make_node("MatMulNBits", ["x", "w_q", "w_s"], ["y"], domain="com.microsoft", K=w.shape[0], N=n,
+                            bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def probe_nbits(bits: int, block_size: int, cache_dir: Path | None = None, runs: int = 60,
+                refresh: bool = False) -> dict[str, float]:
+    """Median ms of MatMulNBits at accuracy levels 0 and 4 for one decode token; cached."""
+
+    def measure() -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        w = (rng.standard_normal((NBITS_K, NBITS_N)) * 0.05).astype(np.float32)
+        feed = {"x": rng.standard_normal((1, NBITS_K)).astype(np.float32)}
+        runtimes = {}
+        for level in (0, 4):
+            runtimes[str(level)] = OrtRuntime()
+            runtimes[str(level)].load(nbits_model(bits, block_size, level, w), RuntimeOptions(spin_wait=False))
+        results = time_side_by_side({k: (lambda rt=rt: rt.run(feed)) for k, rt in runtimes.items()}, runs=runs, warmup=5)
+        return {level: r.median_ms for level, r in results.items()}
+
+    label = f"MatMulNBits bits={bits} block={block_size} M=1 {NBITS_K}x{NBITS_N}"
+    return _cached(f"nbits-probe-b{bits}-k{block_size}", cache_dir, refresh, [label], measure)
+
+
+def fastest_accuracy_level(bits: int, block_size: int, cache_dir: Path | None = None) -> int:
+    """The MatMulNBits accuracy level (0 or 4) that decodes faster on this CPU."""
+    timing = probe_nbits(bits, block_size, cache_dir)
+    return int(min(timing, key=timing.get))
 
 
 def slower_classes(ratios: dict[str, float], threshold: float = 1.0) -> frozenset[str]:

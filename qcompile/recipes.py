@@ -45,7 +45,7 @@ class Recipe:
     algorithm: str = "rtn"
     format: str = "matmulnbits"
     include_lm_head: bool = False
-    accuracy_level: int = 0
+    accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
     # both
     samples: int = 64
 
@@ -65,6 +65,8 @@ class Recipe:
             problems.append(f"algorithm {self.algorithm!r} (rtn | gptq)")
         if self.format not in ("matmulnbits", "dq"):
             problems.append(f"format {self.format!r} (matmulnbits | dq)")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            problems.append(f"accuracy_level {self.accuracy_level!r} (0..4)")
         if self.method not in ("minmax", "percentile", "entropy", "mse"):
             problems.append(f"method {self.method!r}")
         sq = self.smoothquant
@@ -103,7 +105,7 @@ class Recipe:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where, fix=f"keys: {', '.join(sorted(known))}")
-        defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant",)}
+        defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant", "accuracy_level")}
         return cls(**{**defaults, **data}).validate()
 
     def save(self, path: str | Path) -> None:

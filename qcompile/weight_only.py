@@ -7,6 +7,7 @@ passes/gptq.py and lowered by passes/weight_only.py.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,7 +38,7 @@ class WeightOnlyResult:
     def to_json(self) -> dict:
         c = self.config
         return {"bits": c.bits, "block_size": c.block_size, "symmetric": c.symmetric, "format": c.format,
-                "include_lm_head": c.include_lm_head, "algorithm": self.algorithm,
+                "include_lm_head": c.include_lm_head, "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
                 "quantized_matmuls": len(self.quantized), "phase_seconds": self.seconds}
 
 
@@ -66,7 +67,11 @@ def quantize_weights(
     samples: int | None = None,
     optimize: bool = True,
 ) -> WeightOnlyResult:
-    """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model)."""
+    """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
+
+    ``config.accuracy_level`` None (MatMulNBits): the level that decodes faster on this CPU, measured
+    once by :func:`qcompile.kernel_probe.probe_nbits`.
+    """
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     seconds = {}
     started = time.perf_counter()
@@ -76,6 +81,12 @@ def quantize_weights(
 
         model = optimize_with_stats(model, verify=True, verify_options=VerifyOptions(each_pass=False)).model
         seconds["optimize"] = time.perf_counter() - started
+    if config.format == "matmulnbits" and config.accuracy_level is None:
+        from qcompile.kernel_probe import fastest_accuracy_level
+        from qcompile.models.base import cache_root
+
+        level = fastest_accuracy_level(config.bits, config.block_size, cache_root() / "probe")
+        config = dataclasses.replace(config, accuracy_level=level)
     if config.format == "dq" and model.opset_imports.get("", 0) < 21:
         modelio.convert_opset(model, 21)
     precomputed: dict[str, BlockQuant] = {}

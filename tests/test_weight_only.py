@@ -66,6 +66,9 @@ def test_lm_head_included_when_asked():
     lowering(m)
     assert len(lowering.quantized) == 2
     assert m.graph.outputs[0].name == "logits"
+    # the replaced graph output keeps its declared type: the saved model passes the checker
+    assert m.graph.outputs[0].dtype == ir.DataType.FLOAT and m.graph.outputs[0].shape == [2, 5, 24]
+    onnx.checker.check_model(ir.to_proto(m))
 
 
 def test_pack_low_bits_first():
@@ -87,6 +90,13 @@ def test_rtn_symmetric_uses_the_full_signed_range():
 def test_quantize_weights_pipeline_rtn():
     result = quantize_weights(model(17), WeightOnlyConfig(bits=4, block_size=32), optimize=False)
     assert result.quantized and result.to_json()["quantized_matmuls"] == 1
+    # no accuracy level given: the one measured faster on this CPU is chosen and emitted
+    from qcompile.kernel_probe import fastest_accuracy_level
+    from qcompile.models.base import cache_root
+
+    level = fastest_accuracy_level(4, 32, cache_root() / "probe")
+    node = next(n for n in result.model.graph if n.op_type == "MatMulNBits")
+    assert result.config.accuracy_level == level == node.attributes.get_int("accuracy_level")
 
 
 def test_gptq_beats_rtn_on_real_calibration_activations(minilm_path):

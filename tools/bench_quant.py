@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import tempfile
-import time
-import traceback
 from pathlib import Path
+
+from isolated import run_isolated
 
 
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
@@ -61,26 +59,8 @@ def _qcompile_quantize(src: str, dst: str, feeds: list, method: str) -> None:
     qcompile.save(result.model, dst)
 
 
-def _worker(kind: str, src: str, dst: str, feeds: list, method: str, queue) -> None:
-    started = time.perf_counter()
-    try:
-        (_ort_quantize if kind == "ort" else _qcompile_quantize)(src, dst, feeds, method)
-        error = None
-    except Exception as exc:  # a crash of the quantizer under test is a result, not our failure
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
-        traceback.print_exc()
-    queue.put({"seconds": time.perf_counter() - started,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "error": error})
-
-
-def run_isolated(kind: str, src: str, dst: str, feeds: list, method: str) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(kind, src, dst, feeds, method, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+def quantize_with(kind: str, src: str, dst: str, feeds: list, method: str) -> None:
+    (_ort_quantize if kind == "ort" else _qcompile_quantize)(src, dst, feeds, method)
 
 
 def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[dict]:
@@ -112,7 +92,7 @@ def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[di
         if kind is not None:
             use_padded = "padded" in label
             path = workdir / f"{name}-{kind}-{method.replace('+', '-')}{'-padded' if use_padded else ''}.onnx"
-            row.update(run_isolated(kind, str(src), str(path), padded if use_padded else feeds, method))
+            row.update(run_isolated(quantize_with, kind, str(src), str(path), padded if use_padded else feeds, method))
             if row["error"]:
                 rows.append(row)
                 continue
