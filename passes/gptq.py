@@ -3,24 +3,29 @@ error with the rows not yet quantized, using the layer-input Hessian H = X^T X f
 
 For W [K, N] (rows = input channels), with U the upper Cholesky factor of H^-1 (dampened):
 
-    for each row i (in blocks of ``block_size``; a block's scales come from its rows at block start):
-        q_i  = quantize(w_i)
+    for each row i (in chunks of ``block_size`` for lazy batch updates):
+        q_i  = quantize(w_i)               with the scales of the block row i belongs to
         e_i  = (w_i - q_i) / U[i, i]
-        w_j -= U[i, j] e_i          for every later row j > i
+        w_j -= U[i, j] e_i                 for every later row j
 
 which minimises ||X W - X Q||^2 greedily, instead of ||W - Q||^2 as round-to-nearest does.
-Updates inside a block are row by row; the rest of the matrix is updated once per block.
+
+``act_order``: rows are visited by decreasing H[i, i] (the most active input channels first, while
+the most rows remain to absorb their error); block scales are then fixed up front from the
+original weights ("static groups"), so the stored layout stays plain blocks of consecutive rows.
+Without it, a block's scales come from its (already updated) rows when the block starts.
+``search``: each block's range is shrunk where that lowers its diag(H)-weighted rounding error.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qcompile.passes.weight_only import BlockQuant, block_params, quantize_codes
+from qcompile.passes.weight_only import BlockQuant, block_params, quantize_codes, searched_block_params
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool,
-         damp: float = 0.01) -> BlockQuant:
+         damp: float = 0.01, act_order: bool = True, search: bool = True) -> BlockQuant:
     """GPTQ codes for W [K, N] given H [K, K] (K a multiple of block_size is not required)."""
     k, n = w.shape
     blocks_k = -(-k // block_size)
@@ -32,21 +37,36 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetr
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     weights[dead, :] = 0.0
+    importance = np.diag(h).copy()
+
+    def params(rows: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        block = rows.T.astype(np.float32)  # [N, block]
+        if search:
+            return searched_block_params(block, bits, symmetric, importance[start : start + block_size])
+        return block_params(block, bits, symmetric)
+
+    scales = np.zeros((n, blocks_k), dtype=np.float32)
+    zeros = np.zeros((n, blocks_k), dtype=np.float32)
+    if act_order:
+        for b in range(blocks_k):
+            scales[:, b], zeros[:, b] = params(weights[b * block_size : (b + 1) * block_size], b * block_size)
+    order = np.argsort(-importance, kind="stable") if act_order else np.arange(kp)
+    weights, h = weights[order], h[np.ix_(order, order)]
     h[np.diag_indices(kp)] += damp * float(np.mean(np.diag(h)))
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
     codes = np.zeros((n, blocks_k, block_size), dtype=np.uint8)
-    scales = np.zeros((n, blocks_k), dtype=np.float32)
-    zeros = np.zeros((n, blocks_k), dtype=np.float32)
-    for b in range(blocks_k):
-        start, end = b * block_size, (b + 1) * block_size
-        scale, zero = block_params(weights[start:end].T.astype(np.float32), bits, symmetric)  # per column
-        scales[:, b], zeros[:, b] = scale, zero
+    for start in range(0, kp, block_size):
+        end = start + block_size
+        if not act_order:  # block b = chunk b: scales from the rows as updated so far
+            b = start // block_size
+            scales[:, b], zeros[:, b] = params(weights[start:end], start)
         errors = np.zeros((block_size, n))
         for i in range(start, end):
+            b, offset = divmod(int(order[i]), block_size)
             row = weights[i]
-            c = quantize_codes(row[:, None].astype(np.float32), scale, zero, bits)[:, 0]
-            codes[:, b, i - start] = c
-            deq = (c.astype(np.float64) - zero) * scale
+            c = quantize_codes(row[:, None].astype(np.float32), scales[:, b], zeros[:, b], bits)[:, 0]
+            codes[:, b, offset] = c
+            deq = (c.astype(np.float64) - zeros[:, b]) * scales[:, b]
             err = (row - deq) / u[i, i]
             errors[i - start] = err
             weights[i + 1 : end] -= np.outer(u[i, i + 1 : end], err)

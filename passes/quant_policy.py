@@ -39,6 +39,8 @@ class QuantPolicy:
     residual_add: bool = False
     activation_by_activation_matmul: bool = False
     keep_float: frozenset[str] = frozenset()
+    #: weights use +-weight_qmax: 63 (7 bits) where u8 x s8 pair sums would saturate int16 (AVX2 without VNNI)
+    weight_qmax: int = 127
 
     def with_(self, **changes) -> "QuantPolicy":
         from dataclasses import replace
@@ -67,6 +69,7 @@ class WeightSpec:
     value: str
     axis: int | None
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node name, input index)
+    qmax: int = 127  # symmetric range +-qmax
 
 
 @dataclass
@@ -182,7 +185,8 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
             plan.kept_float[name] = "weight rank < 2"
             continue
         plan.add_activation(x.name)
-        spec = plan.weights.setdefault(w.name, WeightSpec(w.name, _weight_axis(node, w.shape.rank(), policy.per_channel)))
+        spec = plan.weights.setdefault(w.name, WeightSpec(w.name, _weight_axis(node, w.shape.rank(), policy.per_channel),
+                                                            qmax=policy.weight_qmax))
         spec.consumers.append((name, 1))
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2]

@@ -78,6 +78,27 @@ def quantize_codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits
     return np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 2**bits - 1).astype(np.uint8)
 
 
+#: Range shrink factors tried by :func:`searched_block_params` (1.0 is plain RTN's range).
+SHRINK_GRID = tuple(np.round(np.arange(1.0, 0.59, -0.025), 3))
+
+
+def searched_block_params(blocks: np.ndarray, bits: int, symmetric: bool,
+                          importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Block parameters whose range is shrunk (clipping outliers) where that lowers the block's
+    squared rounding error, weighted per element by ``importance`` (e.g. diag(H), [block])."""
+    weight = np.ones(blocks.shape[-1]) if importance is None else importance
+    best_scale, best_zero = block_params(blocks, bits, symmetric)
+    best_err = np.full(best_scale.shape, np.inf)
+    for p in SHRINK_GRID:
+        scale, zero = block_params(blocks * np.float32(p), bits, symmetric)
+        deq = (quantize_codes(blocks, scale, zero, bits).astype(np.float32) - zero[..., None]) * scale[..., None]
+        err = ((blocks - deq) ** 2 * weight).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale.astype(np.float32), best_zero.astype(np.float32)
+
+
 def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuant:
     """Round-to-nearest block quantization of W [K, N]."""
     k, n = w.shape

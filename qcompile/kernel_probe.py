@@ -4,7 +4,9 @@ Static INT8: each op class is timed as a one-op model, FP32 against its static Q
 activations, s8 per-channel weights), interleaved; the ``ort-cpu`` policy keeps float every class
 whose INT8 form is not faster. Weight-only: ``MatMulNBits`` at a decode shape (one token) with
 float compute (accuracy level 0) against int8 compute of the activations (level 4); the faster
-level is used unless the user sets one. Results are cached per CPU (instruction-set flags, cores)
+level is used unless the user sets one. Saturation: whether ORT's u8 x s8 kernels saturate (x86
+without VNNI sums pairs of u8*s8 products in int16): a one-MatMul QDQ model with extreme codes is
+compared with exact integer arithmetic; where it saturates, weights use 7 bits. Results are cached per CPU (instruction-set flags, cores)
 and onnxruntime version under the qcompile cache, so each measurement runs once per machine.
 """
 
@@ -193,3 +195,39 @@ def fastest_accuracy_level(bits: int, block_size: int, cache_dir: Path | None = 
 def slower_classes(ratios: dict[str, float], threshold: float = 1.0) -> frozenset[str]:
     """Op classes whose INT8 kernels are not faster than FP32 (kept float by the policy)."""
     return frozenset(klass for klass, ratio in ratios.items() if ratio < threshold)
+
+
+def _saturation_case(wmax: int) -> tuple[bytes, dict, np.ndarray]:
+    """A u8 x s8 QDQ MatMul whose codes are all extreme (|x - z| = 127, |w| = wmax) and its exact result."""
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    wq = (rng.choice([-1, 1], size=(k, n)) * wmax).astype(np.int8)
+    inits = [numpy_helper.from_array(wq, "w_q"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "w_z"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "x_s"), helper.make_tensor("x_z", TensorProto.UINT8, [], [128])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=1),
+             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    codes = rng.choice([1, 255], size=(16, k))
+    x = ((codes - 128) * 0.02).astype(np.float32)
+    exact = ((codes - 128) * 0.02) @ (wq.astype(np.float64) * 0.01)
+    return model.SerializeToString(), {"x": x}, exact
+
+
+def u8s8_saturates(cache_dir: Path | None = None, refresh: bool = False) -> bool:
+    """Whether ORT CPU's INT8 MatMul loses precision with full-range (+-127) s8 weights; cached."""
+
+    def measure() -> dict[str, float]:
+        model, feed, exact = _saturation_case(127)
+        runtime = OrtRuntime()
+        runtime.load(model, RuntimeOptions(spin_wait=False))
+        y = next(iter(runtime.run(feed).values()))
+        return {"max_relative_error": float(np.abs(y - exact).max() / np.abs(exact).max())}
+
+    result = _cached("u8s8-saturation", cache_dir, refresh, ["QDQ MatMul 16x256x64, extreme codes"], measure)
+    return result["max_relative_error"] > 1e-3

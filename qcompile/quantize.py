@@ -51,8 +51,12 @@ def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable
 
         ratios = probe(cache_dir=cache_root() / "probe")
         keep_float = slower_classes(ratios)
-    policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float))
-    return policy, ratios
+    from qcompile.kernel_probe import u8s8_saturates
+
+    saturates = u8s8_saturates(cache_dir=cache_root() / "probe")
+    policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float),
+                         weight_qmax=63 if saturates else 127)
+    return policy, {**ratios, "u8s8_saturates": saturates}
 
 
 @dataclass
@@ -155,15 +159,15 @@ def quantize(
         verify_options = verify_options or VerifyOptions(each_pass=False)
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
         clock.lap("optimize")
+    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
     smoothing = None
     if smoothquant is not None:
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice
-        smoothing = smooth(model, feeds, smoothquant)
+        smoothing = smooth(model, feeds, smoothquant, weight_qmax=policy.weight_qmax)
         model = smoothing.model
         reader = IterableReader(feeds)
         clock.lap("smoothquant")
     model = make_pass("shape-inference")(model).model
-    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
     plan = plan_quantization(model, policy, frozenset(exclude))
     clock.lap("plan")
     with tapped(model, plan.activations, target) as runtime:  # one session for both phases

@@ -82,6 +82,30 @@ def test_quantize_weight_reference():
     np.testing.assert_allclose(qp.scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
     assert q.dtype == np.int8 and np.abs(q).max() == 127
     np.testing.assert_allclose(q * qp.scale, w, atol=qp.scale.max() / 2 + 1e-7)
+    q7, qp7 = quantize_weight(w, axis=1, qmax=63)  # 7 bits, for CPUs whose u8 x s8 kernels saturate
+    np.testing.assert_allclose(qp7.scale, np.abs(w).max(axis=0) / 63, rtol=1e-6)
+    assert np.abs(q7).max() == 63
+
+
+def test_u8s8_saturation_probe_and_seven_bit_weights():
+    """7-bit weights are exact on every CPU; where full-range ones are not, the policy uses 7 bits."""
+    from qcompile.kernel_probe import _saturation_case, u8s8_saturates
+    from qcompile.quantize import target_policy
+    from qcompile.runtimes import OrtRuntime
+
+    model, feed, exact = _saturation_case(63)
+    runtime = OrtRuntime()
+    runtime.load(model)
+    y = next(iter(runtime.run(feed).values()))
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-4)
+    saturates = u8s8_saturates()
+    policy, measured = target_policy("ort-cpu")
+    assert policy.weight_qmax == (63 if saturates else 127) and measured["u8s8_saturates"] is saturates
+    model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g (float[2, 6] x) => (float[2, 5] y) '
+                            f'<float[6, 5] w = {{{weights(6, 5)}}}> {{ y = MatMul(x, w) }}')
+    result = quantize(model, IterableReader(feeds_for(model, 4)), keep_float=(), optimize=False)
+    codes = next(n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8)
+    assert np.abs(codes.inputs[0].const_value.numpy()).max() == policy.weight_qmax
 
 
 CONCAT = f"""

@@ -118,5 +118,8 @@ def test_gptq_beats_rtn_on_real_calibration_activations(minilm_path):
     y = held_out @ w
     for bits, block in ((4, 128), (4, 32)):
         e_rtn = np.linalg.norm(y - held_out @ rtn(w, bits, block, True).dequantize())
+        e_plain = np.linalg.norm(y - held_out @ gptq(w, h, bits, block, True, act_order=False, search=False).dequantize())
         e_gptq = np.linalg.norm(y - held_out @ gptq(w, h, bits, block, True).dequantize())
-        assert e_gptq < 0.9 * e_rtn, (bits, block, e_gptq / e_rtn)
+        assert e_plain < 0.8 * e_rtn, (bits, block, e_plain / e_rtn)
+        # act order (static groups) and the clipping search lower the held-out error further
+        assert e_gptq < 0.96 * e_plain, (bits, block, e_gptq / e_plain)
