@@ -64,7 +64,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         modified = False
         for spec in self.plan.weights.values():
             weight = values[spec.value]
-            q, qp = quantize_weight(weight.const_value.numpy(), spec.axis, spec.qmax)
+            q, qp = quantize_weight(weight.const_value.numpy(), spec.axis, spec.dtype)
             self.weight_qparams[spec.value] = qp
             first = nodes[spec.consumers[0][0]]
             dq = self._dq(graph, spec.value, q, qp, first)

@@ -3,7 +3,8 @@
 Affine:     q = clamp(round(x / s) + z, qmin, qmax),   x ~ s * (q - z)
 Asymmetric: s = (hi - lo) / (qmax - qmin),  z = round(qmin - lo / s)        (lo <= 0 <= hi)
 Symmetric:  s = max(|lo|, |hi|) / 127,      z = 0                            (int8, range +-127)
-Weights:    symmetric, range +-qmax: 127, or 63 (7 bits) where the CPU's u8 x s8 kernels saturate
+Weights:    symmetric, codes in +-127: int8 with z = 0, or uint8 with z = 128 (same values) for CPUs
+            whose u8 x s8 kernels saturate (their u8 x u8 kernels do not)
 Bias:       s_b = s_x * s_w (per output channel), z_b = 0, stored as int32
 """
 
@@ -47,20 +48,28 @@ def activation_qparams(lo: float, hi: float, dtype: str = "uint8", symmetric: bo
     return QParams(np.array(scale, dtype=np.float32), np.array(zero, dtype=np.dtype(dtype)), dtype)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127) -> tuple[np.ndarray, QParams]:
-    """Symmetric INT8 (range +-qmax) per channel along ``axis`` (or per tensor)."""
-    w = np.asarray(w, dtype=np.float32)
+def quantize_weight(w: np.ndarray, axis: int | None, dtype: str = "int8") -> tuple[np.ndarray, QParams]:
+    """Symmetric 8-bit (codes +-127) per channel along ``axis`` (or per tensor); ``dtype`` uint8
+    stores the same codes shifted by the zero point 128."""
+    q, qp = _symmetric_int8(np.asarray(w, dtype=np.float32), axis)
+    if dtype == "int8":
+        return q, qp
+    shifted = (q.astype(np.int16) + 128).astype(np.uint8)
+    return shifted, QParams(qp.scale, np.full(qp.zero_point.shape, 128, dtype=np.uint8), "uint8", qp.axis)
+
+
+def _symmetric_int8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, QParams]:
     if axis is None:
         bound = np.max(np.abs(w)) if w.size else np.float32(0)
-        scale = np.array(bound / qmax if bound > 0 else 1.0, dtype=np.float32)
-        q = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
+        scale = np.array(bound / 127.0 if bound > 0 else 1.0, dtype=np.float32)
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         return q, QParams(scale, np.array(0, dtype=np.int8), "int8")
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     bound = np.abs(moved).max(axis=1)
-    scale = np.where(bound > 0, bound / qmax, 1.0).astype(np.float32)
+    scale = np.where(bound > 0, bound / 127.0, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
     return q, QParams(scale, np.zeros(scale.shape, dtype=np.int8), "int8", axis)
 
 

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 ActivationDType = Literal["uint8", "int8"]
+WeightDType = Literal["int8", "uint8"]
 
 #: Op classes a policy can keep float; `op_class` maps a node to one of these.
 OP_CLASSES = ("MatMul", "Gemm", "Conv", "Conv1x1", "ConvDepthwise", "ConvTranspose")
@@ -39,8 +40,8 @@ class QuantPolicy:
     residual_add: bool = False
     activation_by_activation_matmul: bool = False
     keep_float: frozenset[str] = frozenset()
-    #: weights use +-weight_qmax: 63 (7 bits) where u8 x s8 pair sums would saturate int16 (AVX2 without VNNI)
-    weight_qmax: int = 127
+    #: weight storage: int8, or uint8 (zero point 128) where u8 x s8 kernels saturate (x86 without VNNI)
+    weight_dtype: WeightDType = "int8"
 
     def with_(self, **changes) -> "QuantPolicy":
         from dataclasses import replace
@@ -69,7 +70,7 @@ class WeightSpec:
     value: str
     axis: int | None
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (node name, input index)
-    qmax: int = 127  # symmetric range +-qmax
+    dtype: WeightDType = "int8"
 
 
 @dataclass
@@ -186,7 +187,7 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
             continue
         plan.add_activation(x.name)
         spec = plan.weights.setdefault(w.name, WeightSpec(w.name, _weight_axis(node, w.shape.rank(), policy.per_channel),
-                                                            qmax=policy.weight_qmax))
+                                                            dtype=policy.weight_dtype))
         spec.consumers.append((name, 1))
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2]

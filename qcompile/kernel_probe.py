@@ -6,7 +6,8 @@ whose INT8 form is not faster. Weight-only: ``MatMulNBits`` at a decode shape (o
 float compute (accuracy level 0) against int8 compute of the activations (level 4); the faster
 level is used unless the user sets one. Saturation: whether ORT's u8 x s8 kernels saturate (x86
 without VNNI sums pairs of u8*s8 products in int16): a one-MatMul QDQ model with extreme codes is
-compared with exact integer arithmetic; where it saturates, weights use 7 bits. Results are cached per CPU (instruction-set flags, cores)
+compared with exact integer arithmetic; where it saturates, weights are stored as u8 (zero point 128:
+the same codes; ORT's u8 x u8 kernels widen to int16 before multiplying and are exact). Results are cached per CPU (instruction-set flags, cores)
 and onnxruntime version under the qcompile cache, so each measurement runs once per machine.
 """
 
@@ -57,14 +58,15 @@ def _qdq(name: str, scale: float, zero: int) -> tuple[list, list]:
     return nodes, inits
 
 
-def _weight(w: np.ndarray, axis: int) -> tuple[list, list]:
-    q, qp = quantize_weight(w, axis)
+def _weight(w: np.ndarray, axis: int, dtype: str = "int8") -> tuple[list, list]:
+    q, qp = quantize_weight(w, axis, dtype)
     inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(qp.scale, "w_s"),
              numpy_helper.from_array(qp.zero_point, "w_z")]
     return [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=axis)], inits
 
 
-def case_model(case: KernelCase, w: np.ndarray, quantized: bool, quantized_output: bool | None = None) -> bytes:
+def case_model(case: KernelCase, w: np.ndarray, quantized: bool, quantized_output: bool | None = None,
+               weight_dtype: str = "int8") -> bytes:
     """The one-op model for ``case``, FP32 or QDQ."""
     out_q = case.quantized_output if quantized_output is None else quantized_output
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(case.x_shape))
@@ -73,7 +75,7 @@ def case_model(case: KernelCase, w: np.ndarray, quantized: bool, quantized_outpu
         nodes, inits = [helper.make_node(case.op, ["x", "w"], ["y"], **case.attrs)], [numpy_helper.from_array(w, "w")]
     else:
         n1, i1 = _qdq("x", 0.05, 128)
-        n2, i2 = _weight(w, {"Conv": 0, "ConvTranspose": 1}.get(case.op, 1))
+        n2, i2 = _weight(w, {"Conv": 0, "ConvTranspose": 1}.get(case.op, 1), weight_dtype)
         nodes, inits = n1 + n2, i1 + i2
         nodes.append(helper.make_node(case.op, ["x_dq", "w_dq"], ["yf" if out_q else "y"], **case.attrs))
         if out_q:
@@ -85,7 +87,8 @@ def case_model(case: KernelCase, w: np.ndarray, quantized: bool, quantized_outpu
     return model.SerializeToString()
 
 
-def time_case(case: KernelCase, runs: int = 60, variants: dict[str, tuple[bool, bool | None]] | None = None) -> dict[str, float]:
+def time_case(case: KernelCase, runs: int = 60, variants: dict[str, tuple[bool, bool | None]] | None = None,
+              weight_dtype: str = "int8") -> dict[str, float]:
     """Median ms of each variant (default: fp32 and int8 as the policy lowers it), interleaved."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal(case.w_shape) * 0.05).astype(np.float32)
@@ -94,7 +97,7 @@ def time_case(case: KernelCase, runs: int = 60, variants: dict[str, tuple[bool, 
     runtimes = {}
     for name, (quantized, out_q) in variants.items():
         runtime = OrtRuntime()
-        runtime.load(case_model(case, w, quantized, out_q), RuntimeOptions(spin_wait=False))
+        runtime.load(case_model(case, w, quantized, out_q, weight_dtype), RuntimeOptions(spin_wait=False))
         runtimes[name] = runtime
     results = time_side_by_side({k: (lambda rt=rt: rt.run(feed)) for k, rt in runtimes.items()}, runs=runs, warmup=5)
     return {name: r.median_ms for name, r in results.items()}
@@ -135,16 +138,18 @@ def _cached(kind: str, cache_dir: Path | None, refresh: bool, cases: list[str], 
 
 
 def probe(cache_dir: Path | None = None, runs: int = 60, refresh: bool = False) -> dict[str, float]:
-    """INT8-over-FP32 speed ratio per op class on this CPU (> 1: INT8 faster); cached."""
+    """INT8-over-FP32 speed ratio per op class on this CPU (> 1: INT8 faster), with the weight
+    storage the ort-cpu policy uses here (:func:`policy_weight_dtype`); cached."""
 
     def measure() -> dict[str, float]:
         ratios = {}
+        weight_dtype = policy_weight_dtype(cache_dir)
         for case in PROBE_CASES:
-            timing = time_case(case, runs)
+            timing = time_case(case, runs, weight_dtype=weight_dtype)
             ratios[case.op_class] = timing["fp32"] / timing["int8"]
         return ratios
 
-    return _cached("kernel-probe", cache_dir, refresh, [c.label for c in PROBE_CASES], measure)
+    return _cached("kernel-probe-v2", cache_dir, refresh, [c.label for c in PROBE_CASES], measure)
 
 
 #: The decode-shaped MatMulNBits case: one token through a 1024 x 4096 weight.
@@ -197,13 +202,16 @@ def slower_classes(ratios: dict[str, float], threshold: float = 1.0) -> frozense
     return frozenset(klass for klass, ratio in ratios.items() if ratio < threshold)
 
 
-def _saturation_case(wmax: int) -> tuple[bytes, dict, np.ndarray]:
-    """A u8 x s8 QDQ MatMul whose codes are all extreme (|x - z| = 127, |w| = wmax) and its exact result."""
+def _saturation_case(weight_dtype: str = "int8") -> tuple[bytes, dict, np.ndarray]:
+    """A QDQ MatMul (u8 activations) whose codes are all extreme (|x - z| = 127, |w - z| = 127),
+    weights stored as ``weight_dtype``, and its exact result."""
     rng = np.random.default_rng(0)
     k, n = 256, 64
-    wq = (rng.choice([-1, 1], size=(k, n)) * wmax).astype(np.int8)
+    signed = (rng.choice([-1, 1], size=(k, n)) * 127).astype(np.int8)
+    _, qp = quantize_weight(np.ones(n, np.float32), 0, weight_dtype)
+    wq = signed if weight_dtype == "int8" else (signed.astype(np.int16) + 128).astype(np.uint8)
     inits = [numpy_helper.from_array(wq, "w_q"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_s"),
-             numpy_helper.from_array(np.zeros(n, np.int8), "w_z"),
+             numpy_helper.from_array(qp.zero_point, "w_z"),
              numpy_helper.from_array(np.array(0.02, np.float32), "x_s"), helper.make_tensor("x_z", TensorProto.UINT8, [], [128])]
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
              helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_dq"]),
@@ -215,15 +223,15 @@ def _saturation_case(wmax: int) -> tuple[bytes, dict, np.ndarray]:
     model.ir_version = 9
     codes = rng.choice([1, 255], size=(16, k))
     x = ((codes - 128) * 0.02).astype(np.float32)
-    exact = ((codes - 128) * 0.02) @ (wq.astype(np.float64) * 0.01)
+    exact = ((codes - 128) * 0.02) @ (signed.astype(np.float64) * 0.01)
     return model.SerializeToString(), {"x": x}, exact
 
 
 def u8s8_saturates(cache_dir: Path | None = None, refresh: bool = False) -> bool:
-    """Whether ORT CPU's INT8 MatMul loses precision with full-range (+-127) s8 weights; cached."""
+    """Whether ORT CPU's u8 x s8 MatMul loses precision with full-range (+-127) weights; cached."""
 
     def measure() -> dict[str, float]:
-        model, feed, exact = _saturation_case(127)
+        model, feed, exact = _saturation_case("int8")
         runtime = OrtRuntime()
         runtime.load(model, RuntimeOptions(spin_wait=False))
         y = next(iter(runtime.run(feed).values()))
@@ -231,3 +239,8 @@ def u8s8_saturates(cache_dir: Path | None = None, refresh: bool = False) -> bool
 
     result = _cached("u8s8-saturation", cache_dir, refresh, ["QDQ MatMul 16x256x64, extreme codes"], measure)
     return result["max_relative_error"] > 1e-3
+
+
+def policy_weight_dtype(cache_dir: Path | None = None) -> str:
+    """INT8 weight storage for ORT CPU here: uint8 (exact) where u8 x s8 saturates, else int8."""
+    return "uint8" if u8s8_saturates(cache_dir) else "int8"

@@ -51,12 +51,11 @@ def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable
 
         ratios = probe(cache_dir=cache_root() / "probe")
         keep_float = slower_classes(ratios)
-    from qcompile.kernel_probe import u8s8_saturates
+    from qcompile.kernel_probe import policy_weight_dtype
 
-    saturates = u8s8_saturates(cache_dir=cache_root() / "probe")
-    policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float),
-                         weight_qmax=63 if saturates else 127)
-    return policy, {**ratios, "u8s8_saturates": saturates}
+    weight_dtype = policy_weight_dtype(cache_dir=cache_root() / "probe")
+    policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float), weight_dtype=weight_dtype)
+    return policy, ratios
 
 
 @dataclass
@@ -78,6 +77,7 @@ class QuantizeResult:
             "target": self.policy.name,
             "method": self.method,
             "activation_dtype": self.policy.activation_dtype,
+            "weight_dtype": self.policy.weight_dtype,
             "per_channel": self.policy.per_channel,
             "kept_float_op_classes": sorted(self.policy.keep_float),
             "kernel_int8_speed_ratios": self.kernel_ratios,
@@ -163,7 +163,7 @@ def quantize(
     smoothing = None
     if smoothquant is not None:
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice
-        smoothing = smooth(model, feeds, smoothquant, weight_qmax=policy.weight_qmax)
+        smoothing = smooth(model, feeds, smoothquant)
         model = smoothing.model
         reader = IterableReader(feeds)
         clock.lap("smoothquant")

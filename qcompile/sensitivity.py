@@ -42,7 +42,7 @@ def matmul_sqnr(
         w = weight_kn(n)
         spec = plan.weights[n.inputs[1].name]
         axis = spec.axis if spec.axis is None or n.op_type == "MatMul" else 1  # transposed Gemm: channels last
-        _, wq = quantize_weight(w, axis, spec.qmax)
+        _, wq = quantize_weight(w, axis)
         weights[n.name] = (w, fake_quantize(w, wq))
     names = sorted({n.inputs[0].name for n in nodes})
     signal, noise = defaultdict(float), defaultdict(float)

@@ -6,7 +6,7 @@ observed over the calibration feeds. alpha is global, or "auto": per group, the 
 
     sum_i || X W_i - fq(X / s) fq(diag(s) W_i) ||^2
 
-with fq the ort-cpu quantization (per-tensor u8 activations, per-channel s8 weights in +-weight_qmax).
+with fq the ort-cpu quantization (per-tensor u8 activations, per-channel s8 weights).
 """
 
 from __future__ import annotations
@@ -39,21 +39,20 @@ class SmoothingResult:
         return {"groups": self.groups, "alphas": {k: round(v, 2) for k, v in self.alphas.items()}}
 
 
-def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, weight_qmax: int = 127) -> float:
+def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
     xs = x / s
     qp = activation_qparams(float(xs.min()), float(xs.max()))
     xq = fake_quantize(xs, qp)
     err = 0.0
     for w in weights:
         ws = w * s[:, None]
-        _, wqp = quantize_weight(ws, axis=1, qmax=weight_qmax)
+        _, wqp = quantize_weight(ws, axis=1)
         err += float(np.sum((x @ w - xq @ fake_quantize(ws, wqp)) ** 2))
     return err
 
 
 def smooth(
-    model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], alpha: Alpha = 0.5, *, verify: bool = True,
-    weight_qmax: int = 127,
+    model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], alpha: Alpha = 0.5, *, verify: bool = True
 ) -> SmoothingResult:
     """Apply SmoothQuant to every smoothable activation of ``model`` (in place); FP32-equivalent."""
     groups = find_groups(model)
@@ -78,7 +77,7 @@ def smooth(
         if alpha == "auto":
             x = np.concatenate(samples[group.activation]).astype(np.float32)
             ws = [weight_kn(nodes[c]).astype(np.float32) for c in group.consumers]
-            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a), weight_qmax) for a in ALPHA_GRID}
+            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a)) for a in ALPHA_GRID}
             chosen = min(errors, key=errors.get)
         else:
             chosen = float(alpha)

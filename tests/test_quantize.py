@@ -10,7 +10,7 @@ from conftest import floats, model_from_text, op_types, run_ort
 import qcompile
 from qcompile.calibration import IterableReader, iter_feeds, resolve_reader
 from qcompile.errors import InputSpecError
-from qcompile.passes.quant_math import quantize_weight
+from qcompile.passes.quant_math import fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPolicy, plan_quantization
 from qcompile.quantize import quantize
 from qcompile.specs import input_specs
@@ -55,8 +55,9 @@ def test_weight_axis_per_op_and_numerics(case):
     result = quantize(model, IterableReader(data), method="minmax", keep_float=(), optimize=False, min_sqnr_db=None)
     plan = result.plan
     assert plan.weights["w"].axis == axis
+    weight_dtype = ir.DataType.from_numpy(np.dtype(result.policy.weight_dtype))  # int8, or uint8 where s8 saturates
     dq = [n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
-          and n.inputs[0].dtype == ir.DataType.INT8]
+          and n.inputs[0].dtype == weight_dtype]
     assert len(dq) == 1 and dq[0].attributes.get_int("axis") == axis
     assert dq[0].inputs[1].const_value.numpy().shape == (w_shape[axis],)
     if bias_n:
@@ -82,30 +83,31 @@ def test_quantize_weight_reference():
     np.testing.assert_allclose(qp.scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
     assert q.dtype == np.int8 and np.abs(q).max() == 127
     np.testing.assert_allclose(q * qp.scale, w, atol=qp.scale.max() / 2 + 1e-7)
-    q7, qp7 = quantize_weight(w, axis=1, qmax=63)  # 7 bits, for CPUs whose u8 x s8 kernels saturate
-    np.testing.assert_allclose(qp7.scale, np.abs(w).max(axis=0) / 63, rtol=1e-6)
-    assert np.abs(q7).max() == 63
+    qu, qpu = quantize_weight(w, axis=1, dtype="uint8")  # the same codes, stored as u8 with zero point 128
+    assert qu.dtype == np.uint8 and (qpu.zero_point == 128).all()
+    np.testing.assert_array_equal(qu.astype(np.int16) - 128, q)
+    np.testing.assert_array_equal(fake_quantize(w, qpu), fake_quantize(w, qp))
 
 
 def test_u8s8_saturation_probe_and_seven_bit_weights():
-    """7-bit weights are exact on every CPU; where full-range ones are not, the policy uses 7 bits."""
+    """Where ORT's u8 x s8 kernels saturate (measured), the policy stores weights as u8 (exact)."""
     from qcompile.kernel_probe import _saturation_case, u8s8_saturates
     from qcompile.quantize import target_policy
     from qcompile.runtimes import OrtRuntime
 
-    model, feed, exact = _saturation_case(63)
+    saturates = u8s8_saturates()
+    policy, _ = target_policy("ort-cpu")
+    assert policy.weight_dtype == ("uint8" if saturates else "int8")
+    model, feed, exact = _saturation_case(policy.weight_dtype)
     runtime = OrtRuntime()
     runtime.load(model)
     y = next(iter(runtime.run(feed).values()))
-    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-4)
-    saturates = u8s8_saturates()
-    policy, measured = target_policy("ort-cpu")
-    assert policy.weight_qmax == (63 if saturates else 127) and measured["u8s8_saturates"] is saturates
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-4)  # the policy's weight storage is exact here
     model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g (float[2, 6] x) => (float[2, 5] y) '
                             f'<float[6, 5] w = {{{weights(6, 5)}}}> {{ y = MatMul(x, w) }}')
     result = quantize(model, IterableReader(feeds_for(model, 4)), keep_float=(), optimize=False)
-    codes = next(n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8)
-    assert np.abs(codes.inputs[0].const_value.numpy()).max() == policy.weight_qmax
+    codes = next(n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8) and n.inputs[0].const_value is not None)
+    assert codes.inputs[0].const_value.numpy().dtype == np.dtype(policy.weight_dtype)
 
 
 CONCAT = f"""
