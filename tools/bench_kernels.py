@@ -7,13 +7,17 @@ weights), with the output left float (ORT can only fuse DQ -> MatMul into MatMul
 a Conv then runs in float on dequantized data) and with Q/DQ on the output too (ORT fuses
 DQ -> op -> Q into QLinearConv / QLinearMatMul). Timed interleaved. `qcompile.kernel_probe` runs the
 same measurement (one shape per class) to decide what the `ort-cpu` policy keeps float.
+Both weight storages are timed: s8, and u8 with zero point 128 (the same codes), which the policy
+uses where the u8 x s8 kernels saturate (measured here too, as the relative error of a MatMul with
+extreme codes against exact integer arithmetic).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from qcompile.kernel_probe import PROBE_CASES, KernelCase, cpu_signature, time_case
+from qcompile.kernel_probe import PROBE_CASES, KernelCase, _saturation_case, cpu_signature, time_case
+from qcompile.runtimes import OrtRuntime
 
 EXTRA = (
     KernelCase("MatMul M=1 384x1536", "MatMul", "MatMul", (1, 384), (384, 1536), {}, False),
@@ -30,12 +34,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     args = parser.parse_args()
     print(cpu_signature())
-    print("| case | class | FP32 median ms | INT8, float output | INT8, QDQ output |\n|---|---|---|---|---|")
+    for dtype in ("int8", "uint8"):
+        model, feed, exact = _saturation_case(dtype)
+        runtime = OrtRuntime()
+        runtime.load(model)
+        y = next(iter(runtime.run(feed).values()))
+        print(f"u8 activations x {dtype} weights, extreme codes: max relative error {abs(y - exact).max() / abs(exact).max():.2e}")
+    print("\n| case | class | FP32 median ms | s8 weights, float output | s8, QDQ output | u8 weights, float output "
+          "| u8, QDQ output |\n|---|---|---|---|---|---|---|")
     variants = {"fp32": (False, None), "float_out": (True, False), "qdq_out": (True, True)}
     for case in (*PROBE_CASES, *EXTRA):
-        t = time_case(case, args.runs, variants)
-        print(f"| {case.label} | {case.op_class} | {t['fp32']:.3f} | {t['fp32'] / t['float_out']:.2f}× "
-              f"| {t['fp32'] / t['qdq_out']:.2f}× |", flush=True)
+        s8 = time_case(case, args.runs, variants, weight_dtype="int8")
+        u8 = time_case(case, args.runs, variants, weight_dtype="uint8")
+        cells = [f"{t['fp32'] / t[k]:.2f}×" for t in (s8, u8) for k in ("float_out", "qdq_out")]
+        print(f"| {case.label} | {case.op_class} | {s8['fp32']:.3f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
