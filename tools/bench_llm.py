@@ -26,7 +26,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from isolated import run_isolated
+from benchlib import run_isolated, score, time_rows
 
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
 SETUPS = {
@@ -82,7 +82,6 @@ def quantize_with(kind: str, arg, name: str, src: str, dst: str, samples: int) -
 
 
 def measure(name: str, runs: int, workdir: Path) -> list[dict]:
-    from qcompile.bench import BenchSettings, bench_models
     from qcompile.models import cached_export, get_entry
 
     entry_name, options, samples, shapes = SETUPS[name]
@@ -98,19 +97,9 @@ def measure(name: str, runs: int, workdir: Path) -> list[dict]:
             if row["error"]:
                 rows.append(row)
                 continue
-        row["path"] = str(path)
-        row["bytes"] = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
-        if entry.real_weights:
-            row.update(entry.evaluate(path, reference=src) if name == "minilm" else entry.evaluate(path))
-        rows.append(row)
+        rows.append(score(row, entry, path, src))
         print(f"  {label}: {row.get('perplexity', row.get('r_at_1', ''))}", flush=True)
-    ok = [r for r in rows if not r.get("error")]
-    for shape, dims in shapes.items():
-        timing = bench_models([r["path"] for r in ok], BenchSettings(runs=runs, dims={"batch": 1, **dims}),
-                              labels=[r["quantizer"] for r in ok])
-        for r, t in zip(ok, timing["results"]):
-            r[f"speed_{shape}"] = t["speedup_vs_baseline"]
-            r[f"median_ms_{shape}"] = t["median_ms"]
+    time_rows(rows, runs, {shape: {"batch": 1, **dims} for shape, dims in shapes.items()})
     return rows
 
 

@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from isolated import run_isolated
+from benchlib import run_isolated, score, time_rows
 
 
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
@@ -64,7 +64,6 @@ def quantize_with(kind: str, src: str, dst: str, feeds: list, method: str) -> No
 
 
 def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[dict]:
-    from qcompile.bench import BenchSettings, bench_models
     from qcompile.models import cached_export, get_entry
 
     entry_name, options, default_samples, dims, batches = SETUPS[name]
@@ -96,18 +95,8 @@ def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[di
             if row["error"]:
                 rows.append(row)
                 continue
-        row["path"] = str(path)
-        row["bytes"] = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
-        if entry.real_weights:
-            row.update(entry.evaluate(path, reference=src) if name == "minilm" else entry.evaluate(path))
-        rows.append(row)
-    ok = [r for r in rows if not r.get("error")]
-    for batch in batches:
-        timing = bench_models([r["path"] for r in ok], BenchSettings(runs=runs, dims={"batch": batch, **dims}),
-                              labels=[r["quantizer"] for r in ok])
-        for r, t in zip(ok, timing["results"]):
-            r[f"speed_b{batch}"] = t["speedup_vs_baseline"]
-            r[f"median_ms_b{batch}"] = t["median_ms"]
+        rows.append(score(row, entry, path, src))
+    time_rows(rows, runs, {f"b{batch}": {"batch": batch, **dims} for batch in batches})
     return rows
 
 

@@ -1,0 +1,68 @@
+"""Shared by the quantization benchmarks: isolated quantizer runs, scoring, interleaved timing.
+
+    from benchlib import run_isolated, score, time_rows
+    row = run_isolated(quantize_fn, *args)   # {"seconds", "peak_rss_mb", "error"}
+
+``quantize_fn`` must be a module-level function of an importable module (it is pickled by
+reference for the spawned process). A crash of the quantizer under test is a result, not the
+benchmark's failure: it comes back as ``error`` (the exception's first line) with its traceback
+printed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+def _worker(fn: Callable[..., Any], args: tuple, queue) -> None:
+    started = time.perf_counter()
+    try:
+        fn(*args)
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        traceback.print_exc()
+    queue.put({"seconds": time.perf_counter() - started,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "error": error})
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> dict:
+    """``fn(*args)`` in a fresh spawned process; its seconds, peak RSS (MB) and error (or None)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(fn, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def score(row: dict, entry, path: str | Path, reference: str | Path) -> dict:
+    """Add the model's bytes on disk and (real-weight entries) its task metric to ``row``."""
+    path = Path(path)
+    row["path"] = str(path)
+    row["bytes"] = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    if entry.real_weights:
+        row.update(entry.evaluate(path, reference=reference) if entry.name == "minilm" else entry.evaluate(path))
+    return row
+
+
+def time_rows(rows: list[dict], runs: int, shapes: Mapping[str, Mapping[str, int]]) -> None:
+    """Time every row that has a model, interleaved, once per shape; ratios vs the first row.
+
+    ``shapes`` maps a label to symbolic dims; rows get ``speed_<label>`` and ``median_ms_<label>``.
+    """
+    from qcompile.bench import BenchSettings, bench_models
+
+    ok = [r for r in rows if not r.get("error")]
+    for label, dims in shapes.items():
+        timing = bench_models([r["path"] for r in ok], BenchSettings(runs=runs, dims=dict(dims)),
+                              labels=[r["quantizer"] for r in ok])
+        for r, t in zip(ok, timing["results"]):
+            r[f"speed_{label}"] = t["speedup_vs_baseline"]
+            r[f"median_ms_{label}"] = t["median_ms"]
