@@ -34,3 +34,20 @@ def test_minilm_w8a8_smoothquant_from_both_exporters(exporter, opset, tmp_path):
     scores = minilm.evaluate(out, reference=path)
     assert scores["r_at_1"] >= 0.390
     assert scores["embedding_cosine"] >= 0.99
+
+
+@pytest.mark.slow
+def test_smollm2_dynamo_export_w8a8_smoothquant_keeps_perplexity(tmp_path):
+    """SmolLM2 from the dynamo exporter (opset 18): RMSNorm scales take the SmoothQuant factors and the
+    W8A8 model stays within 2 % of FP32 perplexity (the TorchScript export is in tools/bench_llm.py)."""
+    from qcompile.models import smollm2
+
+    path = cached_export(smollm2.ENTRY, {"exporter": "dynamo"})
+    assert qcompile.load(path).opset_imports[""] == 18
+    fp32 = smollm2.evaluate(path)["perplexity"]
+    result = run_recipe(path, preset("w8a8-smoothquant").with_(samples=16), smollm2.calibration(16))
+    out = tmp_path / "smollm2.w8a8.onnx"
+    qcompile.save(result.model, out)
+    assert result.smoothquant["groups"] >= 60  # two RMSNorm-fed groups per layer, 30 layers
+    assert len(result.plan.quantized_nodes) >= 100
+    assert smollm2.evaluate(out)["perplexity"] <= 1.02 * fp32

@@ -27,8 +27,19 @@ def _worker(fn: Callable[..., Any], args: tuple, queue) -> None:
     except Exception as exc:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
         traceback.print_exc()
-    queue.put({"seconds": time.perf_counter() - started,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "error": error})
+    queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "error": error})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over exec, so a
+    spawned child would report its parent's peak at fork time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_isolated(fn: Callable[..., Any], *args: Any) -> dict:
