@@ -22,11 +22,10 @@ tokens for gpt_synth; the same feeds for every quantizer that calibrates.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from benchlib import run_isolated, score, time_rows
+from benchlib import metric_cell, report, run_isolated, score, time_rows
 
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
 SETUPS = {
@@ -112,11 +111,7 @@ def markdown(rows: list[dict]) -> str:
         if r.get("error"):
             out.append(f"| {r['model']} | {r['quantizer']} | **failed**: {r['error']} | | | | {secs} | {rss} |")
             continue
-        metric = "— (random weights)"
-        if "perplexity" in r:
-            metric = f"PPL {r['perplexity']:.2f}"
-        elif "r_at_1" in r:
-            metric = f"R@1 {r['r_at_1']:.3f}, cos {r.get('embedding_cosine', 1.0):.4f}"
+        metric = metric_cell(r)
         speed = lambda k: f"{r[k]:.2f}× ({r['median_ms_' + k[6:]]:.1f} ms)" if k in r else "—"  # noqa: E731
         out.append(f"| {r['model']} | {r['quantizer']} | {metric} | {speed('speed_decode')} | {speed('speed_prefill128')} "
                    f"| {r['bytes'] / 1e6:.0f} | {secs} | {rss} |")
@@ -135,12 +130,7 @@ def main() -> None:
             print(f"== {name}", flush=True)
             rows += measure(name, args.runs, Path(tmp))
             print(markdown([r for r in rows if r["model"] == name]), flush=True)
-    from qcompile.kernel_probe import cpu_signature
-
-    print(f"\n{cpu_signature()}\n")
-    print(markdown(rows))
-    if args.json_out:
-        args.json_out.write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], indent=2, default=str))
+    report(rows, markdown, args.json_out)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ ORT CPU), quantize wall time, peak RSS.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from benchlib import run_isolated, score, time_rows
+from benchlib import metric_cell, report, run_isolated, score, time_rows
 
 
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
@@ -107,11 +106,7 @@ def markdown(rows: list[dict]) -> str:
         if r.get("error"):
             out.append(f"| {r['model']} | {r['quantizer']} | **crash**: {r['error']} | | | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | |")
             continue
-        metric = ""
-        if "r_at_1" in r:
-            metric = f"R@1 {r['r_at_1']:.3f}, cos {r.get('embedding_cosine', 1.0):.4f}"
-        elif "top1" in r:
-            metric = f"top-1 {r['top1']:.4f}"
+        metric = metric_cell(r) if ("r_at_1" in r or "top1" in r) else ""
         speed = lambda k: f"{r[k]:.2f}×" if k in r else "—"  # noqa: E731
         secs = f"{r['seconds']:.1f}" if "seconds" in r else "—"
         rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "—"
@@ -132,12 +127,7 @@ def main() -> None:
         for name in args.models.split(","):
             rows += measure(name.strip(), args.runs, args.samples, Path(tmp))
             print(markdown([r for r in rows if r["model"] == name.strip()]), flush=True)
-    from qcompile.kernel_probe import cpu_signature
-
-    print(f"\n{cpu_signature()}\n")
-    print(markdown(rows))
-    if args.json_out:
-        args.json_out.write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], indent=2, default=str))
+    report(rows, markdown, args.json_out)
 
 
 if __name__ == "__main__":

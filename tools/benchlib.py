@@ -11,6 +11,7 @@ printed.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import resource
 import time
@@ -77,3 +78,24 @@ def time_rows(rows: list[dict], runs: int, shapes: Mapping[str, Mapping[str, int
         for r, t in zip(ok, timing["results"]):
             r[f"speed_{label}"] = t["speedup_vs_baseline"]
             r[f"median_ms_{label}"] = t["median_ms"]
+
+
+def metric_cell(row: dict) -> str:
+    """The task metric of a row, as a table cell."""
+    if "perplexity" in row:
+        return f"PPL {row['perplexity']:.2f}"
+    if "r_at_1" in row:
+        return f"R@1 {row['r_at_1']:.3f}, cos {row.get('embedding_cosine', 1.0):.4f}"
+    if "top1" in row:
+        return f"top-1 {row['top1']:.4f}"
+    return "— (random weights)"
+
+
+def report(rows: list[dict], markdown: Callable[[list[dict]], str], json_out: Path | None) -> None:
+    """Print the CPU signature and the full table; write the rows as JSON if asked."""
+    from qcompile.kernel_probe import cpu_signature
+
+    print(f"\n{cpu_signature()}\n")
+    print(markdown(rows))
+    if json_out:
+        json_out.write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], indent=2, default=str))
