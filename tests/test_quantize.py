@@ -89,7 +89,7 @@ def test_quantize_weight_reference():
     np.testing.assert_array_equal(fake_quantize(w, qpu), fake_quantize(w, qp))
 
 
-def test_u8s8_saturation_probe_and_seven_bit_weights():
+def test_u8s8_saturation_probe_and_u8_weight_storage():
     """Where ORT's u8 x s8 kernels saturate (measured), the policy stores weights as u8 (exact)."""
     from qcompile.kernel_probe import _saturation_case, u8s8_saturates
     from qcompile.quantize import target_policy
