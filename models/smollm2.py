@@ -3,7 +3,8 @@
 The GGUF is dequantised once by transformers (~40 s) and cached as a safetensors folder; the export
 is (input_ids, attention_mask) int64 [batch, seq] -> logits, TorchScript exporter, opset 17 (or
 ``exporter="dynamo"``: opset 18), no KV cache. Metric: perplexity on CPython's pydoc topics text,
-512-token windows over the first 2,048 tokens. The package is never imported (its __init__ needs llama_cpp): only its folder is located.
+512-token windows over the first 2,048 tokens. The package is never imported (its __init__ needs
+llama_cpp): only its folder is located.
 """
 
 from __future__ import annotations

@@ -414,7 +414,7 @@ def _zoo_options(entry, items: tuple[str, ...]) -> dict:
                                    fix=f"options: {', '.join(entry.default_options) or 'none'}")
         default = entry.default_options[key]
         if not sep or (isinstance(default, int) and not (value.isdigit() and int(value) > 0)):
-            raise InputSpecError(f"bad --option {item!r}", fix=f"write it as {key}={default!r}-like KEY=VALUE")
+            raise InputSpecError(f"bad --option {item!r}", fix=f"write it as KEY=VALUE, e.g. {key}={default}")
         parsed[key] = int(value) if isinstance(default, int) else value
     return parsed
 

@@ -6,9 +6,10 @@ whose INT8 form is not faster. Weight-only: ``MatMulNBits`` at a decode shape (o
 float compute (accuracy level 0) against int8 compute of the activations (level 4); the faster
 level is used unless the user sets one. Saturation: whether ORT's u8 x s8 kernels saturate (x86
 without VNNI sums pairs of u8*s8 products in int16): a one-MatMul QDQ model with extreme codes is
-compared with exact integer arithmetic; where it saturates, weights are stored as u8 (zero point 128:
-the same codes; ORT's u8 x u8 kernels widen to int16 before multiplying and are exact). Results are cached per CPU (instruction-set flags, cores)
-and onnxruntime version under the qcompile cache, so each measurement runs once per machine.
+compared with exact arithmetic; where it saturates, weights are stored as u8 (zero point 128: the
+same codes; ORT's u8 x u8 kernels widen to int16 before multiplying and are exact). Results are
+cached per CPU (instruction-set flags, cores) and onnxruntime version under the qcompile cache, so
+each measurement runs once per machine.
 """
 
 from __future__ import annotations
@@ -202,29 +203,20 @@ def slower_classes(ratios: dict[str, float], threshold: float = 1.0) -> frozense
     return frozenset(klass for klass, ratio in ratios.items() if ratio < threshold)
 
 
+#: u8 activations (zero point 128) x 8-bit weights, every code extreme: |x - z| = |w - z| = 127.
+SATURATION_CASE = KernelCase("MatMul 16x256x64, extreme codes", "MatMul", "MatMul", (16, 256), (256, 64), {}, False)
+
+
 def _saturation_case(weight_dtype: str = "int8") -> tuple[bytes, dict, np.ndarray]:
-    """A QDQ MatMul (u8 activations) whose codes are all extreme (|x - z| = 127, |w - z| = 127),
-    weights stored as ``weight_dtype``, and its exact result."""
+    """:data:`SATURATION_CASE` as its QDQ model with weights stored as ``weight_dtype``, a feed,
+    and the exact result of its integer arithmetic."""
     rng = np.random.default_rng(0)
-    k, n = 256, 64
-    signed = (rng.choice([-1, 1], size=(k, n)) * 127).astype(np.int8)
-    _, qp = quantize_weight(np.ones(n, np.float32), 0, weight_dtype)
-    wq = signed if weight_dtype == "int8" else (signed.astype(np.int16) + 128).astype(np.uint8)
-    inits = [numpy_helper.from_array(wq, "w_q"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_s"),
-             numpy_helper.from_array(qp.zero_point, "w_z"),
-             numpy_helper.from_array(np.array(0.02, np.float32), "x_s"), helper.make_tensor("x_z", TensorProto.UINT8, [], [128])]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
-             helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_dq"]),
-             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=1),
-             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
-    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    codes = rng.choice([1, 255], size=(16, k))
-    x = ((codes - 128) * 0.02).astype(np.float32)
-    exact = ((codes - 128) * 0.02) @ (signed.astype(np.float64) * 0.01)
-    return model.SerializeToString(), {"x": x}, exact
+    k, n = SATURATION_CASE.w_shape
+    w = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32)  # per-channel scale 1/127: codes +-127
+    codes = rng.choice([1, 255], size=SATURATION_CASE.x_shape)
+    x = ((codes - 128) * 0.05).astype(np.float32)  # the case model's activation scale and zero point
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    return case_model(SATURATION_CASE, w, quantized=True, weight_dtype=weight_dtype), {"x": x}, exact
 
 
 def u8s8_saturates(cache_dir: Path | None = None, refresh: bool = False) -> bool:
@@ -237,7 +229,7 @@ def u8s8_saturates(cache_dir: Path | None = None, refresh: bool = False) -> bool
         y = next(iter(runtime.run(feed).values()))
         return {"max_relative_error": float(np.abs(y - exact).max() / np.abs(exact).max())}
 
-    result = _cached("u8s8-saturation", cache_dir, refresh, ["QDQ MatMul 16x256x64, extreme codes"], measure)
+    result = _cached("u8s8-saturation", cache_dir, refresh, [SATURATION_CASE.label], measure)
     return result["max_relative_error"] > 1e-3
 
 

@@ -26,7 +26,7 @@ from qcompile.observers import Method
 from qcompile.passes import make_pass
 from qcompile.passes.qdq import QDQLoweringPass
 from qcompile.passes.quant_math import QParams, activation_qparams
-from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, plan_quantization
+from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, WeightDType, plan_quantization
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.pipeline import optimize_with_stats
 from qcompile.sensitivity import matmul_sqnr
@@ -41,8 +41,11 @@ DEFAULT_MIN_SQNR_DB = 28.0
 SENSITIVITY_FEEDS = 4
 
 
-def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable[str] | None = None) -> tuple[QuantPolicy, dict]:
-    """The policy for ``target`` on this machine, and the kernel measurements behind it."""
+def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable[str] | None = None,
+                  weight_dtype: WeightDType | None = None) -> tuple[QuantPolicy, dict]:
+    """The policy for ``target`` on this machine, and the kernel measurements behind it.
+
+    ``keep_float`` and ``weight_dtype`` default to what the kernel probe measures here."""
     if target != "ort-cpu":
         raise UnknownNameError(f"unknown quantization target {target!r}", fix=f"choose from: {', '.join(TARGETS)}")
     ratios: dict = {}
@@ -51,9 +54,10 @@ def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable
 
         ratios = probe(cache_dir=cache_root() / "probe")
         keep_float = slower_classes(ratios)
-    from qcompile.kernel_probe import policy_weight_dtype
+    if weight_dtype is None:
+        from qcompile.kernel_probe import policy_weight_dtype
 
-    weight_dtype = policy_weight_dtype(cache_dir=cache_root() / "probe")
+        weight_dtype = policy_weight_dtype(cache_dir=cache_root() / "probe")
     policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float), weight_dtype=weight_dtype)
     return policy, ratios
 
@@ -141,12 +145,14 @@ def quantize(
     verify_options: VerifyOptions | None = None,
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     smoothquant: float | str | None = None,
+    weight_dtype: WeightDType | None = None,
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
     Works in place when given an ir.Model (like :func:`qcompile.optimize`).
 
-    ``keep_float`` names op classes to leave in float (default: measured on this CPU);
+    ``keep_float`` names op classes to leave in float, ``weight_dtype`` the INT8 weight storage
+    (int8, or uint8 with zero point 128; both default to what is measured on this CPU);
     ``exclude`` names nodes, op types or name patterns to leave in float; MatMul/Gemm nodes whose
     INT8 output SQNR on the first calibration feeds is below ``min_sqnr_db`` stay float too
     (None: keep every planned node in INT8). ``smoothquant`` (an alpha, or "auto") first folds
@@ -159,7 +165,7 @@ def quantize(
         verify_options = verify_options or VerifyOptions(each_pass=False)
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
         clock.lap("optimize")
-    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float)
+    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype)
     smoothing = None
     if smoothquant is not None:
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice

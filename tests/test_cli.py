@@ -136,6 +136,17 @@ def test_zoo_list_json():
     assert names["minilm"]["real_weights"] and not names["resnet18"]["real_weights"]
 
 
+@pytest.mark.parametrize("option, message", [
+    ("width", "bad --option"),               # no "="
+    ("width=wide", "bad --option"),          # an integer option given a word
+    ("colour=red", "has no option 'colour'"),
+])
+def test_zoo_export_bad_option_exits_2_and_writes_nothing(tmp_path, option, message):
+    out = tmp_path / "gpt.onnx"
+    result = invoke("zoo", "export", "gpt_synth", "-o", str(out), "--option", option)
+    assert result.exit_code == 2 and message in result.output and not out.exists()
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     good = ir.to_proto(model_from_text(TEXT)).SerializeToString()
     files = {

@@ -9,14 +9,16 @@ DQ -> op -> Q into QLinearConv / QLinearMatMul). Timed interleaved. `qcompile.ke
 same measurement (one shape per class) to decide what the `ort-cpu` policy keeps float.
 Both weight storages are timed: s8, and u8 with zero point 128 (the same codes), which the policy
 uses where the u8 x s8 kernels saturate (measured here too, as the relative error of a MatMul with
-extreme codes against exact integer arithmetic).
+extreme codes against exact integer arithmetic). Last, weight-only `MatMulNBits` for one decode
+token at accuracy levels 0 (float compute) and 4 (int8 activations), the measurement behind the
+weight-only recipes' default level.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from qcompile.kernel_probe import PROBE_CASES, KernelCase, _saturation_case, cpu_signature, time_case
+from qcompile.kernel_probe import NBITS_K, NBITS_N, PROBE_CASES, KernelCase, _saturation_case, cpu_signature, probe_nbits, time_case
 from qcompile.runtimes import OrtRuntime
 
 EXTRA = (
@@ -48,6 +50,12 @@ def main() -> None:
         u8 = time_case(case, args.runs, variants, weight_dtype="uint8")
         cells = [f"{t['fp32'] / t[k]:.2f}×" for t in (s8, u8) for k in ("float_out", "qdq_out")]
         print(f"| {case.label} | {case.op_class} | {s8['fp32']:.3f} | " + " | ".join(cells) + " |", flush=True)
+
+    print(f"\n| MatMulNBits, M=1, {NBITS_K}x{NBITS_N} | level 0 median ms | level 4 median ms | level 4 speed-up |\n|---|---|---|---|")
+    for bits in (4, 8):
+        for block in (32, 128):
+            t = probe_nbits(bits, block, runs=args.runs)  # not cached: measured now
+            print(f"| {bits} bits, block {block} | {t['0']:.3f} | {t['4']:.3f} | {t['0'] / t['4']:.1f}× |", flush=True)
 
 
 if __name__ == "__main__":
