@@ -192,7 +192,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             attributes={"K": bq.k, "N": n, "bits": cfg.bits, "block_size": cfg.block_size,
                         "accuracy_level": cfg.accuracy_level or 0},
         )
-        self._replace(graph, node, new)
+        # the new output takes the old one's name, type and shape (it may be a graph output)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
 
     def _to_blocked_dq(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
         cfg = self.config
@@ -216,11 +217,3 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
 
-    @staticmethod
-    def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
-        graph.insert_before(old, new)
-        out, name = new.outputs[0], old.outputs[0].name
-        out.type, out.shape = old.outputs[0].type, old.outputs[0].shape  # it may be a graph output
-        ir.convenience.replace_all_uses_with(old.outputs[0], out, replace_graph_outputs=True)
-        graph.remove(old, safe=True)
-        out.name = name
