@@ -50,20 +50,23 @@ class CalibrationResult:
 
 @contextlib.contextmanager
 def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu") -> Iterator[Runtime]:
-    """A runtime on ``model`` with ``names`` exposed as extra outputs (the graph is restored after)."""
+    """A runtime on ``model`` whose outputs are ``names`` (the graph is restored after).
+
+    Only the nodes those tensors depend on are loaded: a language model's head, say, is not run
+    to calibrate its input."""
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
-    existing = {v.name for v in model.graph.outputs}
     outputs_before = list(model.graph.outputs)
-    for name in names:
-        if name in existing:
-            continue
+    tapped_values = []
+    for name in dict.fromkeys(names):
         value = values.get(name)
         if value is None:
             raise InputSpecError(f"tensor {name!r} to observe is not in the graph", fix="report this as a bug")
         if value.type is None:
             value.dtype = ir.DataType.FLOAT
-        model.graph.outputs.append(value)
+        tapped_values.append(value)
+    model.graph.outputs.clear()
+    model.graph.outputs.extend(tapped_values)
     try:
         # Pre-packing would keep a second, re-laid-out copy of every weight: not worth it for a few feeds.
         options = RuntimeOptions(extra={"session.disable_prepacking": "1"})

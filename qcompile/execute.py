@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -11,6 +12,8 @@ import onnx_ir as ir
 from qcompile import modelio
 from qcompile.errors import BackendFailedError, RuntimeUnavailableError, UnknownNameError
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, get_runtime
+
+log = logging.getLogger(__name__)
 
 
 def resolve_runtime(name: str) -> Runtime:
@@ -33,8 +36,7 @@ def loaded(
     runtime = resolve_runtime(target)
     try:
         if isinstance(model, ir.Model):
-            with modelio.runnable(model) as payload:
-                runtime.load(payload, options)
+            _load_in_memory(runtime, model, options)
         else:
             runtime.load(str(model), options)
     except BackendError as exc:
@@ -43,6 +45,19 @@ def loaded(
         yield runtime
     finally:
         runtime.close()
+
+
+def _load_in_memory(runtime: Runtime, model: ir.Model, options: RuntimeOptions | None) -> None:
+    """Hand the runtime the model's own weights where it accepts them, else a serialized copy."""
+    if getattr(runtime, "accepts_shared_weights", False):
+        try:
+            with modelio.runnable(model, share_weights=True) as payload:
+                runtime.load(payload, options)
+            return
+        except BackendError as exc:  # e.g. a graph optimizer that reads a weight from the file
+            log.info("loading with shared weights failed (%s); loading a serialized copy", exc)
+    with modelio.runnable(model) as payload:
+        runtime.load(payload, options)
 
 
 def run_all(runtime: Runtime, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

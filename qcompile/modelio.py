@@ -1,7 +1,8 @@
 """Model I/O on onnx-ir: validated loading, atomic saving, external data, opset conversion.
 
 Protobuf is touched only here, at the edges. Weights stored as external data stay memory-mapped by
-onnx-ir; large models are written tensor by tensor, never through one protobuf message.
+onnx-ir, and so do the inline weights of large files (their bytes are referenced in place, see
+qcompile/wire.py); large models are written tensor by tensor, never through one protobuf message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -24,11 +26,15 @@ from qcompile.errors import (
     ModelLoadError,
     OutputPathError,
 )
+from qcompile.runtimes import SharedWeightsModel
+from qcompile.wire import WireFormatError, map_inline_weights
 
 log = logging.getLogger(__name__)
 
 #: Models whose initializers add up to more than this are saved with external data by default.
 AUTO_EXTERNAL_BYTES = 256 * 1024 * 1024
+#: Files at least this large have their inline weights memory-mapped instead of parsed into memory.
+MAP_INLINE_MIN_FILE_BYTES = 64 * 1024 * 1024
 #: Protobuf's hard limit for one message; a model above it can only exist with external data.
 PROTOBUF_LIMIT = 2**31 - 1
 
@@ -57,9 +63,18 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError("model file not found", where=str(path), fix="check the path and try again")
     if path.is_dir():
         raise ModelLoadError("expected an .onnx file, got a folder", where=str(path), fix="name the model file inside it")
-    size = path.stat().st_size
-    if size == 0:
+    stat = path.stat()
+    if stat.st_size == 0:
         raise ModelLoadError("model file is empty (0 bytes)", where=str(path), fix="re-export the model")
+    # onnx-ir refuses to map a file with several hard links; such files are parsed as usual.
+    if stat.st_size >= MAP_INLINE_MIN_FILE_BYTES and stat.st_nlink == 1:
+        try:
+            proto, mapped = map_inline_weights(path)
+        except (WireFormatError, DecodeError):
+            pass  # the parse below reports what is wrong
+        else:
+            log.debug("%s: %d inline initializers memory-mapped", path, mapped)
+            return _require_model(proto, path)
     try:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -70,6 +85,10 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         ) from None
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file: {exc.strerror}", where=str(path), fix="check permissions") from None
+    return _require_model(proto, path)
+
+
+def _require_model(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise ModelLoadError(
             "file parsed but holds no ONNX model (no ir_version, graph or opset_import)",
@@ -170,8 +189,30 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def _is_mapped_inline(tensor: ir.ExternalTensor, model: ir.Model) -> bool:
+    """A tensor memory-mapped from the model file's own inline bytes (not separate external data)."""
+    source = model.meta.get("qcompile.source_path")
+    return bool(source) and _same_file(Path(tensor.path), Path(source))
+
+
 def has_external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    """Whether the model reads weights from a separate data file."""
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor) and not _is_mapped_inline(v.const_value, model)
+        for v in model.graph.initializers.values()
+    )
+
+
+def release_mapped(model: ir.Model) -> None:
+    """Unmap the model's memory-mapped initializers: their pages leave this process's resident set
+    (they are mapped again when next read). Tensors whose arrays are still in use stay mapped."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            try:
+                tensor.release()
+            except BufferError:
+                pass
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -190,17 +231,42 @@ def _referenced_data_files(model: ir.Model) -> set[Path]:
     return files
 
 
+#: Initializers at least this large are handed by reference to runtimes that accept it.
+SHARE_MIN_BYTES = 64 * 1024
+_PLACEHOLDER = "qcompile-shared-weights.placeholder"
+
+
+def _shareable(tensor: ir.TensorProtocol | None) -> np.ndarray | None:
+    """The tensor's array when it is large and of a plain numpy type (else None: serialize it)."""
+    if tensor is None or tensor.nbytes < SHARE_MIN_BYTES or tensor.dtype.bitwidth % 8:
+        return None
+    if np.dtype(tensor.dtype.numpy()).kind not in "biuf":
+        return None  # bfloat16, float8: not a type ORT takes from numpy
+    return tensor.numpy()
+
+
 @contextlib.contextmanager
-def _inlined(model: ir.Model) -> Iterator[None]:
-    """Temporarily hold external tensors in memory so that a save writes them inline."""
-    swapped = []
+def _inlined(model: ir.Model, *, share: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Temporarily hold external tensors in memory so that serializing writes them inline.
+
+    ``share``: large tensors of plain numpy types become placeholder references instead, and are
+    yielded as name -> array (see :class:`SharedWeightsModel`)."""
+    swapped, shared = [], {}
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            swapped.append((value, tensor))
-            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+        array = _shareable(tensor) if share else None
+        if array is not None:
+            shared[value.name] = array
+            replacement = ir.ExternalTensor(_PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                            name=value.name)
+        elif isinstance(tensor, ir.ExternalTensor):
+            replacement = ir.Tensor(tensor.numpy(), name=tensor.name)
+        else:
+            continue
+        swapped.append((value, tensor))
+        value.const_value = replacement
     try:
-        yield
+        yield shared
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
@@ -279,15 +345,54 @@ def convert_opset(model: ir.Model, target_opset: int) -> ir.Model:
     return model
 
 
-@contextlib.contextmanager
-def runnable(model: ir.Model, *, inline_limit: int = AUTO_EXTERNAL_BYTES) -> Iterator[str | bytes]:
-    """Yield something a runtime can load: protobuf bytes for small models, else a temp file path.
+def _names_used(node: onnx.NodeProto) -> Iterator[str]:
+    """A node's inputs, and every name read inside its subgraphs (outer-scope values included)."""
+    yield from node.input
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in graph.node:
+                yield from _names_used(inner)
 
-    Models with external data or more than ``inline_limit`` bytes of weights are written to a
-    temporary folder (removed afterwards) so nothing is ever forced through one protobuf message.
+
+def prune_dead_nodes(graph: onnx.GraphProto) -> int:
+    """Remove nodes and initializers that no graph output depends on; returns nodes removed."""
+    needed = {o.name for o in graph.output}
+    live = []
+    for node in reversed(graph.node):
+        if any(name and name in needed for name in node.output):
+            live.append(node)
+            needed.update(_names_used(node))
+    removed = len(graph.node) - len(live)
+    if removed:
+        del graph.node[:]
+        graph.node.extend(reversed(live))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    if len(initializers) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+    return removed
+
+
+@contextlib.contextmanager
+def runnable(
+    model: ir.Model, *, inline_limit: int = AUTO_EXTERNAL_BYTES, share_weights: bool = False
+) -> Iterator[str | bytes | SharedWeightsModel]:
+    """Yield something a runtime can load; nodes that no output needs are left out.
+
+    ``share_weights``: a :class:`SharedWeightsModel` whose large initializers are the model's own
+    arrays (memory-mapped ones stay mapped): nothing is copied or written. Otherwise protobuf bytes
+    for small models, or a temporary file (removed afterwards) for models with external data or
+    more than ``inline_limit`` bytes of weights, so nothing is forced through one protobuf message.
     """
-    if not has_external_data(model) and initializer_bytes(model) <= inline_limit:
-        yield ir.serde.serialize_model(model).SerializeToString()
+    if share_weights or (not has_external_data(model) and initializer_bytes(model) <= inline_limit):
+        with _inlined(model, share=share_weights) as shared:
+            proto = ir.serde.serialize_model(model)
+        prune_dead_nodes(proto.graph)
+        if not share_weights:
+            yield proto.SerializeToString()
+            return
+        kept = {t.name for t in proto.graph.initializer}
+        yield SharedWeightsModel(proto.SerializeToString(), {k: a for k, a in shared.items() if k in kept}, _PLACEHOLDER)
         return
     with tempfile.TemporaryDirectory(prefix="qcompile-run-") as tmp:
         target = Path(tmp) / "model.onnx"

@@ -194,6 +194,7 @@ def quantize(
                 plan.kept_float[name] = f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
             ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
             qparams = shared_qparams(plan, ranges, policy)
+    modelio.release_mapped(model)  # the session is gone: weights are next read one at a time
     lowering = [QDQLoweringPass(plan, qparams), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
     model = PassManager(lowering)(model).model
     modelio.check(model)

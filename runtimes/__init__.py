@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qcompile.runtimes.base import Availability, Runtime, BackendError, RuntimeOptions
+from qcompile.runtimes.base import Availability, BackendError, Runtime, RuntimeOptions, SharedWeightsModel
 from qcompile.runtimes.ort import OrtRuntime
 from qcompile.runtimes.timing import TimingResult, time_fn, time_side_by_side
 
@@ -33,6 +33,7 @@ __all__ = [
     "Runtime",
     "BackendError",
     "RuntimeOptions",
+    "SharedWeightsModel",
     "TimingResult",
     "get_runtime",
     "runtime_names",

@@ -18,6 +18,20 @@ class BackendError(Exception):
 
 
 @dataclass(frozen=True)
+class SharedWeightsModel:
+    """An ONNX model whose large initializers are the caller's arrays, used in place, never copied.
+
+    In ``proto`` those initializers are external references to ``placeholder``, the name of an empty
+    file: a runtime that reads them from there instead of taking ``weights`` fails loudly rather
+    than computing with wrong data. The arrays must outlive the loaded session.
+    """
+
+    proto: bytes
+    weights: Mapping[str, np.ndarray]
+    placeholder: str
+
+
+@dataclass(frozen=True)
 class Availability:
     """Whether a runtime can be used here; ``reason`` says why not."""
 
@@ -48,7 +62,10 @@ class Runtime(Protocol):
 
     def available(self) -> Availability: ...
 
-    def load(self, model: str | bytes, options: RuntimeOptions | None = None) -> None: ...
+    #: Whether ``load`` accepts a :class:`SharedWeightsModel`.
+    accepts_shared_weights: bool
+
+    def load(self, model: str | bytes | SharedWeightsModel, options: RuntimeOptions | None = None) -> None: ...
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run one feed; ``outputs`` limits which outputs are computed and returned (default: all)."""

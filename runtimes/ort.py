@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from qcompile.runtimes.base import Availability, BackendError, RuntimeOptions
+from qcompile.runtimes.base import Availability, BackendError, RuntimeOptions, SharedWeightsModel
 
 _LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -19,10 +22,13 @@ _LEVELS = {
 class OrtRuntime:
     """ONNX Runtime with one execution provider."""
 
+    accepts_shared_weights = True
+
     def __init__(self, name: str = "ort-cpu", provider: str = "CPUExecutionProvider") -> None:
         self.name = name
         self.provider = provider
         self._session = None
+        self._shared: list = []  # OrtValues over the caller's arrays, alive as long as the session
 
     def available(self) -> Availability:
         try:
@@ -35,7 +41,7 @@ class OrtRuntime:
             )
         return Availability(True)
 
-    def load(self, model: str | bytes, options: RuntimeOptions | None = None) -> None:
+    def load(self, model: str | bytes | SharedWeightsModel, options: RuntimeOptions | None = None) -> None:
         import onnxruntime as ort
 
         options = options or RuntimeOptions()
@@ -52,10 +58,35 @@ class OrtRuntime:
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         for key, value in options.extra.items():
             so.add_session_config_entry(str(key), str(value))
+        if isinstance(model, SharedWeightsModel):
+            self._create_sharing(model, so)
+        else:
+            self._create(model, so)
+
+    def _create(self, model: str | bytes, so) -> None:
+        import onnxruntime as ort
+
         try:
             self._session = ort.InferenceSession(model, sess_options=so, providers=[self.provider])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise BackendError(f"onnxruntime could not load the model: {str(exc).strip().splitlines()[0]}") from exc
+
+    def _create_sharing(self, model: SharedWeightsModel, so) -> None:
+        """A session whose initializers are the caller's arrays (SessionOptions.add_initializer)."""
+        import onnxruntime as ort
+
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in model.weights.values()]
+        for name, value in zip(model.weights, values):
+            so.add_initializer(name, value)
+        # ORT checks that external data exists before it sees the overrides: an empty file will do.
+        folder = tempfile.mkdtemp(prefix="qcompile-shared-")
+        try:
+            Path(folder, model.placeholder).touch()
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            self._create(model.proto, so)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._shared = values
 
     @property
     def input_names(self) -> list[str]:
@@ -81,6 +112,7 @@ class OrtRuntime:
 
     def close(self) -> None:
         self._session = None
+        self._shared = []
 
     def __enter__(self) -> "OrtRuntime":
         return self
