@@ -18,6 +18,16 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Dat
     return value
 
 
+def release_if_mapped(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a memory-mapped tensor: its pages leave the process's resident set until it is read
+    again. A tensor whose array is still in use elsewhere stays mapped."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
+
+
 def weight_kn(node: ir.Node) -> np.ndarray | None:
     """The constant 2-D weight of a MatMul/Gemm as [K, N] (input channels first), else None."""
     if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:

@@ -13,13 +13,13 @@ parameters (computed by the core from calibration) say everything.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes._graph import add_initializer
-from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight
+from qcompile.passes._graph import add_initializer, release_if_mapped
+from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight, weight_storage
 from qcompile.passes.quant_policy import QuantPlan
 
 
@@ -28,10 +28,15 @@ class QDQLoweringPass(ir.passes.InPlacePass):
 
     name = "qdq-lowering"
 
-    def __init__(self, plan: QuantPlan, activation_qparams: Mapping[str, QParams]) -> None:
+    def __init__(self, plan: QuantPlan, activation_qparams: Mapping[str, QParams],
+                 weight_codes: MutableMapping[str, tuple[np.ndarray, QParams]] | None = None) -> None:
+        """``weight_codes``: int8 codes already computed by :func:`quantize_weight` per weight name
+        (e.g. while measuring sensitivity), used where their axis matches the plan's; each entry is
+        removed as it is used, so the codes are not held twice."""
         super().__init__()
         self.plan = plan
         self.activation_qparams = activation_qparams
+        self.weight_codes = weight_codes if weight_codes is not None else {}
         self.weight_qparams: dict[str, QParams] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -64,7 +69,12 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         modified = False
         for spec in self.plan.weights.values():
             weight = values[spec.value]
-            q, qp = quantize_weight(weight.const_value.numpy(), spec.axis, spec.dtype)
+            cached = self.weight_codes.pop(spec.value, None)
+            if cached is not None and cached[1].dtype == "int8" and cached[1].axis == spec.axis:
+                q, qp = weight_storage(*cached, spec.dtype)
+            else:
+                q, qp = quantize_weight(weight.const_value.numpy(), spec.axis, spec.dtype)
+            release_if_mapped(weight.const_value)  # read once; a large model's pages need not stay resident
             self.weight_qparams[spec.value] = qp
             first = nodes[spec.consumers[0][0]]
             dq = self._dq(graph, spec.value, q, qp, first)

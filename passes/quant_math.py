@@ -51,7 +51,11 @@ def activation_qparams(lo: float, hi: float, dtype: str = "uint8", symmetric: bo
 def quantize_weight(w: np.ndarray, axis: int | None, dtype: str = "int8") -> tuple[np.ndarray, QParams]:
     """Symmetric 8-bit (codes +-127) per channel along ``axis`` (or per tensor); ``dtype`` uint8
     stores the same codes shifted by the zero point 128."""
-    q, qp = _symmetric_int8(np.asarray(w, dtype=np.float32), axis)
+    return weight_storage(*_symmetric_int8(np.asarray(w, dtype=np.float32), axis), dtype)
+
+
+def weight_storage(q: np.ndarray, qp: QParams, dtype: str) -> tuple[np.ndarray, QParams]:
+    """Symmetric int8 codes as stored: int8 as they are, uint8 shifted by the zero point 128."""
     if dtype == "int8":
         return q, qp
     shifted = (q.astype(np.int16) + 128).astype(np.uint8)
@@ -60,17 +64,23 @@ def quantize_weight(w: np.ndarray, axis: int | None, dtype: str = "int8") -> tup
 
 def _symmetric_int8(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, QParams]:
     if axis is None:
-        bound = np.max(np.abs(w)) if w.size else np.float32(0)
+        bound = max(float(w.max()), -float(w.min())) if w.size else 0.0
         scale = np.array(bound / 127.0 if bound > 0 else 1.0, dtype=np.float32)
-        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-        return q, QParams(scale, np.array(0, dtype=np.int8), "int8")
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    bound = np.abs(moved).max(axis=1)
+        return _codes(w, scale), QParams(scale, np.array(0, dtype=np.int8), "int8")
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    bound = np.maximum(w.max(axis=others), -w.min(axis=others))  # |w| max without an |w| copy
     scale = np.where(bound > 0, bound / 127.0, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, QParams(scale, np.zeros(scale.shape, dtype=np.int8), "int8", axis)
+    return _codes(w, scale.reshape(shape)), QParams(scale, np.zeros(scale.shape, dtype=np.int8), "int8", axis)
+
+
+def _codes(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """round(w / scale) clipped to +-127, as int8, with one float temporary."""
+    q = w / scale
+    np.round(q, out=q)
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8)
 
 
 def quantize_bias(b: np.ndarray, activation_scale: np.ndarray, weight_scale: np.ndarray) -> tuple[np.ndarray, QParams]:

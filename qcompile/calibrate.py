@@ -11,8 +11,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile import execute, specs
@@ -33,7 +34,6 @@ class CalibrationResult:
     nonfinite: dict[str, int] = field(default_factory=dict)
     samples: int = 0
     seconds: float = 0.0
-    first_feeds: list = field(default_factory=list, repr=False)  # kept for later checks
 
     def to_json(self) -> dict:
         widths = [hi - lo for lo, hi in self.ranges.values()]
@@ -86,19 +86,18 @@ def collect_ranges(
     samples: int | None = None,
     percentile: float = 99.999,
     target: str = "ort-cpu",
-    keep_feeds: int = 0,
     runtime: Runtime | None = None,
+    on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
 ) -> CalibrationResult:
     """Observe ``names`` over the reader's feeds; returns per-tensor (lo, hi).
 
-    ``keep_feeds`` keeps the first few feeds (inputs only) for checks that need to see data again.
     ``runtime``: an open :func:`tapped` runtime exposing ``names`` (else one is opened here).
+    ``on_outputs`` sees each feed's observed tensors too (e.g. to keep a sample of them).
     """
     input_specs = specs.input_specs(model)
     observers = {name: make_observer(method, percentile=percentile) for name in names}
     started = time.perf_counter()
     count = 0
-    first_feeds = []
     with contextlib.ExitStack() as stack:
         if runtime is None:
             runtime = stack.enter_context(tapped(model, names, target))
@@ -107,9 +106,9 @@ def collect_ranges(
                 arrays = runtime.run(feed, outputs=names)
                 for name in names:
                     observers[name].update(arrays[name])
+                if on_outputs is not None:
+                    on_outputs(arrays)
                 del arrays
-                if count < keep_feeds:
-                    first_feeds.append(feed)
                 count += 1
                 elapsed = time.perf_counter() - started
                 advance(description=f"calibrating {len(names)} tensors ({method}) — {count / max(elapsed, 1e-9):.1f} samples/s")
@@ -123,4 +122,4 @@ def collect_ranges(
             nonfinite[name] = observer.nonfinite
     if nonfinite:
         log.warning("non-finite values skipped while calibrating %d tensors (%d values)", len(nonfinite), sum(nonfinite.values()))
-    return CalibrationResult(ranges, nonfinite, count, seconds, first_feeds)
+    return CalibrationResult(ranges, nonfinite, count, seconds)

@@ -26,6 +26,7 @@ from qcompile.errors import (
     ModelLoadError,
     OutputPathError,
 )
+from qcompile.passes._graph import release_if_mapped
 from qcompile.runtimes import SharedWeightsModel
 from qcompile.wire import WireFormatError, map_inline_weights
 
@@ -179,8 +180,9 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def check(model: ir.Model) -> None:
-    """Run the ONNX checker on an in-memory model (external tensors are not read)."""
-    proto = ir.serde.serialize_model(model)
+    """Run the ONNX checker on an in-memory model (large tensors are not copied into the proto)."""
+    with _inlined(model, share=True):
+        proto = ir.serde.serialize_model(model)
     _run_checker(proto, Path(model.meta.get("qcompile.source_path") or "<in-memory model>"))
 
 
@@ -207,12 +209,7 @@ def release_mapped(model: ir.Model) -> None:
     """Unmap the model's memory-mapped initializers: their pages leave this process's resident set
     (they are mapped again when next read). Tensors whose arrays are still in use stay mapped."""
     for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            try:
-                tensor.release()
-            except BufferError:
-                pass
+        release_if_mapped(value.const_value)
 
 
 def _same_file(a: Path, b: Path) -> bool:

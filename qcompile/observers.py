@@ -89,8 +89,7 @@ class _Histogram:
             while self.limit * factor < peak:
                 factor *= 2
             self._widen(factor)
-        hist, _ = np.histogram(values, bins=BINS, range=(-self.limit, self.limit))
-        self.counts += hist
+        self.counts += _bin_counts(values, self.limit)
 
     def _widen(self, factor: int) -> None:
         merged = self.counts.reshape(-1, factor).sum(axis=1) if factor <= BINS else np.array([self.counts.sum()])
@@ -108,6 +107,15 @@ class _Histogram:
         """|x| histogram: BINS/2 bins over [0, limit]."""
         half = BINS // 2
         return self.counts[half:] + self.counts[:half][::-1]
+
+
+def _bin_counts(values: np.ndarray, limit: float) -> np.ndarray:
+    """Counts of ``values`` in BINS equal bins over [-limit, limit] (the last bin closed), like
+    np.histogram but with one multiply-add and a bincount: several times faster on large tensors."""
+    scale = np.float32(BINS / (2 * limit))
+    index = ((values.astype(np.float32, copy=False) + np.float32(limit)) * scale).astype(np.intp)
+    np.clip(index, 0, BINS - 1, out=index)
+    return np.bincount(index.reshape(-1), minlength=BINS)
 
 
 def _percentile_range(h: _Histogram, percentile: float) -> tuple[float, float]:
@@ -182,12 +190,14 @@ class HistogramObserver:
         rows = _channels_first(x, self.axis)
         if not self._hists:
             self._hists = [_Histogram() for _ in range(rows.shape[0])]
+        if rows.size and np.isfinite(rows.min()) and np.isfinite(rows.max()):  # NaN propagates into min
+            for row, hist in zip(rows, self._hists):
+                hist.add(row)
+            return
         finite = np.isfinite(rows)
-        all_finite = bool(finite.all())
-        if not all_finite:
-            self.nonfinite += int(rows.size - np.count_nonzero(finite))
+        self.nonfinite += int(rows.size - np.count_nonzero(finite))
         for row, mask, hist in zip(rows, finite, self._hists):
-            hist.add(row if all_finite else row[mask])
+            hist.add(row[mask])
 
     def _one(self, h: _Histogram) -> tuple[float, float]:
         if h.hi < h.lo:  # saw nothing finite

@@ -166,7 +166,8 @@ class PassManager:
         )
 
     def _run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        options = RuntimeOptions(optimization="disable")
+        # A few feeds: pre-packing would only add a re-laid-out copy of every weight.
+        options = RuntimeOptions(optimization="disable", extra={"session.disable_prepacking": "1"})
         with execute.loaded(model, self.verify_options.target, options) as runtime:
             return execute.run_all(runtime, feeds)
 

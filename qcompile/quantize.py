@@ -21,6 +21,7 @@ from qcompile import modelio, specs
 from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
 from qcompile.calibration import CalibrationReader, IterableReader, iter_feeds
 from qcompile.errors import UnknownNameError
+from qcompile.memory import peak_rss_mb
 from qcompile.models.base import cache_root
 from qcompile.observers import Method
 from qcompile.passes import make_pass
@@ -29,7 +30,7 @@ from qcompile.passes.quant_math import QParams, activation_qparams
 from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, WeightDType, plan_quantization
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.pipeline import optimize_with_stats
-from qcompile.sensitivity import matmul_sqnr
+from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("ort-cpu",)
 #: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative error).
 DEFAULT_MIN_SQNR_DB = 28.0
-#: Calibration feeds kept to measure that SQNR.
+#: Calibration feeds whose rows are kept to measure that SQNR.
 SENSITIVITY_FEEDS = 4
 
 
@@ -74,6 +75,7 @@ class QuantizeResult:
     method: str = "mse"
     sqnr_db: dict = field(default_factory=dict)
     phase_seconds: dict = field(default_factory=dict)
+    phase_peak_rss_mb: dict = field(default_factory=dict)
     smoothquant: dict | None = None
 
     def to_json(self) -> dict:
@@ -89,21 +91,25 @@ class QuantizeResult:
             "calibration": self.calibration.to_json(),
             "smoothquant": self.smoothquant,
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+            "phase_peak_rss_mb": {k: round(v) for k, v in self.phase_peak_rss_mb.items()},
             "node_sqnr_db": {k: round(v, 2) for k, v in sorted(self.sqnr_db.items(), key=lambda kv: kv[1])},
         }
 
 
 class _PhaseClock:
-    """Wall time per phase of the pipeline."""
+    """Wall time per phase of the pipeline, and the process's peak RSS at the end of each."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
         self._last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[phase] = now - self._last
+        self.peak_rss_mb[phase] = peak_rss_mb()
         self._last = now
+
 
 
 def shared_qparams(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], policy: QuantPolicy) -> dict[str, QParams]:
@@ -164,6 +170,7 @@ def quantize(
     if optimize:
         verify_options = verify_options or VerifyOptions(each_pass=False)
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
+        modelio.release_mapped(model)
         clock.lap("optimize")
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype)
     smoothing = None
@@ -176,28 +183,28 @@ def quantize(
     model = make_pass("shape-inference")(model).model
     plan = plan_quantization(model, policy, frozenset(exclude))
     clock.lap("plan")
-    with tapped(model, plan.activations, target) as runtime:  # one session for both phases
-        calibration = collect_ranges(
-            model, plan.activations, reader, method=method, samples=samples, keep_feeds=SENSITIVITY_FEEDS,
-            runtime=runtime,
-        )
-        clock.lap("calibrate")
-        qparams = shared_qparams(plan, calibration.ranges, policy)
-        sqnr: dict[str, float] = {}
-        if min_sqnr_db is not None:
-            sqnr = matmul_sqnr(model, plan, qparams, calibration.first_feeds, runtime=runtime)
-            clock.lap("sensitivity")
-        fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
-        if fragile:
-            plan = plan_quantization(model, policy, frozenset(exclude) | frozenset(fragile))
-            for name, db in fragile.items():
-                plan.kept_float[name] = f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
-            ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
-            qparams = shared_qparams(plan, ranges, policy)
+    sampler = SensitivitySampler(model, plan, SENSITIVITY_FEEDS) if min_sqnr_db is not None else None
+    with tapped(model, plan.activations, target) as runtime:
+        calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
+                                     runtime=runtime, on_outputs=sampler)
     modelio.release_mapped(model)  # the session is gone: weights are next read one at a time
-    lowering = [QDQLoweringPass(plan, qparams), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
+    clock.lap("calibrate")
+    qparams = shared_qparams(plan, calibration.ranges, policy)
+    sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
+    if sampler is not None:
+        clock.lap("sensitivity")
+    fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
+    if fragile:
+        plan = plan_quantization(model, policy, frozenset(exclude) | frozenset(fragile))
+        for name, db in fragile.items():
+            plan.kept_float[name] = f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
+        ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
+        qparams = shared_qparams(plan, ranges, policy)
+    codes = sampler.codes if sampler is not None else None
+    sampler = None
+    lowering = [QDQLoweringPass(plan, qparams, codes), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
     model = PassManager(lowering)(model).model
     modelio.check(model)
     clock.lap("lower")
-    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds,
+    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
                           smoothing.to_json() if smoothing else None)

@@ -10,71 +10,98 @@ where fq is quantize-dequantize with the planned parameters. Nodes below the thr
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.calibrate import tapped
-from qcompile.passes._graph import weight_kn
+from qcompile.passes._graph import release_if_mapped, weight_kn
 from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
-from qcompile.runtimes import Runtime
 
 
 #: Multiply-adds spent on the estimate, over all nodes: rows beyond it are subsampled evenly.
-DEFAULT_MAX_MACS = 25_000_000_000
+DEFAULT_MAX_MACS = 10_000_000_000
 
 
-def matmul_sqnr(
-    model: ir.Model, plan: QuantPlan, qparams: Mapping[str, QParams], feeds: Sequence[dict[str, np.ndarray]],
-    runtime: Runtime | None = None, max_macs: int = DEFAULT_MAX_MACS,
-) -> dict[str, float]:
-    """SQNR in dB of every planned MatMul/Gemm with a constant weight, over ``feeds``.
+class SensitivitySampler:
+    """Measures each planned MatMul/Gemm's INT8 output SQNR from rows kept during calibration.
 
-    Each node sees the same token rows; when all rows of all feeds would cost more than
-    ``max_macs`` multiply-adds, evenly spaced rows of each feed are used. Weights are fake-quantized
-    one node at a time (memory: one weight's copy). ``runtime``: an open :func:`tapped` runtime
-    that exposes the nodes' inputs (else one is opened).
+    Pass it as :func:`~qcompile.calibrate.collect_ranges`'s ``on_outputs``: it keeps evenly spaced
+    token rows of the nodes' inputs from the first ``feeds`` feeds (at most ``max_macs``
+    multiply-adds' worth over all nodes), so no feed is run twice. :meth:`sqnr` then handles one
+    node at a time (memory: one weight's copy) and unmaps each memory-mapped weight after use;
+    the MatMul weights' int8 codes stay in :attr:`codes` for the lowering to reuse.
     """
-    nodes = [n for n in model.graph if n.name in set(plan.quantized_nodes) and n.op_type in ("MatMul", "Gemm")]
-    nodes = [n for n in nodes if weight_kn(n) is not None and n.inputs[0].name in qparams]
-    if not nodes or not feeds:
-        return {}
-    macs_per_row = sum(int(np.prod(n.inputs[1].const_value.shape.numpy())) for n in nodes)
-    rows_per_feed = max(1, math.ceil(max_macs / macs_per_row / len(feeds)))
-    names = sorted({n.inputs[0].name for n in nodes})
-    captured: dict[str, list[np.ndarray]] = defaultdict(list)
-    with contextlib.ExitStack() as stack:
-        if runtime is None:
-            runtime = stack.enter_context(tapped(model, names))
-        for feed in feeds:
-            for name, x in runtime.run(feed, outputs=names).items():
-                captured[name].append(_even_rows(x, rows_per_feed))
-    inputs = {name: np.concatenate(parts) for name, parts in captured.items()}
-    return {n.name: _node_sqnr(n, inputs[n.inputs[0].name], qparams[n.inputs[0].name], plan) for n in nodes}
+
+    def __init__(self, model: ir.Model, plan: QuantPlan, feeds: int = 4, max_macs: int = DEFAULT_MAX_MACS) -> None:
+        observed, quantized = set(plan.activations), set(plan.quantized_nodes)
+        self.nodes = [
+            n for n in model.graph
+            if n.name in quantized and n.op_type in ("MatMul", "Gemm") and weight_kn(n) is not None
+            and n.inputs[0].name in observed
+        ]
+        self.plan = plan
+        self.feeds = feeds
+        macs_per_row = sum(int(np.prod(n.inputs[1].const_value.shape.numpy())) for n in self.nodes) or 1
+        self.rows_per_feed = max(1, math.ceil(max_macs / macs_per_row / max(feeds, 1)))
+        self.names = sorted({n.inputs[0].name for n in self.nodes})
+        self._rows: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._seen = 0
+        self.codes: dict[str, tuple[np.ndarray, QParams]] = {}
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> None:
+        if self._seen >= self.feeds:
+            return
+        self._seen += 1
+        for name in self.names:
+            self._rows[name].append(_even_rows(outputs[name], self.rows_per_feed))
+
+    def sqnr(self, qparams: Mapping[str, QParams]) -> dict[str, float]:
+        """SQNR in dB per node name, with activation parameters ``qparams``."""
+        if not self._seen:
+            return {}
+        inputs = {name: np.concatenate(parts) for name, parts in self._rows.items()}
+        result = {}
+        for node in self.nodes:
+            x_params = qparams.get(node.inputs[0].name)
+            if x_params is None:
+                continue
+            result[node.name], codes = _node_sqnr(node, inputs[node.inputs[0].name], x_params, self.plan)
+            if node.op_type == "MatMul":  # codes in the stored layout
+                self.codes[node.inputs[1].name] = codes
+            release_if_mapped(node.inputs[1].const_value)
+        return result
 
 
 def _even_rows(x: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` evenly spaced rows of x seen as [rows, channels]."""
     rows = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     if len(rows) <= limit:
-        return rows
+        return rows.copy()
     return rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
 
 
-def _node_sqnr(node: ir.Node, x: np.ndarray, x_params: QParams, plan: QuantPlan) -> float:
+def _node_sqnr(
+    node: ir.Node, x: np.ndarray, x_params: QParams, plan: QuantPlan
+) -> tuple[float, tuple[np.ndarray, QParams]]:
+    """y = x W against fq(x) fq(W), with fq(W) applied as int8 codes times per-channel scales;
+    returns the SQNR in dB and the weight's (codes, parameters)."""
     w = weight_kn(node)
     spec = plan.weights[node.inputs[1].name]
     axis = spec.axis if spec.axis is None or node.op_type == "MatMul" else 1  # transposed Gemm: channels last
-    _, wq = quantize_weight(w, axis)
+    codes, wq = quantize_weight(w, axis)
+    x_fq = fake_quantize(x, x_params)
+    scale = np.asarray(wq.scale, dtype=np.float32)
+    if wq.axis == 0:  # per input channel: scale the rows of x instead
+        y_q = (x_fq * scale[None, :]) @ codes.astype(np.float32)
+    else:
+        y_q = (x_fq @ codes.astype(np.float32)) * scale
     y = x @ w
-    err = y - fake_quantize(x, x_params) @ fake_quantize(w, wq)
-    signal = float(np.sum(y.astype(np.float64) ** 2))
-    noise = float(np.sum(err.astype(np.float64) ** 2))
+    signal = float(np.sum(np.square(y, dtype=np.float64)))
+    noise = float(np.sum(np.square(y - y_q, dtype=np.float64)))
     if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+        return math.inf, (codes, wq)
+    return (10 * math.log10(signal / noise) if signal > 0 else -math.inf), (codes, wq)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import resource
 import time
 import traceback
 from pathlib import Path
+
+from qcompile.memory import peak_rss_mb
 from typing import Any, Callable, Mapping
 
 
@@ -29,18 +30,6 @@ def _worker(fn: Callable[..., Any], args: tuple, queue) -> None:
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
         traceback.print_exc()
     queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(), "error": error})
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over exec, so a
-    spawned child would report its parent's peak at fork time."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_isolated(fn: Callable[..., Any], *args: Any) -> dict:
