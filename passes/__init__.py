@@ -52,8 +52,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "constant-folding",
     "identity",
     "no-op",
+    "dedup-initializers",  # before cse: nodes that differ only in duplicate constants then merge
     "cse",
-    "dedup-initializers",
     "fuse-batchnorm",
     "fuse-layernorm",
     "fuse-gelu",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnx_ir as ir
 
@@ -18,14 +20,14 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Dat
     return value
 
 
-def release_if_mapped(tensor: ir.TensorProtocol | None) -> None:
-    """Unmap a memory-mapped tensor: its pages leave the process's resident set until it is read
-    again. A tensor whose array is still in use elsewhere stays mapped."""
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:
-            pass
+def drop_resident(tensor: ir.TensorProtocol | None) -> None:
+    """Drop a memory-mapped tensor's pages from the process's resident set (madvise DONTNEED).
+
+    The mapping stays valid, also under arrays and sessions that still use it: pages are read back
+    from the file (page cache) when next touched. No-op for in-memory tensors."""
+    raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.ExternalTensor) else None
+    if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+        raw.madvise(mmap.MADV_DONTNEED)
 
 
 def weight_kn(node: ir.Node) -> np.ndarray | None:

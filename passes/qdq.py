@@ -18,7 +18,7 @@ from typing import Mapping, MutableMapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes._graph import add_initializer, release_if_mapped
+from qcompile.passes._graph import add_initializer, drop_resident
 from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight, weight_storage
 from qcompile.passes.quant_policy import QuantPlan
 
@@ -74,7 +74,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
                 q, qp = weight_storage(*cached, spec.dtype)
             else:
                 q, qp = quantize_weight(weight.const_value.numpy(), spec.axis, spec.dtype)
-            release_if_mapped(weight.const_value)  # read once; a large model's pages need not stay resident
+            drop_resident(weight.const_value)  # read once; a large model's pages need not stay resident
             self.weight_qparams[spec.value] = qp
             first = nodes[spec.consumers[0][0]]
             dq = self._dq(graph, spec.value, q, qp, first)

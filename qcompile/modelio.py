@@ -26,7 +26,7 @@ from qcompile.errors import (
     ModelLoadError,
     OutputPathError,
 )
-from qcompile.passes._graph import release_if_mapped
+from qcompile.passes._graph import drop_resident
 from qcompile.runtimes import SharedWeightsModel
 from qcompile.wire import WireFormatError, map_inline_weights
 
@@ -197,6 +197,14 @@ def _is_mapped_inline(tensor: ir.ExternalTensor, model: ir.Model) -> bool:
     return bool(source) and _same_file(Path(tensor.path), Path(source))
 
 
+def in_memory_weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers that are held in memory (not memory-mapped)."""
+    return sum(
+        v.const_value.nbytes for v in model.graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+
+
 def has_external_data(model: ir.Model) -> bool:
     """Whether the model reads weights from a separate data file."""
     return any(
@@ -205,11 +213,11 @@ def has_external_data(model: ir.Model) -> bool:
     )
 
 
-def release_mapped(model: ir.Model) -> None:
-    """Unmap the model's memory-mapped initializers: their pages leave this process's resident set
-    (they are mapped again when next read). Tensors whose arrays are still in use stay mapped."""
+def drop_resident_weights(model: ir.Model) -> None:
+    """Drop the resident pages of the model's memory-mapped initializers (see
+    :func:`~qcompile.passes._graph.drop_resident`): they are read back from the file when needed."""
     for value in model.graph.initializers.values():
-        release_if_mapped(value.const_value)
+        drop_resident(value.const_value)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -170,7 +170,7 @@ def quantize(
     if optimize:
         verify_options = verify_options or VerifyOptions(each_pass=False)
         model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
-        modelio.release_mapped(model)
+        modelio.drop_resident_weights(model)
         clock.lap("optimize")
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype)
     smoothing = None
@@ -187,7 +187,7 @@ def quantize(
     with tapped(model, plan.activations, target) as runtime:
         calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
                                      runtime=runtime, on_outputs=sampler)
-    modelio.release_mapped(model)  # the session is gone: weights are next read one at a time
+    modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
     clock.lap("calibrate")
     qparams = shared_qparams(plan, calibration.ranges, policy)
     sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes._graph import release_if_mapped, weight_kn
+from qcompile.passes._graph import drop_resident, weight_kn
 from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
 
@@ -72,7 +72,7 @@ class SensitivitySampler:
             result[node.name], codes = _node_sqnr(node, inputs[node.inputs[0].name], x_params, self.plan)
             if node.op_type == "MatMul":  # codes in the stored layout
                 self.codes[node.inputs[1].name] = codes
-            release_if_mapped(node.inputs[1].const_value)
+            drop_resident(node.inputs[1].const_value)
         return result
 
 
