@@ -49,17 +49,19 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     rejects the graph.
     """
     path = Path(path)
-    proto = _read_proto(path)
-    _check_external_locations(proto.graph, path)
+    proto, anchor = _read_proto(path)
+    _check_external_locations(proto.graph, anchor)
     if check:
         _run_checker(proto, path)
     model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+    ir.external_data.set_base_dir(model.graph, str(anchor.parent.resolve()))
     model.meta["qcompile.source_path"] = str(path.resolve())
     return model
 
 
-def _read_proto(path: Path) -> onnx.ModelProto:
+def _read_proto(path: Path) -> tuple[onnx.ModelProto, Path]:
+    """The model's proto, and the path its external data locations are relative to (the file's
+    real path where its inline weights were memory-mapped: a symlinked model maps its target)."""
     if not path.exists():
         raise ModelLoadError("model file not found", where=str(path), fix="check the path and try again")
     if path.is_dir():
@@ -69,13 +71,16 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         raise ModelLoadError("model file is empty (0 bytes)", where=str(path), fix="re-export the model")
     # onnx-ir refuses to map a file with several hard links; such files are parsed as usual.
     if stat.st_size >= MAP_INLINE_MIN_FILE_BYTES and stat.st_nlink == 1:
+        real = path.resolve()
         try:
-            proto, mapped = map_inline_weights(path)
+            proto, mapped, external = map_inline_weights(real)
         except (WireFormatError, DecodeError):
             pass  # the parse below reports what is wrong
         else:
-            log.debug("%s: %d inline initializers memory-mapped", path, mapped)
-            return _require_model(proto, path)
+            # External data of a symlinked model lies next to the link, mapped weights in the target.
+            if not external or real.parent == path.parent.resolve():
+                log.debug("%s: %d inline initializers memory-mapped", path, mapped)
+                return _require_model(proto, path), real
     try:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -86,7 +91,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
         ) from None
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file: {exc.strerror}", where=str(path), fix="check permissions") from None
-    return _require_model(proto, path)
+    return _require_model(proto, path), path
 
 
 def _require_model(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -88,12 +88,16 @@ def _external_reference(location: str, offset: int, length: int) -> bytes:
     return refs + _encode_varint(_TENSOR_DATA_LOCATION << 3) + _encode_varint(onnx.TensorProto.EXTERNAL)
 
 
+class _AlreadyExternal(Exception):
+    pass
+
+
 def _stripped_tensor(buf, start: int, end: int, location: str, min_bytes: int) -> bytes | None:
     """The TensorProto in buf[start:end] with its raw_data replaced by a reference, or None to keep it."""
     kept, raw = [], None
     for number, _, field_start, payload, stop in _fields(buf, start, end):
         if number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
-            return None  # already external (or explicitly placed): leave it alone
+            raise _AlreadyExternal
         if number == _TENSOR_RAW_DATA:
             raw = (payload, stop - payload)
         else:
@@ -103,34 +107,38 @@ def _stripped_tensor(buf, start: int, end: int, location: str, min_bytes: int) -
     return b"".join(kept) + _external_reference(location, *raw)
 
 
-def _rebuilt_graph(buf, start: int, end: int, location: str, min_bytes: int) -> tuple[bytes, int]:
-    parts, mapped = [], 0
+def _rebuilt_graph(buf, start: int, end: int, location: str, min_bytes: int) -> tuple[bytes, int, int]:
+    parts, mapped, external = [], 0, 0
     for number, wire_type, field_start, payload, stop in _fields(buf, start, end):
         if number == _GRAPH_INITIALIZER and wire_type == _LENGTH_DELIMITED:
-            tensor = _stripped_tensor(buf, payload, stop, location, min_bytes)
+            try:
+                tensor = _stripped_tensor(buf, payload, stop, location, min_bytes)
+            except _AlreadyExternal:
+                tensor, external = None, external + 1
             if tensor is not None:
                 parts.append(_length_delimited(_GRAPH_INITIALIZER, tensor))
                 mapped += 1
                 continue
         parts.append(bytes(buf[field_start:stop]))
-    return b"".join(parts), mapped
+    return b"".join(parts), mapped, external
 
 
-def map_inline_weights(path: str | Path, *, min_bytes: int = 1024) -> tuple[onnx.ModelProto, int]:
+def map_inline_weights(path: str | Path, *, min_bytes: int = 1024) -> tuple[onnx.ModelProto, int, int]:
     """The model at ``path`` with each main-graph initializer whose raw_data is at least ``min_bytes``
-    turned into an external reference to its own bytes in ``path``; and how many were mapped.
+    turned into an external reference to its own bytes in ``path``; how many were mapped; and how
+    many initializers were external data already (left as they are).
 
     Raises :class:`WireFormatError` when the file is not well-formed protobuf.
     """
     path = Path(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        parts, mapped = [], 0
+        parts, mapped, external = [], 0, 0
         for number, wire_type, field_start, payload, stop in _fields(buf, 0, len(buf)):
             if number == _MODEL_GRAPH and wire_type == _LENGTH_DELIMITED:
-                graph, mapped = _rebuilt_graph(buf, payload, stop, path.name, min_bytes)
+                graph, mapped, external = _rebuilt_graph(buf, payload, stop, path.name, min_bytes)
                 parts.append(_length_delimited(_MODEL_GRAPH, graph))
             else:
                 parts.append(bytes(buf[field_start:stop]))
     proto = onnx.ModelProto()
     proto.ParseFromString(b"".join(parts))
-    return proto, mapped
+    return proto, mapped, external
