@@ -12,6 +12,11 @@ Lowered either as ORT's ``com.microsoft.MatMulNBits`` (B packed [N, K/block, blo
 first, scales [N * K/block], zero points packed likewise) or as a standard blocked
 ``DequantizeLinear`` (opset 21, int4/uint4 or int8/uint8 along axis 0, ``block_size``) feeding MatMul.
 Codes are computed by RTN here, or handed in precomputed (GPTQ, from the core's calibration).
+
+Embeddings (``include_embeddings``): a Gather from a constant table E [V, D] is quantized the same
+way, in blocks along D per row (symmetric), and lowered as ORT's ``com.microsoft.GatherBlockQuantized``
+(the packed table [V, D*b/8], scales [V, D/block]; only the gathered rows are dequantized) or as a
+blocked ``DequantizeLinear`` (axis 1) feeding the Gather.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class WeightOnlyConfig:
     symmetric: bool = True
     format: Format = "matmulnbits"
     include_lm_head: bool = False
+    include_embeddings: bool = False  # Gather tables, always symmetric
     accuracy_level: int | None = None  # MatMulNBits: 0 float compute, 4 int8 compute of A; None: 0 here,
                                        # the fastest on the CPU in qcompile.weight_only.quantize_weights
 
@@ -143,6 +149,23 @@ def candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.Node]:
     return found
 
 
+def embedding_candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.Node]:
+    """Gathers of rows (axis 0) from a constant float 2-D table whose rows pack into whole bytes."""
+    if not config.include_embeddings:
+        return []
+    found = []
+    for node in model.graph:
+        if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0 or node.inputs[0] is None:
+            continue
+        table = node.inputs[0]
+        if table.const_value is None or table.dtype != ir.DataType.FLOAT or table.shape is None or table.shape.rank() != 2:
+            continue
+        if table.shape[1] * config.bits % 8:
+            continue
+        found.append(node)
+    return found
+
+
 class WeightOnlyPass(ir.passes.InPlacePass):
     """Replace MatMul weights by block-quantized ones (RTN unless codes are given per weight)."""
 
@@ -152,7 +175,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         super().__init__()
         self.config = config
         self.precomputed = precomputed or {}
-        self.quantized: list[str] = []
+        self.quantized: list[str] = []  # MatMul nodes
+        self.embeddings: list[str] = []  # Gather nodes
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
@@ -169,9 +193,18 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             else:
                 self._to_blocked_dq(graph, node, bq, base)
             self.quantized.append(node.name)
-        if cfg.format == "matmulnbits" and self.quantized:
+        for node in embedding_candidates(model, cfg):
+            table = node.inputs[0]
+            bq = rtn(table.const_value.numpy().T, cfg.bits, cfg.block_size, symmetric=True)  # blocks along D per row
+            base = table.name.replace("/", "_").replace(":", "_")
+            if cfg.format == "matmulnbits":
+                self._to_gather_block_quantized(graph, node, bq, base)
+            else:
+                self._to_blocked_dq_gather(graph, node, bq, base)
+            self.embeddings.append(node.name)
+        if cfg.format == "matmulnbits" and (self.quantized or self.embeddings):
             model.opset_imports.setdefault("com.microsoft", 1)
-        return ir.passes.PassResult(model, bool(self.quantized))
+        return ir.passes.PassResult(model, bool(self.quantized or self.embeddings))
 
     def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
         cfg = self.config
@@ -217,3 +250,29 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
 
+    def _to_gather_block_quantized(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+        cfg = self.config
+        rows, k_blocks, block = bq.codes.shape
+        codes = bq.codes.reshape(rows, k_blocks * block)[:, : bq.k]  # [V, D], zero point 2^(b-1): ORT's default
+        data = add_initializer(graph, f"{base}_q{cfg.bits}", pack(codes, cfg.bits))
+        scales = add_initializer(graph, f"{base}_scales", bq.scales.astype(np.float32))
+        new = ir.node(
+            "GatherBlockQuantized", [data, node.inputs[1], scales], domain="com.microsoft",
+            name=f"{node.name}_GatherBlockQuantized",
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": cfg.bits},
+        )
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+
+    def _to_blocked_dq_gather(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+        cfg = self.config
+        rows, k_blocks, block = bq.codes.shape
+        signed = (bq.codes.reshape(rows, k_blocks * block)[:, : bq.k].astype(np.int16) - 2 ** (cfg.bits - 1)).astype(np.int8)
+        dtype = ir.DataType.INT4 if cfg.bits == 4 else ir.DataType.INT8
+        q = add_initializer(graph, f"{base}_q{cfg.bits}", signed, dtype)
+        scales = add_initializer(graph, f"{base}_scales", bq.scales.astype(np.float32))
+        zero = add_initializer(graph, f"{base}_zero_points", np.zeros(bq.scales.shape, dtype=np.int8), dtype)
+        dq = ir.node("DequantizeLinear", [q, scales, zero], name=f"{node.name}_DequantizeLinear",
+                     attributes={"axis": 1, "block_size": cfg.block_size})
+        dq.outputs[0].name = f"{base}_dequantized"
+        graph.insert_before(node, dq)
+        node.replace_input_with(0, dq.outputs[0])

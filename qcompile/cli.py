@@ -289,6 +289,8 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
               help="Weight-only lowering: ORT MatMulNBits, or blocked DequantizeLinear (opset 21).")
 @click.option("--asymmetric", is_flag=True, default=False, help="Weight-only: asymmetric blocks (zero points).")
 @click.option("--include-lm-head", is_flag=True, default=False, help="Weight-only: quantize the LM head too.")
+@click.option("--include-embeddings", is_flag=True, default=False,
+              help="Weight-only: quantize embedding tables (Gather) too, symmetric blocks along each row.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits compute: 0 float, 4 int8 activations (default: the faster on this CPU, measured).")
 @click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE", help="Keep float: node name, op type or name pattern.")
@@ -301,7 +303,7 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
 def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha, bits,
-             block_size, algorithm, fmt, asymmetric, include_lm_head, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
+             block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
              batch, seq, dims, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     import tempfile
@@ -316,7 +318,7 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
         method=method, per_channel=per_channel, smoothquant=_parse_alpha(alpha), bits=int(bits) if bits else None,
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
-        accuracy_level=accuracy_level,
+        include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
     )
     if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
         recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)

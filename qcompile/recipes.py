@@ -46,6 +46,7 @@ class Recipe:
     algorithm: str = "rtn"
     format: str = "matmulnbits"
     include_lm_head: bool = False
+    include_embeddings: bool = False
     accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
     # both
     samples: int = 64
@@ -153,5 +154,5 @@ def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", e
 
     config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
                               format=recipe.format, include_lm_head=recipe.include_lm_head,
-                              accuracy_level=recipe.accuracy_level)
+                              include_embeddings=recipe.include_embeddings, accuracy_level=recipe.accuracy_level)
     return quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader, samples=recipe.samples)

@@ -32,14 +32,16 @@ class WeightOnlyResult:
     model: ir.Model
     config: WeightOnlyConfig
     algorithm: str
-    quantized: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # MatMul nodes
     seconds: dict[str, float] = field(default_factory=dict)
+    embeddings: list[str] = field(default_factory=list)  # Gather nodes
 
     def to_json(self) -> dict:
         c = self.config
         return {"bits": c.bits, "block_size": c.block_size, "symmetric": c.symmetric, "format": c.format,
-                "include_lm_head": c.include_lm_head, "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
-                "quantized_matmuls": len(self.quantized), "phase_seconds": self.seconds}
+                "include_lm_head": c.include_lm_head, "include_embeddings": c.include_embeddings,
+                "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
+                "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "phase_seconds": self.seconds}
 
 
 def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
@@ -112,4 +114,4 @@ def quantize_weights(
     t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model
     seconds["lower"] = time.perf_counter() - t
-    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds)
+    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings)

@@ -279,13 +279,14 @@ def test_quantize_recipes_and_recipe_files(matmul_model, tmp_path):
     saved = tmp_path / "w4.toml"
     out = tmp_path / "mm.w4.onnx"
     result = invoke("quantize", matmul_model, "-o", out, "--recipe", "w4-weight-only", "--algorithm", "rtn",
-                    "--block-size", "16", "--save-recipe", saved, "--runs", "2", "--json")
+                    "--block-size", "16", "--include-embeddings", "--save-recipe", saved, "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["quantized_matmuls"] == 1  # the LM head (graph output) stays float by default
+    assert report["quantized_embeddings"] == 0  # asked for, but this model has no Gather
     assert report["recipe"]["bits"] == 4 and report["recipe"]["block_size"] == 16
     text = saved.read_text()
-    assert 'algorithm = "rtn"' in text and "block_size = 16" in text
+    assert 'algorithm = "rtn"' in text and "block_size = 16" in text and "include_embeddings = true" in text
     again = tmp_path / "mm.again.onnx"
     result = invoke("quantize", matmul_model, "-o", again, "--recipe-file", saved, "--runs", "2", "--json")
     assert json.loads(result.output)["recipe"] == report["recipe"]

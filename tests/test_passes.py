@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from conftest import floats, model_from_text, op_types, run_ort
 from hypothesis import given, settings
@@ -134,6 +135,34 @@ def test_dedup_initializers():
     out, modified = apply("dedup-initializers", model)
     assert modified and len(out.graph.initializers) == 2
     assert_same_outputs(ref, out, {"x": RNG.standard_normal(4).astype(np.float32)})
+
+
+def test_dedup_compares_whole_tensors_not_just_the_sampled_bytes():
+    """Large tensors equal in their sampled start/middle/end bytes but not elsewhere stay apart."""
+    from qcompile.passes.cleanup import DeduplicateInitializersPass
+
+    size = 8 * DeduplicateInitializersPass.SAMPLE_BYTES  # float32: 32 KB each
+    base = RNG.standard_normal(size).astype(np.float32)
+    near = base.copy()
+    near[size // 8] += 1.0  # outside the three sampled windows
+    graph = ir.Graph([ir.Value(name="x", shape=ir.Shape([size]), type=ir.TensorType(ir.DataType.FLOAT))], [], nodes=[])
+    x = graph.inputs[0]
+    total = x
+    for name, array in (("a", base), ("b", base.copy()), ("c", near)):
+        value = ir.Value(name=name, shape=ir.Shape([size]), type=ir.TensorType(ir.DataType.FLOAT),
+                         const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        node = ir.node("Add", [total, value])
+        graph.append(node)
+        total = node.outputs[0]
+    total.name, total.dtype, total.shape = "y", ir.DataType.FLOAT, ir.Shape([size])
+    graph.outputs.append(total)
+    model = ir.Model(graph, ir_version=9)
+    model.opset_imports[""] = 17
+    ref = clone(model)
+    out, modified = apply("dedup-initializers", model)
+    assert modified and sorted(out.graph.initializers) == ["a", "c"]
+    assert_same_outputs(ref, out, {"x": RNG.standard_normal(size).astype(np.float32)})
 
 
 def test_lift_constants_to_initializers():

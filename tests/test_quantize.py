@@ -246,3 +246,36 @@ def test_quantized_minilm_keeps_retrieval(minilm_path, tmp_path):
     scores = minilm.evaluate(out, reference=minilm_path)
     assert scores["r_at_1"] >= 0.390
     assert scores["embedding_cosine"] >= 0.99
+
+
+@pytest.mark.parametrize("case", ["MatMul", "GemmTransB", "Gemm"])
+def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
+    """The sampler's SQNR equals 10 log10(|xW|^2 / |xW - fq(x) fq(W)|^2) on the rows it kept."""
+    from qcompile.passes._graph import weight_kn
+    from qcompile.quantize import shared_qparams, target_policy
+    from qcompile.sensitivity import SensitivitySampler
+
+    inp, out, inits, body, w_shape, bias_n, _ = CASES[case]
+    inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
+    model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g ({inp}) => ({out}) <{inits}> {{ {body} }}')
+    policy, _ = target_policy("ort-cpu", keep_float=(), weight_dtype="int8")
+    plan = plan_quantization(model, policy, frozenset())
+    node = next(iter(model.graph))
+    w = weight_kn(node)
+    sampler = SensitivitySampler(model, plan, feeds=2, max_macs=2 * w.size)  # one row per feed
+    assert sampler.rows_per_feed == 1
+    x_name = node.inputs[0].name
+    xs = [RNG.standard_normal((4, w.shape[0])).astype(np.float32) for _ in range(3)]
+    for x in xs:
+        sampler({x_name: x})
+    ranges = {x_name: (float(min(x.min() for x in xs)), float(max(x.max() for x in xs)))}
+    qparams = shared_qparams(plan, ranges, policy)
+    got = sampler.sqnr(qparams)[node.name]
+    rows = np.stack([xs[0][0], xs[1][0]])  # first row of each of the first two feeds (1 evenly spaced row of 4)
+    axis = plan.weights["w"].axis if node.op_type == "MatMul" else 1
+    _, wq = quantize_weight(w, axis)
+    w_fq = fake_quantize(w, wq)
+    y = rows @ w
+    expected = sqnr(y, fake_quantize(rows, qparams[x_name]) @ w_fq)
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert 20 < got < 60

@@ -71,6 +71,45 @@ def test_lm_head_included_when_asked():
     onnx.checker.check_model(ir.to_proto(m))
 
 
+VOCAB, DIM = 40, 80  # 80 is not a multiple of the 32/64 blocks: the last block per row is partial
+TABLE = (RNG.standard_normal((VOCAB, DIM)) * 0.1).astype(np.float32)
+
+
+def embedding_model(opset: int) -> ir.Model:
+    table = ", ".join(f"{v:.6f}" for v in TABLE.ravel())
+    return ir.from_proto(onnx.parser.parse_model(f"""
+    <ir_version: 10, opset_import: ["" : {opset}]>
+    g (int64[1, 7] ids) => (float[1, 7, {DIM}] y) <float[{VOCAB}, {DIM}] table = {{{table}}}> {{
+      e = Gather <axis = 0> (table, ids)
+      y = Relu(e)
+    }}"""))
+
+
+@pytest.mark.parametrize("fmt, opset", [("matmulnbits", 17), ("dq", 21)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("block", [32, 64])
+def test_embedding_rows_match_numpy_dequantised_reference(fmt, opset, bits, block):
+    m = embedding_model(opset)
+    lowering = WeightOnlyPass(WeightOnlyConfig(bits=bits, block_size=block, format=fmt, include_embeddings=True))
+    lowering(m)
+    ir.passes.common.RemoveUnusedNodesPass()(m)
+    assert len(lowering.embeddings) == 1
+    ops = [n.op_type for n in m.graph]
+    assert ("GatherBlockQuantized" in ops) is (fmt == "matmulnbits") and ("DequantizeLinear" in ops) is (fmt == "dq")
+    assert "table" not in m.graph.initializers  # the float table is gone
+    ids = RNG.integers(0, VOCAB, (1, 7)).astype(np.int64)
+    deq = rtn(TABLE.T, bits, block, symmetric=True).dequantize().T  # blocks along each row
+    session = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"ids": ids})[0], np.maximum(deq[ids], 0), rtol=1e-5, atol=1e-6)  # ORT: q*s - zp*s
+    assert np.abs(deq - TABLE).max() < (0.05 if bits == 4 else 0.003)
+
+
+def test_embeddings_left_alone_by_default():
+    m = embedding_model(17)
+    lowering = WeightOnlyPass(WeightOnlyConfig())
+    assert not lowering(m).modified and [n.op_type for n in m.graph] == ["Gather", "Relu"]
+
+
 def test_pack_low_bits_first():
     codes = np.array([[1, 2, 15, 0]], dtype=np.uint8)
     assert pack(codes, 4).tolist() == [[0x21, 0x0F]]
