@@ -184,27 +184,25 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             raise ValueError("blocked DequantizeLinear needs opset 21: convert the model first")
         graph = model.graph
         common_passes.NameFixPass()(model)  # new nodes are named after the old ones
-        for node in candidates(model, cfg):
-            w_value = node.inputs[1]
-            bq = self.precomputed.get(w_value.name) or rtn(w_value.const_value.numpy(), cfg.bits, cfg.block_size, cfg.symmetric)
-            base = w_value.name.replace("/", "_").replace(":", "_")
-            if cfg.format == "matmulnbits":
-                self._to_matmulnbits(graph, node, bq, base)
-            else:
-                self._to_blocked_dq(graph, node, bq, base)
-            self.quantized.append(node.name)
-        for node in embedding_candidates(model, cfg):
-            table = node.inputs[0]
-            bq = rtn(table.const_value.numpy().T, cfg.bits, cfg.block_size, symmetric=True)  # blocks along D per row
-            base = table.name.replace("/", "_").replace(":", "_")
-            if cfg.format == "matmulnbits":
-                self._to_gather_block_quantized(graph, node, bq, base)
-            else:
-                self._to_blocked_dq_gather(graph, node, bq, base)
-            self.embeddings.append(node.name)
+        ort = cfg.format == "matmulnbits"
+        jobs = [(node, node.inputs[1], self._matmul_codes, self._to_matmulnbits if ort else self._to_blocked_dq,
+                 self.quantized) for node in candidates(model, cfg)]
+        jobs += [(node, node.inputs[0], self._row_codes, self._to_gather_block_quantized if ort else self._to_blocked_dq_gather,
+                  self.embeddings) for node in embedding_candidates(model, cfg)]
+        for node, weight, codes_of, lower, record in jobs:
+            lower(graph, node, codes_of(weight), weight.name.replace("/", "_").replace(":", "_"))
+            record.append(node.name)
         if cfg.format == "matmulnbits" and (self.quantized or self.embeddings):
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, bool(self.quantized or self.embeddings))
+
+    def _matmul_codes(self, weight: ir.Value) -> BlockQuant:
+        cfg = self.config
+        return self.precomputed.get(weight.name) or rtn(weight.const_value.numpy(), cfg.bits, cfg.block_size, cfg.symmetric)
+
+    def _row_codes(self, table: ir.Value) -> BlockQuant:
+        """An embedding table [V, D] in symmetric blocks along D per row (as W [K=D, N=V])."""
+        return rtn(table.const_value.numpy().T, self.config.bits, self.config.block_size, symmetric=True)
 
     def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
         cfg = self.config
