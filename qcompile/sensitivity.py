@@ -22,18 +22,22 @@ from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
 
 
-#: Multiply-adds spent on the estimate, over all nodes: rows beyond it are subsampled evenly.
+#: Multiply-adds spent on the estimate over all nodes: beyond it, evenly spaced output columns are used
+#: (every token row is kept, so rare outlier tokens still count).
 DEFAULT_MAX_MACS = 10_000_000_000
+#: Memory for the kept rows: beyond it, evenly spaced rows of each feed are kept.
+MAX_ROW_BYTES = 256 * 1024 * 1024
 
 
 class SensitivitySampler:
     """Measures each planned MatMul/Gemm's INT8 output SQNR from rows kept during calibration.
 
-    Pass it as :func:`~qcompile.calibrate.collect_ranges`'s ``on_outputs``: it keeps evenly spaced
-    token rows of the nodes' inputs from the first ``feeds`` feeds (at most ``max_macs``
-    multiply-adds' worth over all nodes), so no feed is run twice. :meth:`sqnr` then handles one
-    node at a time (memory: one weight's copy) and unmaps each memory-mapped weight after use;
-    the MatMul weights' int8 codes stay in :attr:`codes` for the lowering to reuse.
+    Pass it as :func:`~qcompile.calibrate.collect_ranges`'s ``on_outputs``: it keeps the token rows
+    of the nodes' inputs from the first ``feeds`` feeds (at most ``MAX_ROW_BYTES``), so no
+    feed is run twice. :meth:`sqnr` then handles one node at a time (memory: one weight's copy),
+    on evenly spaced output columns when all of them would cost more than ``max_macs``
+    multiply-adds, and unmaps each memory-mapped weight after use; the MatMul weights' int8 codes
+    stay in :attr:`codes` for the lowering to reuse.
     """
 
     def __init__(self, model: ir.Model, plan: QuantPlan, feeds: int = 4, max_macs: int = DEFAULT_MAX_MACS) -> None:
@@ -45,9 +49,10 @@ class SensitivitySampler:
         ]
         self.plan = plan
         self.feeds = feeds
-        macs_per_row = sum(int(np.prod(n.inputs[1].const_value.shape.numpy())) for n in self.nodes) or 1
-        self.rows_per_feed = max(1, math.ceil(max_macs / macs_per_row / max(feeds, 1)))
+        self.max_macs = max_macs
         self.names = sorted({n.inputs[0].name for n in self.nodes})
+        row_bytes = 4 * sum(weight_kn(n).shape[0] for n in {n.inputs[0].name: n for n in self.nodes}.values()) or 1
+        self.rows_per_feed = max(1, MAX_ROW_BYTES // row_bytes // max(feeds, 1))
         self._rows: dict[str, list[np.ndarray]] = defaultdict(list)
         self._seen = 0
         self.codes: dict[str, tuple[np.ndarray, QParams]] = {}
@@ -64,12 +69,15 @@ class SensitivitySampler:
         if not self._seen:
             return {}
         inputs = {name: np.concatenate(parts) for name, parts in self._rows.items()}
+        rows = len(next(iter(inputs.values())))
+        total_macs = rows * sum(int(np.prod(n.inputs[1].const_value.shape.numpy())) for n in self.nodes)
+        fraction = min(1.0, self.max_macs / max(total_macs, 1))
         result = {}
         for node in self.nodes:
             x_params = qparams.get(node.inputs[0].name)
             if x_params is None:
                 continue
-            result[node.name], codes = _node_sqnr(node, inputs[node.inputs[0].name], x_params, self.plan)
+            result[node.name], codes = _node_sqnr(node, inputs[node.inputs[0].name], x_params, self.plan, fraction)
             if node.op_type == "MatMul":  # codes in the stored layout
                 self.codes[node.inputs[1].name] = codes
             drop_resident(node.inputs[1].const_value)
@@ -77,29 +85,33 @@ class SensitivitySampler:
 
 
 def _even_rows(x: np.ndarray, limit: int) -> np.ndarray:
-    """At most ``limit`` evenly spaced rows of x seen as [rows, channels]."""
-    rows = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    if len(rows) <= limit:
-        return rows.copy()
-    return rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
+    """At most ``limit`` evenly spaced rows of x seen as [rows, channels] (a float32 copy)."""
+    rows = np.asarray(x).reshape(-1, x.shape[-1])
+    if len(rows) > limit:
+        rows = rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
+    return rows.astype(np.float32)
 
 
 def _node_sqnr(
-    node: ir.Node, x: np.ndarray, x_params: QParams, plan: QuantPlan
+    node: ir.Node, x: np.ndarray, x_params: QParams, plan: QuantPlan, fraction: float = 1.0
 ) -> tuple[float, tuple[np.ndarray, QParams]]:
-    """y = x W against fq(x) fq(W), with fq(W) applied as int8 codes times per-channel scales;
-    returns the SQNR in dB and the weight's (codes, parameters)."""
+    """y = x W against fq(x) fq(W) on ``fraction`` of the output columns (evenly spaced), with
+    fq(W) applied as int8 codes times per-channel scales; returns the SQNR in dB and the weight's
+    (codes, parameters) for all columns."""
     w = weight_kn(node)
     spec = plan.weights[node.inputs[1].name]
     axis = spec.axis if spec.axis is None or node.op_type == "MatMul" else 1  # transposed Gemm: channels last
     codes, wq = quantize_weight(w, axis)
+    n = w.shape[1]
+    cols = np.unique(np.linspace(0, n - 1, max(1, math.ceil(fraction * n))).round().astype(np.int64))
     x_fq = fake_quantize(x, x_params)
     scale = np.asarray(wq.scale, dtype=np.float32)
+    codes_f = codes[:, cols].astype(np.float32)
     if wq.axis == 0:  # per input channel: scale the rows of x instead
-        y_q = (x_fq * scale[None, :]) @ codes.astype(np.float32)
+        y_q = (x_fq * scale[None, :]) @ codes_f
     else:
-        y_q = (x_fq @ codes.astype(np.float32)) * scale
-    y = x @ w
+        y_q = (x_fq @ codes_f) * (scale[cols] if scale.ndim else scale)
+    y = x @ w[:, cols]
     signal = float(np.sum(np.square(y, dtype=np.float64)))
     noise = float(np.sum(np.square(y - y_q, dtype=np.float64)))
     if noise == 0:

@@ -250,7 +250,8 @@ def test_quantized_minilm_keeps_retrieval(minilm_path, tmp_path):
 
 @pytest.mark.parametrize("case", ["MatMul", "GemmTransB", "Gemm"])
 def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
-    """The sampler's SQNR equals 10 log10(|xW|^2 / |xW - fq(x) fq(W)|^2) on the rows it kept."""
+    """The sampler's SQNR equals 10 log10(|xW|^2 / |xW - fq(x) fq(W)|^2) on the rows it kept; with a
+    multiply-add budget for half the columns, on every other output column."""
     from qcompile.passes._graph import weight_kn
     from qcompile.quantize import shared_qparams, target_policy
     from qcompile.sensitivity import SensitivitySampler
@@ -262,8 +263,8 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     plan = plan_quantization(model, policy, frozenset())
     node = next(iter(model.graph))
     w = weight_kn(node)
-    sampler = SensitivitySampler(model, plan, feeds=2, max_macs=2 * w.size)  # one row per feed
-    assert sampler.rows_per_feed == 1
+    sampler = SensitivitySampler(model, plan, feeds=2)
+    sampler.rows_per_feed = 1  # as if memory allowed one row per feed
     x_name = node.inputs[0].name
     xs = [RNG.standard_normal((4, w.shape[0])).astype(np.float32) for _ in range(3)]
     for x in xs:
@@ -279,3 +280,7 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     expected = sqnr(y, fake_quantize(rows, qparams[x_name]) @ w_fq)
     assert got == pytest.approx(expected, abs=1e-3)
     assert 20 < got < 60
+    sampler.max_macs = 2 * w.size // 2  # 2 rows x half the columns
+    cols = np.unique(np.linspace(0, w.shape[1] - 1, -(-w.shape[1] // 2)).round().astype(np.int64))
+    half = sqnr(y[:, cols], (fake_quantize(rows, qparams[x_name]) @ w_fq)[:, cols])
+    assert sampler.sqnr(qparams)[node.name] == pytest.approx(half, abs=1e-3)
