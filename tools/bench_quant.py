@@ -6,7 +6,8 @@
 Every quantizer gets the same FP32 export and the same calibration feeds (the zoo entry's reader
 over real data; random images/tokens for the random-weight entries). ORT is run as its docs show:
 QDQ format, per-channel, U8 activations / S8 weights, with MinMax, Percentile and Entropy
-calibration (a crash is reported as such). For MiniLM and digits, qcompile also runs with s8
+calibration (a crash is reported as such). For ResNet-18, qcompile also runs with every Conv in
+INT8 (no op class kept float by the kernel probe). For MiniLM and digits, qcompile also runs with s8
 weights forced, to show what u8 x s8 saturation costs on CPUs that have it. Each quantizer runs in its own process so that its
 peak RSS is its own. Columns: task metric, latency ratio vs FP32 at batch 1 and 8 (interleaved on
 ORT CPU), quantize wall time, peak RSS.
@@ -54,9 +55,9 @@ def _qcompile_quantize(src: str, dst: str, feeds: list, method: str) -> None:
     from qcompile.calibration import IterableReader
     from qcompile.quantize import quantize
 
-    method, *flags = method.split("+")  # e.g. "mse+smoothquant", "mse+s8"
+    method, *flags = method.split("+")  # e.g. "mse+smoothquant", "mse+s8", "mse+all"
     result = quantize(src, IterableReader(feeds), method=method, smoothquant="auto" if "smoothquant" in flags else None,
-                      weight_dtype="int8" if "s8" in flags else None)
+                      weight_dtype="int8" if "s8" in flags else None, keep_float=() if "all" in flags else None)
     qcompile.save(result.model, dst)
 
 
@@ -78,6 +79,8 @@ def measure(name: str, runs: int, samples: int | None, workdir: Path) -> list[di
                   ("ORT quantize_static Entropy", "ort", "entropy"), ("qcompile (mse)", "qcompile", "mse")]
     if not batches:  # cost-only entries: the anchor is MinMax
         candidates = [c for c in candidates if c[2] in (None, "minmax", "mse")]
+    if name == "resnet18":  # the goal is stated with every Conv in INT8: no op class kept float
+        candidates.append(("qcompile (mse), every Conv in INT8", "qcompile", "mse+all"))
     if name in ("minilm", "digits_cnn"):  # what the u8 x s8 saturation costs where the CPU has it
         candidates.append(("qcompile (mse), s8 weights forced", "qcompile", "mse+s8"))
     padded = None
