@@ -284,7 +284,7 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @click.option("--alpha", default=None, metavar="ALPHA|auto", help="SmoothQuant alpha in [0, 1], or auto (per layer).")
 @click.option("--bits", type=click.Choice(["4", "8"]), default=None, help="Weight-only bits.")
 @click.option("--block-size", type=int, default=None, help="Weight-only block size (32/64/128).")
-@click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default=None, help="Weight-only algorithm.")
+@click.option("--algorithm", type=click.Choice(["rtn", "gptq", "awq"]), default=None, help="Weight-only algorithm.")
 @click.option("--format", "fmt", type=click.Choice(["matmulnbits", "dq"]), default=None,
               help="Weight-only lowering: ORT MatMulNBits, or blocked DequantizeLinear (opset 21).")
 @click.option("--asymmetric", is_flag=True, default=False, help="Weight-only: asymmetric blocks (zero points).")

@@ -63,8 +63,8 @@ class Recipe:
             problems.append(f"bits {self.bits} (4 | 8)")
         if self.block_size not in (16, 32, 64, 128, 256):
             problems.append(f"block_size {self.block_size} (a power of two, 16..256)")
-        if self.algorithm not in ("rtn", "gptq"):
-            problems.append(f"algorithm {self.algorithm!r} (rtn | gptq)")
+        if self.algorithm not in ("rtn", "gptq", "awq"):
+            problems.append(f"algorithm {self.algorithm!r} (rtn | gptq | awq)")
         if self.format not in ("matmulnbits", "dq"):
             problems.append(f"format {self.format!r} (matmulnbits | dq)")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -80,7 +80,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.kind == "static-int8" or self.algorithm == "gptq"
+        return self.kind == "static-int8" or self.algorithm in ("gptq", "awq")
 
     def to_toml(self) -> str:
         lines = ["# qcompile quantization recipe"]

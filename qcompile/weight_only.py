@@ -24,7 +24,7 @@ from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, WeightOnly
 from qcompile.passmanager import PassManager
 from qcompile.progress import bar
 
-Algorithm = Literal["rtn", "gptq"]
+Algorithm = Literal["rtn", "gptq", "awq"]
 
 
 @dataclass
@@ -108,8 +108,17 @@ def quantize_weights(
                                            config.bits, config.block_size, config.symmetric)
                 advance()
         seconds["gptq"] = time.perf_counter() - t
+    elif algorithm == "awq":
+        if reader is None:
+            raise ValueError("AWQ needs calibration data (a reader)")
+        from qcompile.awq import awq
+
+        t = time.perf_counter()
+        feeds = list(iter_feeds(reader, specs.input_specs(model), samples))
+        model = awq(model, feeds, config).model
+        seconds["awq"] = time.perf_counter() - t
     elif algorithm != "rtn":
-        raise ValueError(f"unknown weight-only algorithm {algorithm!r}; use rtn or gptq")
+        raise ValueError(f"unknown weight-only algorithm {algorithm!r}; use rtn, gptq or awq")
     lowering = WeightOnlyPass(config, precomputed)
     t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model

@@ -162,3 +162,70 @@ def test_gptq_beats_rtn_on_real_calibration_activations(minilm_path):
         assert e_plain < 0.8 * e_rtn, (bits, block, e_plain / e_rtn)
         # act order (static groups) and the clipping search lower the held-out error further
         assert e_gptq < 0.96 * e_plain, (bits, block, e_gptq / e_plain)
+
+
+def test_awq_beats_rtn_on_real_calibration_activations(minilm_path):
+    """AWQ's alpha, chosen on half of MiniLM's real FFN inputs, lowers the other half's output error."""
+    import qcompile
+    from qcompile.awq import ALPHA_GRID, awq_scales, group_error
+    from qcompile.calibrate import tapped
+    from qcompile.models import minilm
+
+    m = qcompile.optimize(minilm_path)
+    node = next(n for n in m.graph if n.op_type == "MatMul" and "layer.0/intermediate" in n.name)
+    w = node.inputs[1].const_value.numpy().astype(np.float32)
+    xs = []
+    with tapped(m, [node.inputs[0].name]) as runtime:
+        for feed in minilm.ENTRY.calibration(48):
+            xs.append(runtime.run(feed, outputs=[node.inputs[0].name])[node.inputs[0].name].reshape(-1, w.shape[0]))
+    x = np.concatenate(xs).astype(np.float32)
+    calib, held_out = x[: len(x) // 2], x[len(x) // 2 :]
+    mean_abs = np.abs(calib).mean(axis=0)
+    config = WeightOnlyConfig(bits=4, block_size=128)
+    errors = {a: group_error(calib, [w], awq_scales(mean_abs, a), config) for a in ALPHA_GRID}
+    alpha = min(errors, key=errors.get)
+    assert alpha > 0
+    e_rtn = group_error(held_out, [w], awq_scales(mean_abs, 0.0), config)
+    e_awq = group_error(held_out, [w], awq_scales(mean_abs, alpha), config)
+    assert e_awq < 0.9 * e_rtn, (alpha, e_awq / e_rtn)
+
+
+def test_awq_scales_fold_into_layernorm_and_beat_rtn_end_to_end():
+    """LayerNorm -> MatMul with planted outlier channels: AWQ folds 1/s into the LayerNorm (the
+    scaled FP32 model is verified equivalent) and its W4 model is closer to FP32 than RTN's."""
+    from qcompile.calibration import IterableReader
+
+    k, n = 128, 64
+    rng = np.random.default_rng(5)
+    gamma = np.ones(k, dtype=np.float32)
+    gamma[rng.choice(k, 6, replace=False)] = 25.0  # outlier input channels
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    fmt = lambda a: ", ".join(f"{v:.6f}" for v in np.ravel(a))  # noqa: E731
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 17]>
+    g (float[1, 16, {k}] x) => (float[1, 16, {n}] y) <float[{k}] gamma = {{{fmt(gamma)}}}, float[{k}] beta = {{{fmt(np.zeros(k))}}},
+                                                     float[{k}, {n}] w = {{{fmt(w)}}}> {{
+      h = LayerNormalization <axis = -1> (x, gamma, beta)
+      z = MatMul(h, w)
+      y = Relu(z)
+    }}"""
+    feeds = [{"x": rng.standard_normal((1, 16, k)).astype(np.float32)} for _ in range(12)]
+    held_out = [{"x": rng.standard_normal((1, 16, k)).astype(np.float32)} for _ in range(4)]
+    config = WeightOnlyConfig(bits=4, block_size=32, format="matmulnbits", accuracy_level=0)
+    reference = ir.from_proto(onnx.parser.parse_model(text))
+    results = {}
+    for algorithm in ("rtn", "awq"):
+        m = ir.from_proto(onnx.parser.parse_model(text))
+        results[algorithm] = quantize_weights(m, config, algorithm=algorithm, reader=IterableReader(feeds), optimize=False).model
+    ln = next(node for node in results["awq"].graph if node.op_type == "LayerNormalization")
+    assert not np.allclose(ln.inputs[1].const_value.numpy(), gamma)  # 1/s folded into the LayerNorm scale
+
+    def session(model):
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+    ref = session(reference)
+    errors = {}
+    for algorithm, model in results.items():
+        s = session(model)
+        errors[algorithm] = sum(float(np.sum((ref.run(None, f)[0] - s.run(None, f)[0]) ** 2)) for f in held_out)
+    assert errors["awq"] < 0.7 * errors["rtn"], errors

@@ -9,6 +9,7 @@ Quantizers (each in its own process, for its own wall time and peak RSS):
     qcompile W8A8 + SmoothQuant          recipe w8a8-smoothquant (alpha searched per layer)
     qcompile W8 weight-only b128         recipe w8-weight-only (RTN)
     qcompile W4 weight-only GPTQ b128    recipe w4-weight-only (GPTQ)
+    qcompile W4 weight-only AWQ b128     recipe w4-weight-only with --algorithm awq
 
 Models: ``smollm2`` (perplexity on pydoc text; decode-step and seq-128 prefill latency), ``minilm``
 (R@1, embedding cosine), ``gpt_synth`` at 168 M parameters (random weights: speed and cost only;
@@ -43,6 +44,7 @@ QUANTIZERS = [
     ("qcompile W8A8 + SmoothQuant", "recipe", "w8a8-smoothquant"),
     ("qcompile W8 weight-only b128", "recipe", "w8-weight-only"),
     ("qcompile W4 weight-only GPTQ b128", "recipe", "w4-weight-only"),
+    ("qcompile W4 weight-only AWQ b128", "recipe", "w4-weight-only:awq"),
 ]
 
 
@@ -73,7 +75,8 @@ def quantize_with(kind: str, arg, name: str, src: str, dst: str, samples: int) -
         import qcompile
         from qcompile.recipes import preset, run_recipe
 
-        recipe = preset(arg).with_(samples=samples)
+        preset_name, _, algorithm = arg.partition(":")  # "recipe" or "recipe:algorithm"
+        recipe = preset(preset_name).with_(samples=samples, algorithm=algorithm or None)
         if name == "gpt_synth" and recipe.kind == "weight-only":
             recipe = recipe.with_(include_lm_head=True)
         reader = calibration_reader(name, samples) if recipe.needs_calibration else None
@@ -91,7 +94,7 @@ def measure(name: str, runs: int, workdir: Path) -> list[dict]:
         row = {"model": name, "quantizer": label}
         path = src
         if kind is not None:
-            path = workdir / f"{name}-{kind}-{arg}.onnx"
+            path = workdir / f"{name}-{kind}-{str(arg).replace(':', '-')}.onnx"
             row.update(run_isolated(quantize_with, kind, arg, name, str(src), str(path), samples))
             if row["error"]:
                 rows.append(row)
