@@ -105,14 +105,21 @@ def searched_block_params(blocks: np.ndarray, bits: int, symmetric: bool,
     return best_scale.astype(np.float32), best_zero.astype(np.float32)
 
 
-def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> BlockQuant:
-    """Round-to-nearest block quantization of W [K, N]."""
+def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool, importance: np.ndarray | None = None) -> BlockQuant:
+    """Round-to-nearest block quantization of W [K, N]. With ``importance`` ([K], e.g. E[x_k^2] of
+    the input), each block's range is searched (:func:`searched_block_params`) to minimise the
+    importance-weighted rounding and clipping error instead of spanning the block's extremes."""
     k, n = w.shape
     blocks_k = -(-k // block_size)
     padded = np.zeros((blocks_k * block_size, n), dtype=np.float32)
     padded[:k] = w
     blocks = padded.T.reshape(n, blocks_k, block_size)
-    scale, zero = block_params(blocks, bits, symmetric)
+    if importance is None:
+        scale, zero = block_params(blocks, bits, symmetric)
+    else:
+        weight = np.zeros(blocks_k * block_size)
+        weight[:k] = importance
+        scale, zero = searched_block_params(blocks, bits, symmetric, weight.reshape(blocks_k, block_size))
     return BlockQuant(quantize_codes(blocks, scale, zero, bits), scale, zero.astype(np.uint8), k, bits, symmetric)
 
 

@@ -14,9 +14,10 @@ their effective quantization step shrinks where the output is most sensitive. al
     sum_i || X W_i - (X / s) Q(diag(s) W_i) ||^2
 
 on the first calibration feeds; alpha 0 is plain RTN, so the search never does worse there. The
-scaled FP32 model is verified equivalent by the pass manager, then the usual weight-only lowering
-quantizes diag(s) W. Groups whose producer cannot absorb 1/s (attention outputs, SiLU(gate) * up)
-are left unscaled rather than paying an extra Mul per layer.
+scaled FP32 model is verified equivalent by the pass manager. Then every weight-only candidate
+(scaled or not) is quantized with its block ranges searched against the error weighted by its
+input's second moment E[x_k^2] (AWQ's clipping step). Groups whose producer cannot absorb 1/s
+(attention outputs, SiLU(gate) * up) are left unscaled rather than paying an extra Mul per layer.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import onnx_ir as ir
 from qcompile.calibrate import tapped
 from qcompile.passes._graph import weight_kn
 from qcompile.passes.smoothquant import SmoothQuantPass, find_groups
-from qcompile.passes.weight_only import WeightOnlyConfig, candidates, rtn
+from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, candidates, rtn
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.progress import bar
 
@@ -46,6 +47,7 @@ class AwqResult:
     model: ir.Model
     alphas: dict[str, float] = field(default_factory=dict)
     groups: int = 0
+    codes: dict[str, BlockQuant] = field(default_factory=dict)  # per weight name, for the lowering
 
     def to_json(self) -> dict:
         return {"groups": self.groups, "alphas": {k: round(v, 3) for k, v in self.alphas.items()}}
@@ -69,24 +71,29 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, config:
 
 
 def awq(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], config: WeightOnlyConfig) -> AwqResult:
-    """Scale ``model``'s weight-only candidates AWQ-style (in place; FP32-equivalent, verified)."""
+    """Scale ``model``'s weight-only candidates AWQ-style (in place; FP32-equivalent, verified) and
+    quantize them with searched block ranges; the codes come back per weight name."""
     groups = find_groups(model)  # names the nodes first
-    eligible = {n.name for n in candidates(model, config)}
+    nodes_to_quantize = candidates(model, config)
+    eligible = {n.name for n in nodes_to_quantize}
     groups = [g for g in groups if g.fold and g.consumers and all(c in eligible for c in g.consumers)]
-    if not groups:
+    if not nodes_to_quantize:
         return AwqResult(model)
-    names = [g.activation for g in groups]
+    searched = {g.activation for g in groups}
+    names = sorted({n.inputs[0].name for n in nodes_to_quantize})
     abs_sums: dict[str, np.ndarray] = {}
+    square_sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in searched}
     with tapped(model, names) as runtime:
         for i, feed in enumerate(feeds):
             arrays = runtime.run(feed, outputs=names)
             for name in names:
-                x = arrays[name].reshape(-1, arrays[name].shape[-1])
-                abs_sums[name] = abs_sums.get(name, 0.0) + np.abs(x).sum(axis=0, dtype=np.float64)
+                x = arrays[name].reshape(-1, arrays[name].shape[-1]).astype(np.float64)
+                abs_sums[name] = abs_sums.get(name, 0.0) + np.abs(x).sum(axis=0)
+                square_sums[name] = square_sums.get(name, 0.0) + np.square(x).sum(axis=0)
                 counts[name] = counts.get(name, 0) + len(x)
-                if i < SEARCH_FEEDS:
+                if i < SEARCH_FEEDS and name in searched:
                     rows[name].append(x.astype(np.float32))
     nodes = {n.name: n for n in model.graph}
     scales, alphas = {}, {}
@@ -106,7 +113,17 @@ def awq(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], config: WeightO
     scaled = [g for g in groups if g.activation in scales]
     manager = PassManager([SmoothQuantPass(scaled, scales)], verify=True,
                           verify_options=VerifyOptions(feeds=list(feeds[:2]) or None))
-    return AwqResult(manager(model).model, alphas, len(groups))
+    model = manager(model).model
+    codes = {}
+    with bar("AWQ clipping search", total=len(nodes_to_quantize)) as advance:
+        for node in nodes_to_quantize:
+            name = node.inputs[0].name
+            s = scales.get(name)
+            importance = square_sums[name] / counts[name] / (1.0 if s is None else np.square(s.astype(np.float64)))
+            w = node.inputs[1].const_value.numpy()
+            codes[node.inputs[1].name] = rtn(w, config.bits, config.block_size, config.symmetric, importance)
+            advance()
+    return AwqResult(model, alphas, len(groups), codes)
 
 
 __all__ = ["ALPHA_GRID", "AwqResult", "awq", "awq_scales", "group_error"]

@@ -115,7 +115,8 @@ def quantize_weights(
 
         t = time.perf_counter()
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))
-        model = awq(model, feeds, config).model
+        scaled = awq(model, feeds, config)
+        model, precomputed = scaled.model, scaled.codes
         seconds["awq"] = time.perf_counter() - t
     elif algorithm != "rtn":
         raise ValueError(f"unknown weight-only algorithm {algorithm!r}; use rtn, gptq or awq")
