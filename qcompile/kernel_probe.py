@@ -198,8 +198,15 @@ def fastest_accuracy_level(bits: int, block_size: int, cache_dir: Path | None = 
     return int(min(timing, key=timing.get))
 
 
-def slower_classes(ratios: dict[str, float], threshold: float = 1.0) -> frozenset[str]:
-    """Op classes whose INT8 kernels are not faster than FP32 (kept float by the policy)."""
+#: An op class stays float when its INT8 kernel is measurably slower than FP32: by more than the
+#: few per cent the probe's timings vary between runs. A tie runs in INT8 — at the model level it
+#: does not lose (ResNet-18's 1x1 Convs, probed at 0.98x: 1.32x FP32 with them in INT8 vs 1.26x
+#: kept float, tools/bench_quant.py in docs/benchmarks.md).
+SLOWER_THAN = 0.95
+
+
+def slower_classes(ratios: dict[str, float], threshold: float = SLOWER_THAN) -> frozenset[str]:
+    """Op classes whose INT8 kernels are measurably slower than FP32 (kept float by the policy)."""
     return frozenset(klass for klass, ratio in ratios.items() if ratio < threshold)
 
 

@@ -68,7 +68,9 @@ class SensitivitySampler:
         """SQNR in dB per node name, with activation parameters ``qparams``."""
         if not self._seen:
             return {}
-        inputs = {name: np.concatenate(parts) for name, parts in self._rows.items()}
+        for name, parts in self._rows.items():  # joined in place: the per-feed parts are freed
+            self._rows[name] = [np.concatenate(parts)] if len(parts) > 1 else parts
+        inputs = {name: parts[0] for name, parts in self._rows.items()}
         rows = len(next(iter(inputs.values())))
         total_macs = rows * sum(int(np.prod(n.inputs[1].const_value.shape.numpy())) for n in self.nodes)
         fraction = min(1.0, self.max_macs / max(total_macs, 1))
