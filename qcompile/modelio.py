@@ -246,27 +246,24 @@ SHARE_MIN_BYTES = 64 * 1024
 _PLACEHOLDER = "qcompile-shared-weights.placeholder"
 
 
-def _shareable(tensor: ir.TensorProtocol | None) -> np.ndarray | None:
-    """The tensor's array when it is large and of a plain numpy type (else None: serialize it)."""
+def _shareable(tensor: ir.TensorProtocol | None) -> bool:
+    """Whether the tensor is large and of a plain numpy type (else it is serialized)."""
     if tensor is None or tensor.nbytes < SHARE_MIN_BYTES or tensor.dtype.bitwidth % 8:
-        return None
-    if np.dtype(tensor.dtype.numpy()).kind not in "biuf":
-        return None  # bfloat16, float8: not a type ORT takes from numpy
-    return tensor.numpy()
+        return False
+    return np.dtype(tensor.dtype.numpy()).kind in "biuf"  # not bfloat16, float8: ORT takes them from numpy
 
 
 @contextlib.contextmanager
-def _inlined(model: ir.Model, *, share: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def _inlined(model: ir.Model, *, share: bool = False) -> Iterator[dict[str, ir.TensorProtocol]]:
     """Temporarily hold external tensors in memory so that serializing writes them inline.
 
     ``share``: large tensors of plain numpy types become placeholder references instead, and are
-    yielded as name -> array (see :class:`SharedWeightsModel`)."""
+    yielded as name -> tensor (see :class:`SharedWeightsModel`)."""
     swapped, shared = [], {}
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        array = _shareable(tensor) if share else None
-        if array is not None:
-            shared[value.name] = array
+        if share and _shareable(tensor):
+            shared[value.name] = tensor
             replacement = ir.ExternalTensor(_PLACEHOLDER, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
                                             name=value.name)
         elif isinstance(tensor, ir.ExternalTensor):
@@ -402,7 +399,8 @@ def runnable(
             yield proto.SerializeToString()
             return
         kept = {t.name for t in proto.graph.initializer}
-        yield SharedWeightsModel(proto.SerializeToString(), {k: a for k, a in shared.items() if k in kept}, _PLACEHOLDER)
+        arrays = {name: tensor.numpy() for name, tensor in shared.items() if name in kept}
+        yield SharedWeightsModel(proto.SerializeToString(), arrays, _PLACEHOLDER)
         return
     with tempfile.TemporaryDirectory(prefix="qcompile-run-") as tmp:
         target = Path(tmp) / "model.onnx"

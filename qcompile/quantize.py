@@ -111,7 +111,6 @@ class _PhaseClock:
         self._last = now
 
 
-
 def shared_qparams(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], policy: QuantPolicy) -> dict[str, QParams]:
     """Activation parameters; tensors that must share a scale get the union of their ranges."""
     parent = {name: name for name in ranges}

@@ -35,13 +35,15 @@ class WeightOnlyResult:
     quantized: list[str] = field(default_factory=list)  # MatMul nodes
     seconds: dict[str, float] = field(default_factory=dict)
     embeddings: list[str] = field(default_factory=list)  # Gather nodes
+    awq: dict | None = None  # AWQ's groups and chosen alphas
 
     def to_json(self) -> dict:
         c = self.config
         return {"bits": c.bits, "block_size": c.block_size, "symmetric": c.symmetric, "format": c.format,
                 "include_lm_head": c.include_lm_head, "include_embeddings": c.include_embeddings,
                 "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
-                "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "phase_seconds": self.seconds}
+                "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "awq": self.awq,
+                "phase_seconds": self.seconds}
 
 
 def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
@@ -92,6 +94,7 @@ def quantize_weights(
     if config.format == "dq" and model.opset_imports.get("", 0) < 21:
         modelio.convert_opset(model, 21)
     precomputed: dict[str, BlockQuant] = {}
+    awq_report = None
     if algorithm == "gptq":
         if reader is None:
             raise ValueError("GPTQ needs calibration data (a reader)")
@@ -116,7 +119,7 @@ def quantize_weights(
         t = time.perf_counter()
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))
         scaled = awq(model, feeds, config)
-        model, precomputed = scaled.model, scaled.codes
+        model, precomputed, awq_report = scaled.model, scaled.codes, scaled.to_json()
         seconds["awq"] = time.perf_counter() - t
     elif algorithm != "rtn":
         raise ValueError(f"unknown weight-only algorithm {algorithm!r}; use rtn, gptq or awq")
@@ -124,4 +127,4 @@ def quantize_weights(
     t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model
     seconds["lower"] = time.perf_counter() - t
-    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings)
+    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings, awq_report)

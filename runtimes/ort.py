@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -79,13 +78,10 @@ class OrtRuntime:
         for name, value in zip(model.weights, values):
             so.add_initializer(name, value)
         # ORT checks that external data exists before it sees the overrides: an empty file will do.
-        folder = tempfile.mkdtemp(prefix="qcompile-shared-")
-        try:
+        with tempfile.TemporaryDirectory(prefix="qcompile-shared-") as folder:
             Path(folder, model.placeholder).touch()
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
             self._create(model.proto, so)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
         self._shared = values
 
     @property

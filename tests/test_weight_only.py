@@ -216,7 +216,10 @@ def test_awq_scales_fold_into_layernorm_and_beat_rtn_end_to_end():
     results = {}
     for algorithm in ("rtn", "awq"):
         m = ir.from_proto(onnx.parser.parse_model(text))
-        results[algorithm] = quantize_weights(m, config, algorithm=algorithm, reader=IterableReader(feeds), optimize=False).model
+        result = quantize_weights(m, config, algorithm=algorithm, reader=IterableReader(feeds), optimize=False)
+        results[algorithm] = result.model
+    report = result.to_json()["awq"]  # the AWQ run's: one group, a non-zero alpha
+    assert report["groups"] == 1 and list(report["alphas"].values())[0] > 0
     ln = next(node for node in results["awq"].graph if node.op_type == "LayerNormalization")
     assert not np.allclose(ln.inputs[1].const_value.numpy(), gamma)  # 1/s folded into the LayerNorm scale
 
