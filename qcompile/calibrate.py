@@ -93,6 +93,7 @@ def collect_ranges(
     method: Method = "percentile",
     samples: int | None = None,
     percentile: float = 99.999,
+    symmetric: bool = False,
     target: str = "ort-cpu",
     runtime: Runtime | None = None,
     on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
@@ -101,9 +102,10 @@ def collect_ranges(
 
     ``runtime``: an open :func:`tapped` runtime exposing ``names`` (else one is opened here).
     ``on_outputs`` sees each feed's observed tensors too (e.g. to keep a sample of them).
+    ``symmetric``: the activations' quantizer is symmetric (int8) rather than u8 with a zero point.
     """
     input_specs = specs.input_specs(model)
-    observers = {name: make_observer(method, percentile=percentile) for name in names}
+    observers = {name: make_observer(method, percentile=percentile, symmetric=symmetric) for name in names}
     started = time.perf_counter()
     count = 0
     with contextlib.ExitStack() as stack:

@@ -8,8 +8,10 @@ attention masks, inf, NaN) never enter a range: they are counted in ``nonfinite`
     percentile  the central p % of the values (default 99.999), two-sided
     entropy     symmetric threshold T minimising KL(P || Q) between the |x| histogram P and its
                 128-level quantisation Q (TensorRT's method)
-    mse         symmetric threshold T minimising E[(x - q_T(x))^2] over the |x| histogram
-                (clipping error beyond T, uniform rounding error (2T/255)^2 / 12 inside)
+    mse         the range minimising E[(x - q(x))^2] for the quantizer that will use it (clipping
+                error outside, uniform rounding error step^2 / 12 inside): a symmetric threshold T
+                over the |x| histogram (step 2T/255), or, for asymmetric u8 activations, the pair
+                (lo, hi) over the signed histogram (step (hi - lo)/255)
 
 ``range()`` returns (lo, hi) as float64 arrays: shape () per tensor, (C,) per channel; lo <= 0 <= hi.
 """
@@ -160,6 +162,9 @@ def _entropy_threshold(h: _Histogram, levels: int = 128) -> float:
     return best * h.width
 
 
+MSE_CANDIDATES = np.linspace(1 / 64, 1, 128)  # fractions of the observed extremes tried as clip points
+
+
 def _mse_threshold(h: _Histogram, levels: int = 255) -> float:
     counts = h.abs_counts()
     if counts.sum() == 0:
@@ -167,13 +172,33 @@ def _mse_threshold(h: _Histogram, levels: int = 255) -> float:
     centers = (np.arange(counts.size) + 0.5) * h.width
     peak = max(abs(h.lo), abs(h.hi))
     best, best_err = peak, np.inf
-    for t in np.linspace(peak / 64, peak, 128):
+    for t in peak * MSE_CANDIDATES:
         step = 2 * t / levels
         clipped = np.maximum(centers - t, 0.0)
         err = float(np.sum(counts * np.where(centers > t, clipped**2, step * step / 12.0)))
         if err < best_err:
             best, best_err = t, err
     return best
+
+
+def _mse_asymmetric_range(h: _Histogram, levels: int = 255) -> tuple[float, float]:
+    """(lo, hi) minimising the squared error of asymmetric quantization over [lo, hi], with lo and hi
+    searched independently among fractions of the observed min and max (prefix sums: one grid)."""
+    n = h.counts
+    centers = -h.limit + (np.arange(BINS) + 0.5) * h.width
+    lo_c, hi_c = min(h.lo, 0.0) * MSE_CANDIDATES, max(h.hi, 0.0) * MSE_CANDIDATES
+    prefix = [np.concatenate([[0.0], np.cumsum(n * centers**k)]) for k in range(3)]  # sums over bins [0, i)
+    below = np.searchsorted(centers, lo_c)  # bins whose centre is under lo: clipped up to lo
+    above = np.searchsorted(centers, hi_c, side="right")  # bins from here on: clipped down to hi
+    n0, n1, n2 = (p[below] for p in prefix)
+    clip_lo = lo_c**2 * n0 - 2 * lo_c * n1 + n2
+    m0, m1, m2 = (p[-1] - p[above] for p in prefix)
+    clip_hi = hi_c**2 * m0 - 2 * hi_c * m1 + m2
+    inside = prefix[0][above][None, :] - prefix[0][below][:, None]
+    step = (hi_c[None, :] - lo_c[:, None]) / levels
+    err = clip_lo[:, None] + clip_hi[None, :] + np.maximum(inside, 0.0) * step**2 / 12.0
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return float(lo_c[i]), float(hi_c[j])
 
 
 @dataclass
@@ -183,6 +208,7 @@ class HistogramObserver:
     method: Method = "percentile"
     axis: int | None = None
     percentile: float = 99.999
+    symmetric: bool = True  # mse: the quantizer is symmetric (else asymmetric, as u8 activations)
     nonfinite: int = 0
     _hists: list[_Histogram] = field(default_factory=list)
 
@@ -204,6 +230,8 @@ class HistogramObserver:
             return 0.0, 0.0
         if self.method == "percentile":
             lo, hi = _percentile_range(h, self.percentile)
+        elif self.method == "mse" and not self.symmetric:
+            lo, hi = _mse_asymmetric_range(h)
         else:
             t = _entropy_threshold(h) if self.method == "entropy" else _mse_threshold(h)
             lo, hi = max(-t, h.lo), min(t, h.hi)
@@ -219,10 +247,12 @@ class HistogramObserver:
 Observer = MinMaxObserver | HistogramObserver
 
 
-def make_observer(method: Method, axis: int | None = None, percentile: float = 99.999) -> Observer:
-    """An observer by method name."""
+def make_observer(method: Method, axis: int | None = None, percentile: float = 99.999,
+                  symmetric: bool = True) -> Observer:
+    """An observer by method name; ``symmetric``: whether the quantizer the range is for is
+    symmetric (changes only what mse minimises)."""
     if method == "minmax":
         return MinMaxObserver(axis=axis)
     if method in ("percentile", "entropy", "mse"):
-        return HistogramObserver(method=method, axis=axis, percentile=percentile)
+        return HistogramObserver(method=method, axis=axis, percentile=percentile, symmetric=symmetric)
     raise ValueError(f"unknown calibration method {method!r}; use one of {METHODS}")

@@ -175,7 +175,7 @@ def quantize(
     smoothing = None
     if smoothquant is not None:
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice
-        smoothing = smooth(model, feeds, smoothquant)
+        smoothing = smooth(model, feeds, smoothquant, method=method, symmetric=policy.activation_symmetric)
         model = smoothing.model
         reader = IterableReader(feeds)
         clock.lap("smoothquant")
@@ -185,6 +185,7 @@ def quantize(
     sampler = SensitivitySampler(model, plan, SENSITIVITY_FEEDS) if min_sqnr_db is not None else None
     with tapped(model, plan.activations, target) as runtime:
         calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
+                                     symmetric=policy.activation_symmetric,
                                      runtime=runtime, on_outputs=sampler)
     modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
     clock.lap("calibrate")

@@ -6,7 +6,8 @@ observed over the calibration feeds. alpha is global, or "auto": per group, the 
 
     sum_i || X W_i - fq(X / s) fq(diag(s) W_i) ||^2
 
-with fq the ort-cpu quantization (per-tensor u8 activations, per-channel s8 weights).
+with fq the target's quantization (per-tensor activations over the range the calibration method
+would pick for X / s, per-channel s8 weights).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibrate import tapped
-from qcompile.observers import MinMaxObserver
+from qcompile.observers import Method, MinMaxObserver, make_observer
 from qcompile.passes._graph import weight_kn
 from qcompile.passes.quant_math import activation_qparams, fake_quantize, quantize_weight
 from qcompile.passes.smoothquant import SmoothGroup, SmoothQuantPass, find_groups, smoothing_scales, weight_row_absmax
@@ -39,9 +40,12 @@ class SmoothingResult:
         return {"groups": self.groups, "alphas": {k: round(v, 2) for k, v in self.alphas.items()}}
 
 
-def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> float:
+def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, method: Method, symmetric: bool) -> float:
     xs = x / s
-    qp = activation_qparams(float(xs.min()), float(xs.max()))
+    observer = make_observer(method, symmetric=symmetric)
+    observer.update(xs)
+    lo, hi = observer.range()
+    qp = activation_qparams(float(lo), float(hi), "int8" if symmetric else "uint8", symmetric)
     xq = fake_quantize(xs, qp)
     err = 0.0
     for w in weights:
@@ -52,9 +56,14 @@ def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray) -> flo
 
 
 def smooth(
-    model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], alpha: Alpha = 0.5, *, verify: bool = True
+    model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], alpha: Alpha = 0.5, *, verify: bool = True,
+    method: Method = "mse", symmetric: bool = False,
 ) -> SmoothingResult:
-    """Apply SmoothQuant to every smoothable activation of ``model`` (in place); FP32-equivalent."""
+    """Apply SmoothQuant to every smoothable activation of ``model`` (in place); FP32-equivalent.
+
+    ``method`` and ``symmetric``: how the activations will be calibrated and quantized afterwards
+    (the alpha search scores each alpha under them).
+    """
     groups = find_groups(model)
     if not groups:
         return SmoothingResult(model)
@@ -77,7 +86,7 @@ def smooth(
         if alpha == "auto":
             x = np.concatenate(samples[group.activation]).astype(np.float32)
             ws = [weight_kn(nodes[c]).astype(np.float32) for c in group.consumers]
-            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a)) for a in ALPHA_GRID}
+            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a), method, symmetric) for a in ALPHA_GRID}
             chosen = min(errors, key=errors.get)
         else:
             chosen = float(alpha)

@@ -80,6 +80,28 @@ def test_mse_threshold_close_to_brute_force_reference():
     assert hi < 0.5 * 500  # the outlier is clipped
 
 
+def _u8_mse(x: np.ndarray, lo: float, hi: float) -> float:
+    """The real error of ORT's asymmetric u8 activation quantization over [lo, hi]."""
+    return float(np.mean((x - fake_quantize(x, activation_qparams(lo, hi, "uint8"))) ** 2))
+
+
+def test_asymmetric_mse_range_fits_the_u8_quantizer_of_a_one_sided_tensor():
+    # Softplus-like: one-sided with a long tail. The symmetric |x| model charges the rounding step
+    # 2T/255 where u8 over [lo, hi] has (hi - lo)/255, so it clips more than the optimum.
+    x = np.log1p(np.exp(2 * RNG.standard_normal(300_000)))
+    asym = HistogramObserver("mse", symmetric=False)
+    sym = HistogramObserver("mse", symmetric=True)
+    for chunk in np.array_split(x, 3):
+        asym.update(chunk)
+        sym.update(chunk)
+    fractions = np.linspace(1 / 64, 1, 128)
+    reference = min(_u8_mse(x, x.min() * a, x.max() * b) for a in fractions[::16] for b in fractions)
+    err_asym = _u8_mse(x, *asym.range())
+    assert err_asym <= 1.02 * reference  # brute force over the real quantizer
+    assert err_asym < 0.95 * _u8_mse(x, *sym.range())
+    assert err_asym < 0.95 * _u8_mse(x, x.min(), x.max())
+
+
 def test_entropy_clips_outliers_but_keeps_the_bulk():
     x = np.concatenate([RNG.standard_normal(200_000), RNG.uniform(30, 60, 10)])
     obs = HistogramObserver("entropy")

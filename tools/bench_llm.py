@@ -10,6 +10,8 @@ Quantizers (each in its own process, for its own wall time and peak RSS):
     qcompile W8 weight-only b128         recipe w8-weight-only (RTN)
     qcompile W4 weight-only GPTQ b128    recipe w4-weight-only (GPTQ)
     qcompile W4 weight-only AWQ b128     recipe w4-weight-only with --algorithm awq
+    qcompile W4 GPTQ b128 + embeddings   recipe w4-weight-only with --include-lm-head --include-embeddings
+                                         (SmolLM2, MiniLM: every weight in 4 bits, SmolLM2's tied table too)
 
 Models: ``smollm2`` (perplexity on pydoc text; decode-step and seq-128 prefill latency), ``minilm``
 (R@1, embedding cosine), ``gpt_synth`` at 168 M parameters (random weights: speed and cost only;
@@ -45,7 +47,9 @@ QUANTIZERS = [
     ("qcompile W8 weight-only b128", "recipe", "w8-weight-only"),
     ("qcompile W4 weight-only GPTQ b128", "recipe", "w4-weight-only"),
     ("qcompile W4 weight-only AWQ b128", "recipe", "w4-weight-only:awq"),
+    ("qcompile W4 GPTQ b128 + embeddings", "recipe", "w4-weight-only:gptq:embeddings"),
 ]
+ONLY = {"qcompile W4 GPTQ b128 + embeddings": ("smollm2", "minilm")}  # rows not run on every model
 
 
 def calibration_reader(name: str, samples: int):
@@ -75,8 +79,10 @@ def quantize_with(kind: str, arg, name: str, src: str, dst: str, samples: int) -
         import qcompile
         from qcompile.recipes import preset, run_recipe
 
-        preset_name, _, algorithm = arg.partition(":")  # "recipe" or "recipe:algorithm"
+        preset_name, algorithm, extra = (arg.split(":") + ["", ""])[:3]  # "recipe[:algorithm[:embeddings]]"
         recipe = preset(preset_name).with_(samples=samples, algorithm=algorithm or None)
+        if extra == "embeddings":
+            recipe = recipe.with_(include_lm_head=True, include_embeddings=True)
         if name == "gpt_synth" and recipe.kind == "weight-only":
             recipe = recipe.with_(include_lm_head=True)
         reader = calibration_reader(name, samples) if recipe.needs_calibration else None
@@ -91,6 +97,8 @@ def measure(name: str, runs: int, workdir: Path) -> list[dict]:
     src = cached_export(entry, options)
     rows = []
     for label, kind, arg in QUANTIZERS:
+        if name not in ONLY.get(label, (name,)):
+            continue
         row = {"model": name, "quantizer": label}
         path = src
         if kind is not None:
