@@ -2,7 +2,7 @@
 
     int8               static INT8 (W8A8) for the target, MSE calibration, SQNR guard
     w8a8-smoothquant   the same after SmoothQuant (alpha searched per layer unless given), with an
-                       LLM-grade guard: MatMuls under 33 dB output SQNR stay float
+                       LLM-grade guard: MatMuls under 34 dB output SQNR stay float
     w8-weight-only     INT8 weights, block 128, RTN, activations float (W8A16)
     w4-weight-only     INT4 weights, block 128, GPTQ, activations float (W4A16)
 
@@ -123,8 +123,9 @@ class Recipe:
 
 PRESETS: dict[str, Recipe] = {
     "int8": Recipe(),
-    # an LLM-grade error budget: a MatMul stays float under 33 dB output SQNR (~2 % relative error)
-    "w8a8-smoothquant": Recipe(name="w8a8-smoothquant", smoothquant="auto", min_sqnr_db=33.0),
+    # an LLM-grade error budget: a MatMul stays float under 34 dB output SQNR (~2 % relative error);
+    # the level is measured, not derived: docs/benchmarks.md has the guard rows of tools/bench_llm.py
+    "w8a8-smoothquant": Recipe(name="w8a8-smoothquant", smoothquant="auto", min_sqnr_db=34.0),
     "w8-weight-only": Recipe(name="w8-weight-only", kind="weight-only", bits=8, block_size=128, algorithm="rtn"),
     "w4-weight-only": Recipe(name="w4-weight-only", kind="weight-only", bits=4, block_size=128, algorithm="gptq",
                              samples=32),

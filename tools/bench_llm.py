@@ -1,6 +1,7 @@
 """LLM quantization side by side: FP32, onnxruntime's quantizers and qcompile's recipes.
 
     python tools/bench_llm.py [--models smollm2,minilm,gpt_synth] [--runs 30] [--json-out FILE]
+                              [--w8a8-guards 33,35] [--only TEXT,...]
 
 Quantizers (each in its own process, for its own wall time and peak RSS):
     FP32                                 the export, untouched
@@ -12,6 +13,9 @@ Quantizers (each in its own process, for its own wall time and peak RSS):
     qcompile W4 weight-only AWQ b128     recipe w4-weight-only with --algorithm awq
     qcompile W4 GPTQ b128 + embeddings   recipe w4-weight-only with --include-lm-head --include-embeddings
                                          (SmolLM2, MiniLM: every weight in 4 bits, SmolLM2's tied table too)
+    --w8a8-guards G,...                  extra W8A8 + SmoothQuant rows at other SQNR guards (dB), to
+                                         see the accuracy / speed trade of the recipe's guard
+    --only TEXT,...                      run only the rows whose label contains one of TEXT (and FP32)
 
 Models: ``smollm2`` (perplexity on pydoc text; decode-step and seq-128 prefill latency), ``minilm``
 (R@1, embedding cosine), ``gpt_synth`` at 168 M parameters (random weights: speed and cost only;
@@ -43,11 +47,12 @@ QUANTIZERS = [
     ("ORT quantize_dynamic INT8", "ort-dynamic", None),
     ("ORT MatMulNBits RTN W4 b32", "ort-nbits", 32),
     ("ORT MatMulNBits RTN W4 b128", "ort-nbits", 128),
-    ("qcompile W8A8 + SmoothQuant", "recipe", "w8a8-smoothquant"),
-    ("qcompile W8 weight-only b128", "recipe", "w8-weight-only"),
-    ("qcompile W4 weight-only GPTQ b128", "recipe", "w4-weight-only"),
-    ("qcompile W4 weight-only AWQ b128", "recipe", "w4-weight-only:awq"),
-    ("qcompile W4 GPTQ b128 + embeddings", "recipe", "w4-weight-only:gptq:embeddings"),
+    ("qcompile W8A8 + SmoothQuant", "recipe", ("w8a8-smoothquant", {})),
+    ("qcompile W8 weight-only b128", "recipe", ("w8-weight-only", {})),
+    ("qcompile W4 weight-only GPTQ b128", "recipe", ("w4-weight-only", {})),
+    ("qcompile W4 weight-only AWQ b128", "recipe", ("w4-weight-only", {"algorithm": "awq"})),
+    ("qcompile W4 GPTQ b128 + embeddings", "recipe",
+     ("w4-weight-only", {"include_lm_head": True, "include_embeddings": True})),
 ]
 ONLY = {"qcompile W4 GPTQ b128 + embeddings": ("smollm2", "minilm")}  # rows not run on every model
 
@@ -79,30 +84,28 @@ def quantize_with(kind: str, arg, name: str, src: str, dst: str, samples: int) -
         import qcompile
         from qcompile.recipes import preset, run_recipe
 
-        preset_name, algorithm, extra = (arg.split(":") + ["", ""])[:3]  # "recipe[:algorithm[:embeddings]]"
-        recipe = preset(preset_name).with_(samples=samples, algorithm=algorithm or None)
-        if extra == "embeddings":
-            recipe = recipe.with_(include_lm_head=True, include_embeddings=True)
+        preset_name, overrides = arg
+        recipe = preset(preset_name).with_(samples=samples, **overrides)
         if name == "gpt_synth" and recipe.kind == "weight-only":
             recipe = recipe.with_(include_lm_head=True)
         reader = calibration_reader(name, samples) if recipe.needs_calibration else None
         qcompile.save(run_recipe(src, recipe, reader).model, dst)
 
 
-def measure(name: str, runs: int, workdir: Path) -> list[dict]:
+def measure(name: str, runs: int, workdir: Path, quantizers: list[tuple]) -> list[dict]:
     from qcompile.models import cached_export, get_entry
 
     entry_name, options, samples, shapes = SETUPS[name]
     entry = get_entry(entry_name)
     src = cached_export(entry, options)
     rows = []
-    for label, kind, arg in QUANTIZERS:
+    for i, (label, kind, arg) in enumerate(quantizers):
         if name not in ONLY.get(label, (name,)):
             continue
         row = {"model": name, "quantizer": label}
         path = src
         if kind is not None:
-            path = workdir / f"{name}-{kind}-{str(arg).replace(':', '-')}.onnx"
+            path = workdir / f"{name}-{i}.onnx"
             row.update(run_isolated(quantize_with, kind, arg, name, str(src), str(path), samples))
             if row["error"]:
                 rows.append(row)
@@ -134,12 +137,22 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,minilm,gpt_synth")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--w8a8-guards", default="", metavar="DB,...")
+    parser.add_argument("--only", default="", metavar="TEXT,...")
     args = parser.parse_args()
+    quantizers = list(QUANTIZERS)
+    w8a8 = next(i for i, q in enumerate(quantizers) if q[2] == ("w8a8-smoothquant", {}))
+    for db in reversed([float(g) for g in args.w8a8_guards.split(",") if g.strip()]):
+        quantizers.insert(w8a8 + 1, (f"qcompile W8A8 + SmoothQuant, guard {db:g} dB", "recipe",
+                                     ("w8a8-smoothquant", {"min_sqnr_db": db})))
+    wanted = [t.strip() for t in args.only.split(",") if t.strip()]
+    if wanted:
+        quantizers = [q for q in quantizers if q[1] is None or any(t in q[0] for t in wanted)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in (n.strip() for n in args.models.split(",")):
             print(f"== {name}", flush=True)
-            rows += measure(name, args.runs, Path(tmp))
+            rows += measure(name, args.runs, Path(tmp), quantizers)
             print(markdown([r for r in rows if r["model"] == name]), flush=True)
     report(rows, markdown, args.json_out)
 
