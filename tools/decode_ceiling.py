@@ -2,9 +2,10 @@
 
     python tools/decode_ceiling.py FP32.onnx QUANTIZED.onnx [QUANTIZED.onnx ...] [--dim sequence=1] [--runs 30]
 
-For each model, its *weight kernels* are cut out into a graph of their own: every node that reads
-a weight (MatMul/Gemm with a constant B, MatMulNBits, DynamicQuantizeMatMul, MatMulIntegerToFloat),
-each fed its own one-token input [1, K], nothing else. All models and their kernel graphs are timed
+For each model, its *weight kernels* are cut out into a graph of their own: every node of the graph
+ORT runs (after its own fusions, e.g. quantize_dynamic's DynamicQuantizeLinear -> MatMulInteger ->
+Mul into DynamicQuantizeMatMul) that reads a weight (MatMul/Gemm with a constant B, MatMulNBits,
+DynamicQuantizeMatMul, MatMulIntegerToFloat), each fed its own one-token input [1, K], nothing else. All models and their kernel graphs are timed
 interleaved, in wall-clock time (ORT's profiler inflates small ops). The ceiling of a quantized
 model is FP32 step / its weight kernels alone: the decode speed-up it would reach if everything
 that is not a weight kernel (attention, norms, shape arithmetic) cost nothing.
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from qcompile import execute, modelio, specs
@@ -59,6 +61,16 @@ def weight_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
+def ort_optimized(path: str, out: Path) -> onnx.ModelProto:
+    """The graph ORT runs for ``path`` on CPU (extended fusions; no CPU-specific layouts)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(out)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return onnx.load(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="the FP32 model first")
@@ -70,12 +82,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         fns, counts = {}, {}
         for i, path in enumerate(args.models):
-            kernels = weight_kernels(onnx.load(path))
+            kernels = weight_kernels(ort_optimized(path, Path(tmp) / f"optimized{i}.onnx"))
             counts[path] = len(kernels.graph.node)
             kernel_path = Path(tmp) / f"kernels{i}.onnx"
             onnx.save(kernels, kernel_path)
             for label, model_path in ((f"{path}", path), (f"{path} [weight kernels]", str(kernel_path))):
-                runtime = stack.enter_context(execute.loaded(model_path, "ort-cpu", RuntimeOptions()))
+                runtime = stack.enter_context(execute.loaded(model_path, "ort-cpu", RuntimeOptions(spin_wait=False)))
                 feed = specs.random_feed(specs.input_specs(modelio.load(model_path, check=False)), seed=0, dims=dims)
                 fns[label] = lambda rt=runtime, feed=feed: rt.run(feed)
         results = time_side_by_side(fns, runs=args.runs, warmup=3, min_time_s=0.0)
