@@ -175,7 +175,8 @@ def quantize(
     smoothing = None
     if smoothquant is not None:
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice
-        smoothing = smooth(model, feeds, smoothquant, method=method, symmetric=policy.activation_symmetric)
+        smoothing = smooth(model, feeds, smoothquant, method=method, activation_dtype=policy.activation_dtype,
+                           symmetric=policy.activation_symmetric)
         model = smoothing.model
         reader = IterableReader(feeds)
         clock.lap("smoothquant")

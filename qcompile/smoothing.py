@@ -40,12 +40,13 @@ class SmoothingResult:
         return {"groups": self.groups, "alphas": {k: round(v, 2) for k, v in self.alphas.items()}}
 
 
-def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, method: Method, symmetric: bool) -> float:
+def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, method: Method, dtype: str,
+                 symmetric: bool) -> float:
     xs = x / s
     observer = make_observer(method, symmetric=symmetric)
     observer.update(xs)
     lo, hi = observer.range()
-    qp = activation_qparams(float(lo), float(hi), "int8" if symmetric else "uint8", symmetric)
+    qp = activation_qparams(float(lo), float(hi), dtype, symmetric)
     xq = fake_quantize(xs, qp)
     err = 0.0
     for w in weights:
@@ -57,12 +58,12 @@ def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, method
 
 def smooth(
     model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], alpha: Alpha = 0.5, *, verify: bool = True,
-    method: Method = "mse", symmetric: bool = False,
+    method: Method = "mse", activation_dtype: str = "uint8", symmetric: bool = False,
 ) -> SmoothingResult:
     """Apply SmoothQuant to every smoothable activation of ``model`` (in place); FP32-equivalent.
 
-    ``method`` and ``symmetric``: how the activations will be calibrated and quantized afterwards
-    (the alpha search scores each alpha under them).
+    ``method``, ``activation_dtype`` and ``symmetric``: how the activations will be calibrated and
+    quantized afterwards (the alpha search scores each alpha under them).
     """
     groups = find_groups(model)
     if not groups:
@@ -86,7 +87,8 @@ def smooth(
         if alpha == "auto":
             x = np.concatenate(samples[group.activation]).astype(np.float32)
             ws = [weight_kn(nodes[c]).astype(np.float32) for c in group.consumers]
-            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a), method, symmetric) for a in ALPHA_GRID}
+            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a), method,
+                                    activation_dtype, symmetric) for a in ALPHA_GRID}
             chosen = min(errors, key=errors.get)
         else:
             chosen = float(alpha)
