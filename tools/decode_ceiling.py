@@ -5,8 +5,9 @@
 For each model, its *weight kernels* are cut out into a graph of their own: every node of the graph
 ORT runs (after its own fusions, e.g. quantize_dynamic's DynamicQuantizeLinear -> MatMulInteger ->
 Mul into DynamicQuantizeMatMul) that reads a weight (MatMul/Gemm with a constant B, MatMulNBits,
-DynamicQuantizeMatMul, MatMulIntegerToFloat), each fed its own one-token input [1, K], nothing else. All models and their kernel graphs are timed
-interleaved, in wall-clock time (ORT's profiler inflates small ops). The ceiling of a quantized
+DynamicQuantizeMatMul, MatMulIntegerToFloat), each fed its own one-token input [1, K], nothing else.
+All models and their kernel graphs are timed interleaved, in wall-clock time (ORT's profiler inflates
+small ops). The ceiling of a quantized
 model is FP32 step / its weight kernels alone: the decode speed-up it would reach if everything
 that is not a weight kernel (attention, norms, shape arithmetic) cost nothing.
 """
@@ -25,12 +26,12 @@ from onnx import TensorProto, helper
 from qcompile import execute, modelio, specs
 from qcompile.runtimes import RuntimeOptions, time_side_by_side
 
-WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "MatMulNBits": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1}
+WEIGHT_OPS = {"MatMul", "Gemm", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}  # weight: input 1
 
 
 def _reduction_dim(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> int | None:
     """K of a weight-reading node (its activation is [.., K]); None if it reads no constant weight."""
-    b = node.input[WEIGHT_OPS[node.op_type]] if len(node.input) > 1 else ""
+    b = node.input[1] if len(node.input) > 1 else ""
     if b not in weights:
         return None
     if node.op_type == "MatMulNBits":
