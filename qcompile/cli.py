@@ -282,6 +282,8 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
               help="Calibration method (static INT8; recipe default mse).")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default per channel).")
 @click.option("--alpha", default=None, metavar="ALPHA|auto", help="SmoothQuant alpha in [0, 1], or auto (per layer).")
+@click.option("--quantize-attention", is_flag=True, default=False,
+              help="Static INT8: attention MatMuls (activation x activation) in INT8 too (float by default).")
 @click.option("--bits", type=click.Choice(["4", "8"]), default=None, help="Weight-only bits.")
 @click.option("--block-size", type=int, default=None, help="Weight-only block size (32/64/128).")
 @click.option("--algorithm", type=click.Choice(["rtn", "gptq", "awq"]), default=None, help="Weight-only algorithm.")
@@ -302,8 +304,8 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @with_shape_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
-def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha, bits,
-             block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
+def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha,
+             quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
              batch, seq, dims, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     import tempfile
@@ -319,6 +321,7 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
         include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
+        quantize_attention=True if quantize_attention else None,
     )
     if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
         recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)

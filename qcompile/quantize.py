@@ -151,6 +151,7 @@ def quantize(
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     smoothquant: float | str | None = None,
     weight_dtype: WeightDType | None = None,
+    quantize_attention: bool = False,
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
@@ -161,7 +162,9 @@ def quantize(
     ``exclude`` names nodes, op types or name patterns to leave in float; MatMul/Gemm nodes whose
     INT8 output SQNR on the first calibration feeds is below ``min_sqnr_db`` stay float too
     (None: keep every planned node in INT8). ``smoothquant`` (an alpha, or "auto") first folds
-    SmoothQuant scales into the FP32 model, from the same calibration feeds.
+    SmoothQuant scales into the FP32 model, from the same calibration feeds. ``quantize_attention``
+    puts activation x activation MatMuls (attention Q·Kᵀ and scores·V) in INT8 too, both inputs with
+    per-tensor activation scales; they stay float by default.
     """
     clock = _PhaseClock()
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
@@ -172,6 +175,7 @@ def quantize(
         modelio.drop_resident_weights(model)
         clock.lap("optimize")
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype)
+    policy = policy.with_(activation_by_activation_matmul=quantize_attention)
     smoothing = None
     if smoothquant is not None:
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))  # needed twice

@@ -39,6 +39,7 @@ class Recipe:
     per_channel: bool = True
     smoothquant: float | str | None = None  # alpha in [0, 1], "auto", or None
     min_sqnr_db: float | None = 28.0
+    quantize_attention: bool = False  # activation x activation MatMuls (Q·Kᵀ, scores·V) in INT8 too
     # weight-only
     bits: int = 8
     block_size: int = 128
@@ -149,7 +150,7 @@ def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", e
 
         return quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
                         exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
-                        smoothquant=recipe.smoothquant)
+                        smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention)
     from qcompile.passes.weight_only import WeightOnlyConfig
     from qcompile.weight_only import quantize_weights
 

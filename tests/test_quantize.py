@@ -248,6 +248,35 @@ def test_quantized_minilm_keeps_retrieval(minilm_path, tmp_path):
     assert scores["embedding_cosine"] >= 0.99
 
 
+def test_attention_matmuls_stay_float_unless_asked(minilm_path, tmp_path):
+    from qcompile.models import minilm
+
+    def attention_matmuls(model: ir.Model) -> dict[str, ir.Node]:
+        """MatMuls whose inputs are both computed (Q·Kᵀ, scores·V), found in the FP32 model."""
+        return {n.name: n for n in model.graph if n.op_type == "MatMul"
+                and all(v is not None and v.const_value is None and v.producer() is not None for v in n.inputs)}
+
+    names = set(attention_matmuls(qcompile.load(minilm_path)))
+    assert len(names) == 12  # Q·Kᵀ and scores·V in each of the 6 layers
+
+    default = quantize(minilm_path, minilm.ENTRY.calibration(16), samples=16)
+    nodes = {n.name: n for n in default.model.graph}
+    for name in names:
+        assert "attention" in default.plan.kept_float[name]
+        assert all(v.producer().op_type != "DequantizeLinear" for v in nodes[name].inputs)
+
+    asked = quantize(minilm_path, minilm.ENTRY.calibration(64), quantize_attention=True)
+    nodes = {n.name: n for n in asked.model.graph}
+    for name in names:
+        assert name in asked.plan.quantized_nodes
+        assert [v.producer().op_type for v in nodes[name].inputs] == ["DequantizeLinear", "DequantizeLinear"]
+    out = tmp_path / "minilm.int8-attention.onnx"
+    qcompile.save(asked.model, out)
+    scores = minilm.evaluate(out, reference=minilm_path)  # runs in ONNX Runtime
+    assert scores["embedding_cosine"] >= 0.99
+    assert scores["r_at_1"] >= 0.390
+
+
 @pytest.mark.parametrize("case", ["MatMul", "GemmTransB", "Gemm"])
 def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     """The sampler's SQNR equals 10 log10(|xW|^2 / |xW - fq(x) fq(W)|^2) on the rows it kept; with a
