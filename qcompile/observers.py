@@ -208,7 +208,7 @@ class HistogramObserver:
     method: Method = "percentile"
     axis: int | None = None
     percentile: float = 99.999
-    symmetric: bool = True  # mse: the quantizer is symmetric (else asymmetric, as u8 activations)
+    symmetric: bool = False  # mse: the quantizer is symmetric (int8), else u8 with a zero point
     nonfinite: int = 0
     _hists: list[_Histogram] = field(default_factory=list)
 
@@ -248,7 +248,7 @@ Observer = MinMaxObserver | HistogramObserver
 
 
 def make_observer(method: Method, axis: int | None = None, percentile: float = 99.999,
-                  symmetric: bool = True) -> Observer:
+                  symmetric: bool = False) -> Observer:
     """An observer by method name; ``symmetric``: whether the quantizer the range is for is
     symmetric (changes only what mse minimises)."""
     if method == "minmax":

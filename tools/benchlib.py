@@ -16,9 +16,9 @@ import multiprocessing as mp
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from qcompile.memory import peak_rss_mb
-from typing import Any, Callable, Mapping
 
 
 def _worker(fn: Callable[..., Any], args: tuple, queue) -> None:
