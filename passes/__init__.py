@@ -62,6 +62,20 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "topo-sort",
 )
 
+#: The relative L2 error each fusion's numerics justify, where it is more than an exact rewrite's 1e-5.
+#: A fused kernel evaluates the same function with another float evaluation order or another
+#: approximation (ORT's Gelu/LayerNormalization/Gemm kernels; BatchNorm scales folded into weights
+#: rounded once instead of applied after the conv): each output element moves by a few ulps
+#: (~1e-7 relative), and a deep network amplifies that to 1e-5 – 1e-4 at its output. A semantic
+#: change — a wrong constant, axis or branch — is 1e-2 or more, so 1e-4 still catches every one.
+FUSION_REL_L2 = 1e-4
+PASS_BOUNDS: dict[str, float] = {
+    "fuse-batchnorm": FUSION_REL_L2,
+    "fuse-layernorm": FUSION_REL_L2,
+    "fuse-gelu": FUSION_REL_L2,
+    "fuse-gemm": FUSION_REL_L2,
+}
+
 #: Run once after the default pipeline reaches its fixed point.
 FINAL_PASSES: tuple[str, ...] = ("clear-shapes",)
 
@@ -76,7 +90,10 @@ def make_pass(name: str) -> ir.passes.PassBase:
         factory = PASSES[name]
     except KeyError:
         raise KeyError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}") from None
-    return factory()
+    made = factory()
+    if name in PASS_BOUNDS:
+        made.rel_l2_bound = PASS_BOUNDS[name]
+    return made
 
 
 __all__ = ["DEFAULT_PIPELINE", "FINAL_PASSES", "PASSES", "make_pass", "pass_names"]

@@ -10,6 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from qcompile import execute, modelio, specs
+from qcompile.feedsearch import fitting_feeds
 from qcompile.metrics import Comparison
 from qcompile.progress import bar
 from qcompile.runtimes import RuntimeOptions, TimingResult, time_side_by_side
@@ -31,21 +32,29 @@ class BenchSettings:
     seed: int = 0
 
 
-def bench_models(paths: list[str | Path], settings: BenchSettings, labels: list[str] | None = None) -> dict:
-    """Time models side by side (interleaved) on one seeded feed; ratios are vs the first model."""
+def bench_models(paths: list[str | Path], settings: BenchSettings, labels: list[str] | None = None,
+                 feed: Mapping[str, np.ndarray] | None = None) -> dict:
+    """Time models side by side (interleaved) on one feed; ratios are vs the first model.
+
+    ``feed`` None: a seeded random feed, its symbolic dims sized (unless the settings size them) so
+    that the first model runs (qcompile/feedsearch.py)."""
     labels = labels or [str(p) for p in paths]
     if len(set(labels)) != len(labels):
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
     first = modelio.load(paths[0])
     input_specs = specs.input_specs(first)
-    feed = specs.random_feed(input_specs, seed=settings.seed, dims=settings.dims, batch=settings.batch, seq=settings.seq)
-    for path in paths[1:]:
-        specs.validate_feed(specs.input_specs(modelio.load(path, check=False)), feed, where=f"inputs of {path}")
     options = RuntimeOptions(threads=settings.threads, spin_wait=len(paths) == 1)
-    first_array = next(iter(feed.values()), None)
-    items = first_array.shape[0] if first_array is not None and first_array.ndim else 1
     with contextlib.ExitStack() as stack:
         loaded = [stack.enter_context(execute.loaded(str(path), settings.target, options)) for path in paths]
+        if feed is None:
+            feed = fitting_feeds(input_specs, lambda f: execute.run_all(loaded[0], [f]), samples=1,
+                                 seed=settings.seed, dims=settings.dims, batch=settings.batch, seq=settings.seq)[0][0]
+        else:
+            specs.validate_feed(input_specs, feed, where=f"inputs of {paths[0]}")
+        for path in paths[1:]:
+            specs.validate_feed(specs.input_specs(modelio.load(path, check=False)), feed, where=f"inputs of {path}")
+        first_array = next(iter(feed.values()), None)
+        items = first_array.shape[0] if first_array is not None and first_array.ndim else 1
         fns = {label: (lambda rt=rt: rt.run(feed)) for label, rt in zip(labels, loaded)}
         with bar("timing", total=settings.runs) as advance:
             results: dict[str, TimingResult] = time_side_by_side(

@@ -1,4 +1,9 @@
-"""The `qcompile` command line. Exit codes: 0 success, 1 a check failed, 2 usage or input error."""
+"""The `qcompile` command line.
+
+Exit codes: 0 success; 1 a check the user asked for failed; 2 the user's input or usage is wrong;
+3 qcompile itself is wrong (a bug: the pass or phase is named). One line on stderr, no traceback
+unless ``--debug`` (or QCOMPILE_DEBUG=1).
+"""
 
 from __future__ import annotations
 
@@ -44,13 +49,17 @@ def emit_json(data) -> None:
     click.echo(json.dumps(clean(data), indent=2, default=_json_default, allow_nan=False))
 
 
+def debugging() -> bool:
+    return os.environ.get("QCOMPILE_DEBUG", "") not in ("", "0")
+
+
 def fail(exc: QCompileError) -> None:
     click.echo(f"error: {exc.line()}", err=True)
     sys.exit(exc.exit_code)
 
 
 def handle_errors(fn):
-    """Turn qcompile's errors into one line on stderr and their exit code; never a traceback."""
+    """Turn every failure into one line on stderr and the exit code of whose fault it is."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -58,17 +67,29 @@ def handle_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except QCompileError as exc:
-            fail(exc)
-        except BackendError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)
         except MemoryError:
-            click.echo("error: out of memory — try a smaller batch or sequence length", err=True)
+            click.echo("error: out of memory — try a smaller batch or sequence length; nothing was written", err=True)
             sys.exit(2)
+        except Exception as exc:
+            if debugging():
+                import traceback
+
+                traceback.print_exc()
+            if isinstance(exc, QCompileError):
+                fail(exc)
+            if isinstance(exc, BackendError):  # a runtime refusing what the user asked it to run
+                click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+                sys.exit(2)
+            message = " ".join(str(exc).split())[:300]
+            click.echo(f"error: internal error in qcompile: {type(exc).__name__}: {message} — this is a qcompile "
+                       "bug: please report it with the model (rerun with --debug for the traceback); the input is "
+                       "untouched and nothing was written", err=True)
+            sys.exit(3)
 
     return wrapper
 
@@ -108,8 +129,13 @@ def with_shape_options(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qcompile-onnx", prog_name="qcompile")
-def main() -> None:
-    """qcompile — an ONNX graph-rewriting compiler with verified passes and measured results."""
+@click.option("--debug", is_flag=True, help="Show the traceback of any error.")
+def main(debug: bool) -> None:
+    """qcompile — an ONNX graph-rewriting compiler with verified passes and measured results.
+
+    Exit codes: 0 success, 1 a check you asked for failed, 2 your input or usage is wrong, 3 a qcompile bug."""
+    if debug:
+        os.environ["QCOMPILE_DEBUG"] = "1"
 
 
 @main.command()
@@ -142,21 +168,38 @@ def inspect(model: str, as_json: bool) -> None:
     stdout.print(ops)
 
 
+def data_feeds(data: str | None, model, limit: int | None = None) -> list[dict] | None:
+    """Feeds from ``--data FILE.npz`` for ``model`` (validated against its inputs), or None."""
+    if not data:
+        return None
+    from qcompile.feeds import load_npz_feeds
+
+    return load_npz_feeds(data, specs.input_specs(model), limit=limit)
+
+
+data_option = click.option("--data", type=click.Path(dir_okay=False), default=None,
+                           help="Real inputs (.npz named after the inputs) for verification and timing feeds.")
+
+
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the result.")
 @click.option("--passes", default=None, help="Comma-separated pass names (default: the FP32 pipeline).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Check every pass numerically on ORT CPU.")
+@click.option("--strict", is_flag=True, help="Exit 3 when a pass fails its check, instead of rolling it back.")
 @click.option("--target-opset", type=click.IntRange(min=7), default=None, help="Convert to this opset first.")
-@click.option("--tolerance", type=float, default=1e-5, show_default=True, help="Max relative L2 error per pass.")
+@click.option("--tolerance", type=float, default=None,
+              help="Max relative L2 error per pass (default: each pass's stated bound; 1e-5 for exact rewrites).")
 @click.option("--external-data/--no-external-data", default=None, help="Weights in OUTPUT.data (default: by size).")
 @with_shape_options
+@data_option
 @click.option("--json", "as_json", is_flag=True, help="Print per-pass stats as JSON on stdout.")
 @handle_errors
-def optimize(model, output, passes, verify, target_opset, tolerance, external_data, batch, seq, dims, as_json):
+def optimize(model, output, passes, verify, strict, target_opset, tolerance, external_data, batch, seq, dims, data,
+             as_json):
     """Optimize MODEL with verified FP32 passes and write OUTPUT atomically."""
     from qcompile.passes import DEFAULT_PIPELINE
-    from qcompile.passmanager import VerifyOptions
+    from qcompile.passmanager import VerifyOptions, checked_outputs
     from qcompile.pipeline import optimize_with_stats
 
     path = resolve_model(model)
@@ -164,13 +207,16 @@ def optimize(model, output, passes, verify, target_opset, tolerance, external_da
     out = Path(output)
     _refuse_overwriting_input(out, path)
     loaded = modelio.load(path)
-    options = VerifyOptions(dims=specs.parse_dims(dims), batch=batch, seq=seq, rel_l2=tolerance)
+    options = VerifyOptions(dims=specs.parse_dims(dims), batch=batch, seq=seq, rel_l2=tolerance,
+                            feeds=data_feeds(data, loaded, limit=4))
     planned = len(names or DEFAULT_PIPELINE)
     with bar("optimizing", total=None) as advance:
         result = optimize_with_stats(
-            loaded, names, verify=verify, verify_options=options, target_opset=target_opset,
+            loaded, names, verify=verify, verify_options=options, target_opset=target_opset, strict=strict,
             on_pass=lambda s: advance(description=f"{s.name} ({planned} passes per sweep)"),
         )
+    if not verify:  # unverified passes still never write an invalid or unrunnable file
+        checked_outputs(result.model, [], "the optimize pipeline")
     modelio.save(result.model, out, external_data=external_data)
     first, last = result.stats[0], result.stats[-1]
     summary = {
@@ -183,18 +229,24 @@ def optimize(model, output, passes, verify, target_opset, tolerance, external_da
         "initializer_bytes_after": last.initializer_bytes_after,
         **result.to_json(),
     }
+    for warning in result.warnings():
+        stderr.print(f"warning: {warning}")
     if as_json:
         emit_json(summary)
         return
-    table = Table("pass", "ms", "nodes", "bytes", "changed", "verified (rel L2)")
+    table = Table("pass", "ms", "nodes", "bytes", "changed", "verified (rel L2 ≤ bound)")
     for s in result.stats:
-        check = "—" if s.verified is None else (f"yes ({s.rel_l2:.1e})" if s.verified else "NO")
+        if s.rolled_back:
+            check = "ROLLED BACK"
+        else:
+            check = "—" if s.verified is None else f"yes ({s.rel_l2:.1e} ≤ {s.bound:.0e})"
         table.add_row(
             s.name, f"{s.seconds * 1e3:.1f}", f"{s.nodes_before} → {s.nodes_after}",
             f"{s.initializer_bytes_before:,} → {s.initializer_bytes_after:,}", "yes" if s.modified else "", check,
         )
     stdout.print(table)
-    stdout.print(f"nodes {first.nodes_before} → {last.nodes_after}; wrote {out}")
+    feeds_note = f"; verified on {result.feeds}" if result.feeds else ""
+    stdout.print(f"nodes {first.nodes_before} → {last.nodes_after}{feeds_note}; wrote {out}")
 
 
 @main.command()
@@ -205,16 +257,18 @@ def optimize(model, output, passes, verify, target_opset, tolerance, external_da
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
 @click.option("--min-time", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Keep timing at least this many seconds.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: runtime's).")
+@data_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 @handle_errors
-def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, as_json):
+def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, data, as_json):
     """Time MODELS (paths or zoo:NAME) side by side on the same feed; ratios vs the first."""
     from qcompile.bench import BenchSettings, bench_models
 
     paths = [resolve_model(m) for m in models]
     settings = BenchSettings(target=target, batch=batch, seq=seq, dims=specs.parse_dims(dims), runs=runs,
                              warmup=warmup, min_time_s=min_time, threads=threads)
-    report = bench_models(paths, settings, labels=list(models))
+    feeds = data_feeds(data, modelio.load(paths[0]), limit=1)
+    report = bench_models(paths, settings, labels=list(models), feed=feeds[0] if feeds else None)
     if as_json:
         emit_json(report)
         return
@@ -249,7 +303,12 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
     if data:
         feeds = load_npz_feeds(data, ref_specs, limit=samples)
     else:
-        feeds = [specs.random_feed(ref_specs, seed=i, dims=specs.parse_dims(dims), batch=batch, seq=seq) for i in range(samples)]
+        from qcompile import execute
+        from qcompile.feedsearch import fitting_feeds
+
+        with execute.loaded(str(ref_path), target) as runtime:
+            feeds, _ = fitting_feeds(ref_specs, lambda f: execute.run_all(runtime, [f]), samples=samples,
+                                     dims=specs.parse_dims(dims), batch=batch, seq=seq)
     for i, feed in enumerate(feeds):
         specs.validate_feed(cand_specs, feed, where=f"sample {i} for {cand_path}")
     comparison = compare_models(ref_path, cand_path, feeds, target)
@@ -302,17 +361,19 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if not this much faster.")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs for the speed check.")
 @with_shape_options
+@data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
 def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha,
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
-             batch, seq, dims, as_json):
+             batch, seq, dims, data, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     import tempfile
 
     from qcompile.bench import BenchSettings, bench_models
     from qcompile.calibration import resolve_reader
     from qcompile.errors import CheckFailedError
+    from qcompile.passmanager import VerifyOptions
     from qcompile.recipes import Recipe, preset, run_recipe
 
     base = Recipe.load(recipe_file) if recipe_file else preset(recipe_name)
@@ -333,13 +394,19 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
     _refuse_overwriting_input(out, path)
     source = modelio.load(path)
     shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
-    reader = resolve_reader(calib, specs.input_specs(source), recipe.samples, **shape) if calib else None
-    result = run_recipe(source, recipe, reader, target=target, exclude=exclude)
+    input_specs = specs.input_specs(source)
+    reader = resolve_reader(calib, input_specs, recipe.samples, **shape) if calib else None
+    verify_feeds = data_feeds(data, source, limit=4) or _calibration_samples(calib, input_specs, 2, shape)
+    verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
+    result = run_recipe(source, recipe, reader, target=target, exclude=exclude, verify_options=verify_options)
+    for note in result.notes:
+        stderr.print(f"note: {note}")
     with tempfile.TemporaryDirectory(dir=out.parent.resolve(), prefix=".qcompile-") as tmp:
         candidate = Path(tmp) / out.name
         modelio.save(result.model, candidate)
         timing = bench_models([path, candidate], BenchSettings(target=target, runs=runs, **shape),
-                              labels=["fp32", "quantized"])
+                              labels=["fp32", "quantized"],
+                              feed=None if (dims or batch or seq) else result.timing_feed)
         speedup = timing["results"][1]["speedup_vs_baseline"]
         report = {"recipe": dataclasses.asdict(recipe), **result.to_json(), "output": str(out), "latency": timing,
                   "speedup": speedup}
@@ -354,6 +421,15 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
         emit_json(report)
         return
     _print_quantize_summary(recipe, result, timing, speedup, target, out)
+
+
+def _calibration_samples(calib: str | None, input_specs, count: int, shape: dict) -> list[dict] | None:
+    """The first ``count`` samples of a real calibration source, to verify on (None for random data)."""
+    if not calib or calib == "random":
+        return None
+    from qcompile.calibration import iter_feeds, resolve_reader
+
+    return list(iter_feeds(resolve_reader(calib, input_specs, count, **shape), input_specs, count)) or None
 
 
 def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> None:

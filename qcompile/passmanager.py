@@ -1,49 +1,73 @@
-"""An instrumented pass manager over onnx-ir passes, with optional numeric verification.
+"""An instrumented pass manager over onnx-ir passes, with numeric verification and rollback.
 
 For every pass it records wall time, node count and initializer bytes before and after, and whether
-the pass changed the model. In verify mode, after every pass that changed the model, it runs the
-ONNX checker and compares the outputs with the *input* model's outputs on ONNX Runtime CPU, on
-seeded random feeds built from the input specs (or the user's feeds). A pass that changes semantics
-fails with its name and the worst output error.
+the pass changed the model. In verify mode the *original* model is run first on the verification
+feeds (the user's, or seeded random feeds sized so that the original runs: qcompile/feedsearch.py);
+a failure there is the input's (exit 2). Then, after every pass that changed the model, the ONNX
+checker runs and the outputs are compared with those of the model before that pass:
+
+    rel_l2(before, after) = ||y_before - y_after|| / ||y_before||  <=  the pass's bound
+
+Each pass states the bound its numerics justify (``rel_l2_bound``; exact rewrites 1e-5, fusions that
+evaluate the same function in another kernel more). Per-pass errors add up at most to the sum of
+the bounds (triangle inequality); the end-to-end figure against the original is reported too.
+
+A pass that crashes or fails its check is qcompile's bug (:class:`InternalError`, exit 3). With
+``rollback`` it is undone instead — the model as it was before the pass is kept, the pass is skipped
+in later sweeps, and the result lists it — so one bad rewrite does not cost the user the rest.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompile import execute, modelio, specs
-from qcompile.errors import BackendFailedError, PassFailedError, QCompileError, VerificationError
+from qcompile.errors import (
+    BackendFailedError,
+    InputModelError,
+    InternalError,
+    PassFailedError,
+    QCompileError,
+    VerificationError,
+)
+from qcompile.feedsearch import fitting_feeds
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.runtimes import RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+#: The bound of a pass that states none: an exact rewrite (same ops, same order) up to float noise.
+DEFAULT_REL_L2 = 1e-5
+#: Runtime options for verification runs: a few feeds, so pre-packing would only copy every weight.
+VERIFY_RUNTIME = RuntimeOptions(optimization="disable", extra={"session.disable_prepacking": "1"})
 
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """How the pass manager checks that passes preserve semantics."""
+    """How the pass manager checks that passes preserve semantics.
+
+    ``rel_l2`` None: each pass's own stated bound; a number overrides it for every pass."""
 
     samples: int = 2
     seed: int = 0
     dims: Mapping[str, int] = field(default_factory=dict)
     batch: int | None = None
     seq: int | None = None
-    rel_l2: float = 1e-5
+    rel_l2: float | None = None
     target: str = "ort-cpu"
     feeds: Sequence[Mapping[str, np.ndarray]] | None = None
     each_pass: bool = True  # False: one comparison at the end (cheaper on large models)
 
-    def make_feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
-        if self.feeds is not None:
-            return [dict(f) for f in self.feeds]
-        input_specs = specs.input_specs(model)
-        return [
-            specs.random_feed(input_specs, seed=self.seed + i, dims=self.dims, batch=self.batch, seq=self.seq)
-            for i in range(self.samples)
-        ]
+    def bound(self, p: ir.passes.PassBase) -> float:
+        if self.rel_l2 is not None:
+            return self.rel_l2
+        return getattr(p, "rel_l2_bound", None) or DEFAULT_REL_L2
 
 
 @dataclass
@@ -60,6 +84,9 @@ class PassStats:
     verified: bool | None = None
     rel_l2: float | None = None
     max_abs: float | None = None
+    bound: float | None = None
+    rolled_back: bool = False
+    error: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,9 +97,27 @@ class PassManagerResult:
     model: ir.Model
     modified: bool
     stats: list[PassStats]
+    feeds: str | None = None  # how the verification feeds were chosen
+    end_to_end: Comparison | None = None  # final model vs the original, on the verification feeds
+    verification_feeds: list[dict] = field(default_factory=list, repr=False)
+    reference_outputs: list[dict] | None = field(default=None, repr=False)  # the original's, on those feeds
+
+    @property
+    def rolled_back(self) -> list[PassStats]:
+        return [s for s in self.stats if s.rolled_back]
+
+    def warnings(self) -> list[str]:
+        return [f"pass {s.name!r} was rolled back (the model before it is kept): {s.error}" for s in self.rolled_back]
 
     def to_json(self) -> dict:
-        return {"modified": self.modified, "passes": [s.to_json() for s in self.stats]}
+        data = {"modified": self.modified, "passes": [s.to_json() for s in self.stats],
+                "rolled_back": [s.name for s in self.rolled_back], "warnings": self.warnings()}
+        if self.feeds is not None:
+            data["verification_feeds"] = self.feeds
+        if self.end_to_end is not None:
+            worst = self.end_to_end.worst()
+            data["end_to_end"] = {"rel_l2": worst.rel_l2, "max_abs": worst.max_abs, "output": worst.name}
+        return data
 
 
 def count_nodes(model: ir.Model) -> int:
@@ -84,9 +129,51 @@ def pass_name(p: ir.passes.PassBase) -> str:
     return getattr(p, "name", None) or type(p).__name__
 
 
+def snapshot(model: ir.Model) -> ir.Model:
+    """A structural copy of ``model`` that shares its weight tensors (cheap), with qcompile's meta."""
+    copy = model.clone()
+    for key, value in model.meta.items():
+        if key.startswith("qcompile."):
+            copy.meta[key] = value
+    return copy
+
+
+def run_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], target: str = "ort-cpu") -> list[dict]:
+    """The model's outputs on ``feeds`` (a session made for these few runs)."""
+    with execute.loaded(model, target, VERIFY_RUNTIME) as runtime:
+        return execute.run_all(runtime, feeds)
+
+
+def reference_run(model: ir.Model, options: VerifyOptions) -> tuple[list[dict], list[dict], str]:
+    """Feeds, the original model's outputs on them, and how they were chosen.
+
+    Everything that fails here is the input's fault: the original model is what was given."""
+    try:
+        with execute.loaded(model, options.target, VERIFY_RUNTIME) as runtime:
+            if options.feeds is not None:
+                feeds, how = [dict(f) for f in options.feeds], "given data"
+            else:
+                feeds, how = fitting_feeds(
+                    specs.input_specs(model), lambda feed: execute.run_all(runtime, [feed]),
+                    samples=options.samples, seed=options.seed, dims=options.dims, batch=options.batch,
+                    seq=options.seq,
+                )
+            try:
+                outputs = execute.run_all(runtime, feeds)
+            except BackendFailedError as exc:
+                raise InputModelError(f"the original model did not run on the {how}: {exc.what}",
+                                      fix="check the data matches the model's inputs") from None
+    except BackendFailedError as exc:
+        raise InputModelError(
+            f"ONNX Runtime cannot load the original model: {exc.what}", where=options.target,
+            fix="qcompile verifies on ONNX Runtime; pass --no-verify to skip verification",
+        ) from None
+    return feeds, outputs, how
+
+
 class PassManager:
     """Runs onnx-ir passes in order (``steps`` sweeps, stopping early at a fixed point), then the
-    ``finalize`` passes once."""
+    ``finalize`` passes once; verifies each (``verify``) and undoes a failing one (``rollback``)."""
 
     def __init__(
         self,
@@ -97,6 +184,7 @@ class PassManager:
         steps: int = 1,
         finalize: Sequence[ir.passes.PassBase] = (),
         on_pass: Callable[[PassStats], None] | None = None,
+        rollback: bool = False,
     ) -> None:
         self.passes = list(passes)
         self.finalize = list(finalize)
@@ -104,91 +192,158 @@ class PassManager:
         self.verify_options = verify_options or VerifyOptions()
         self.steps = max(1, steps)
         self.on_pass = on_pass
+        self.rollback = rollback
 
     def __call__(self, model: ir.Model) -> PassManagerResult:
-        reference = None
         feeds: list[dict[str, np.ndarray]] = []
+        reference: list[dict] | None = None
+        how = None
         if self.verify:
-            feeds = self.verify_options.make_feeds(model)
-            reference = self._run(model, feeds)
-        stats: list[PassStats] = []
-        any_modified = False
-        per_pass = reference if self.verify_options.each_pass else None
-        for _ in range(self.steps):
-            model, sweep_modified = self._sweep(self.passes, model, stats, feeds, per_pass)
-            any_modified |= sweep_modified
-            if not sweep_modified:
+            feeds, reference, how = reference_run(model, self.verify_options)
+        original = snapshot(model) if self.rollback and reference is not None and not self.verify_options.each_pass else None
+        run = _Run(self, feeds, reference if self.verify_options.each_pass else None)
+        model = run.all_sweeps(model)
+        end_to_end = None
+        if reference is not None and run.modified:
+            try:
+                final = run.outputs if run.outputs is not None else self._outputs_or_fail(model, feeds, "all passes")
+                end_to_end = compare_outputs(zip(reference, final))
+                if not self.verify_options.each_pass:
+                    _check_within(end_to_end, sum(self.verify_options.bound(p) for p in run.modified_passes),
+                                  "all passes")
+            except InternalError:
+                if original is None:
+                    raise
+                log.warning("the optimized model fails its check; finding the pass by verifying each")
+                each = PassManager(self.passes, verify=True, steps=self.steps, finalize=self.finalize,
+                                   on_pass=self.on_pass, rollback=True,
+                                   verify_options=replace(self.verify_options, feeds=feeds, each_pass=True))
+                result = each(original)
+                result.feeds = how
+                return result
+        return PassManagerResult(model, run.modified, run.stats, how, end_to_end, feeds, reference)
+
+    def _outputs_or_fail(self, model: ir.Model, feeds, stage: str) -> list[dict]:
+        return checked_outputs(model, feeds, stage, self.verify_options.target)
+
+
+def checked_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], stage: str,
+                    target: str = "ort-cpu") -> list[dict]:
+    """The outputs of a model qcompile produced, after the ONNX checker; a model that fails either
+    is qcompile's bug, blamed on ``stage`` (a pass name or a phase)."""
+    try:
+        modelio.check(model)
+    except QCompileError as exc:
+        raise VerificationError(f"{_stage(stage)} produced an invalid model: {exc.what}", stage=stage) from None
+    try:
+        return run_feeds(model, feeds, target)
+    except BackendFailedError as exc:
+        raise VerificationError(f"{_stage(stage)} produced a model the runtime cannot run: {exc.what}",
+                                stage=stage) from None
+
+
+def _stage(name: str) -> str:
+    return name if " " in name else f"pass {name!r}"
+
+
+def _check_within(comparison: Comparison, bound: float, stage: str) -> None:
+    worst = comparison.worst()
+    if not comparison.within(bound):
+        detail = worst.shape_mismatch or f"rel L2 {worst.rel_l2:.3g} > {bound:g}, max abs {worst.max_abs:.3g}"
+        raise VerificationError(f"{_stage(stage)} changed the model's semantics: output {worst.name!r} {detail}",
+                                stage=stage)
+
+
+class _Run:
+    """The state of one run of a PassManager: stats, the last verified outputs, passes disabled."""
+
+    def __init__(self, manager: PassManager, feeds: list[dict], reference: list[dict] | None) -> None:
+        self.manager = manager
+        self.feeds = feeds
+        self.outputs = reference  # outputs of the last verified model (per-pass verification only)
+        self.stats: list[PassStats] = []
+        self.modified = False
+        self.modified_passes: list[ir.passes.PassBase] = []
+        self.disabled: set[str] = set()
+
+    def all_sweeps(self, model: ir.Model) -> ir.Model:
+        for _ in range(self.manager.steps):
+            model, changed = self.sweep(self.manager.passes, model)
+            if not changed:
                 break
-        model, final_modified = self._sweep(self.finalize, model, stats, feeds, per_pass)
-        any_modified |= final_modified
-        if reference is not None and per_pass is None and any_modified:
-            self._verify(model, PassStats("all passes", 0.0, 0, 0, 0, 0, True), feeds, reference)
-        return PassManagerResult(model, any_modified, stats)
+        model, _ = self.sweep(self.manager.finalize, model)
+        return model
 
-    def _sweep(self, passes, model, stats, feeds, reference) -> tuple[ir.Model, bool]:
-        modified = False
+    def sweep(self, passes: Sequence[ir.passes.PassBase], model: ir.Model) -> tuple[ir.Model, bool]:
+        changed = False
         for p in passes:
-            model, stat = self._run_pass(p, model)
-            if stat.modified and reference is not None:
-                self._verify(model, stat, feeds, reference)
-            stats.append(stat)
-            if self.on_pass:
-                self.on_pass(stat)
-            modified |= stat.modified
-        return model, modified
+            name = pass_name(p)
+            if name in self.disabled:
+                continue
+            before = snapshot(model) if self.manager.rollback else None
+            try:
+                model, stat = self.run_one(p, model)
+            except InternalError as exc:
+                if before is None:
+                    raise
+                model, stat = before, self.rolled_back(name, before, exc)
+            self.stats.append(stat)
+            if self.manager.on_pass:
+                self.manager.on_pass(stat)
+            changed |= stat.modified
+        return model, changed
 
-    def _run_pass(self, p: ir.passes.PassBase, model: ir.Model) -> tuple[ir.Model, PassStats]:
-        name = pass_name(p)
-        nodes_before, bytes_before = count_nodes(model), modelio.initializer_bytes(model)
-        start = time.perf_counter()
-        try:
-            result = p(model)
-        except QCompileError:
-            raise
-        except Exception as exc:
-            cause = exc.__cause__ or exc
-            raise PassFailedError(
-                f"pass {name!r} crashed: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}",
-                fix="report it and rerun without this pass (--passes)",
-            ) from exc
-        seconds = time.perf_counter() - start
-        new_model = result.model
-        if new_model is not model and "qcompile.source_path" in model.meta:
-            new_model.meta["qcompile.source_path"] = model.meta["qcompile.source_path"]
-        return new_model, PassStats(
-            name=name,
-            seconds=seconds,
-            nodes_before=nodes_before,
-            nodes_after=count_nodes(new_model),
-            initializer_bytes_before=bytes_before,
-            initializer_bytes_after=modelio.initializer_bytes(new_model),
-            modified=bool(result.modified),
-        )
+    def run_one(self, p: ir.passes.PassBase, model: ir.Model) -> tuple[ir.Model, PassStats]:
+        model, stat = _run_pass(p, model)
+        if stat.modified:
+            self.modified = True
+            if p not in self.modified_passes:
+                self.modified_passes.append(p)
+            if self.outputs is not None:
+                bound = self.manager.verify_options.bound(p)
+                stat.bound = bound
+                outputs = self.manager._outputs_or_fail(model, self.feeds, stat.name)
+                comparison = compare_outputs(zip(self.outputs, outputs))
+                worst = comparison.worst()
+                stat.rel_l2, stat.max_abs = worst.rel_l2, worst.max_abs
+                _check_within(comparison, bound, stat.name)
+                stat.verified = True
+                self.outputs = outputs
+        return model, stat
 
-    def _run(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        # A few feeds: pre-packing would only add a re-laid-out copy of every weight.
-        options = RuntimeOptions(optimization="disable", extra={"session.disable_prepacking": "1"})
-        with execute.loaded(model, self.verify_options.target, options) as runtime:
-            return execute.run_all(runtime, feeds)
+    def rolled_back(self, name: str, before: ir.Model, exc: InternalError) -> PassStats:
+        log.warning("pass %r rolled back: %s", name, exc.what)
+        self.disabled.add(name)
+        nodes, size = count_nodes(before), modelio.initializer_bytes(before)
+        return PassStats(name, 0.0, nodes, nodes, size, size, modified=False, verified=False, rolled_back=True,
+                         error=exc.what)
 
-    def _verify(self, model: ir.Model, stat: PassStats, feeds, reference) -> None:
-        try:
-            modelio.check(model)
-        except QCompileError as exc:
-            stat.verified = False
-            raise VerificationError(f"pass {stat.name!r} produced an invalid model: {exc.what}") from None
-        try:
-            outputs = self._run(model, feeds)
-        except BackendFailedError as exc:
-            stat.verified = False
-            raise VerificationError(f"pass {stat.name!r} produced a model the runtime cannot run: {exc.what}") from None
-        comparison: Comparison = compare_outputs(zip(reference, outputs))
-        worst = comparison.worst()
-        stat.rel_l2, stat.max_abs = worst.rel_l2, worst.max_abs
-        stat.verified = comparison.within(self.verify_options.rel_l2)
-        if not stat.verified:
-            detail = worst.shape_mismatch or f"rel L2 {worst.rel_l2:.3g} > {self.verify_options.rel_l2:g}, max abs {worst.max_abs:.3g}"
-            raise VerificationError(
-                f"pass {stat.name!r} changed the model's semantics: output {worst.name!r} {detail}",
-                fix="disable the pass with --passes and report the model",
-            )
+
+def _run_pass(p: ir.passes.PassBase, model: ir.Model) -> tuple[ir.Model, PassStats]:
+    """Run one pass and measure it; an exception inside it is qcompile's bug, named."""
+    name = pass_name(p)
+    nodes_before, bytes_before = count_nodes(model), modelio.initializer_bytes(model)
+    start = time.perf_counter()
+    try:
+        result = p(model)
+    except QCompileError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        message = str(cause).splitlines()[0] if str(cause) else ""
+        raise PassFailedError(f"pass {name!r} crashed: {type(cause).__name__}: {message}", stage=name) from exc
+    seconds = time.perf_counter() - start
+    new_model = result.model
+    if new_model is not model:
+        for key, value in model.meta.items():
+            if key.startswith("qcompile.") and key not in new_model.meta:
+                new_model.meta[key] = value
+    return new_model, PassStats(
+        name=name,
+        seconds=seconds,
+        nodes_before=nodes_before,
+        nodes_after=count_nodes(new_model),
+        initializer_bytes_before=bytes_before,
+        initializer_bytes_after=modelio.initializer_bytes(new_model),
+        modified=bool(result.modified),
+    )

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from qcompile import modelio
 from qcompile.errors import UnknownNameError
 from qcompile.passes import DEFAULT_PIPELINE, FINAL_PASSES, PASSES, make_pass
-from qcompile.passmanager import PassManager, PassManagerResult, PassStats, VerifyOptions
+from qcompile.passmanager import PassManager, PassManagerResult, PassStats, VerifyOptions, reference_run
 
 
 def resolve_passes(names: Sequence[str] | None) -> list[ir.passes.PassBase]:
@@ -37,11 +37,14 @@ def optimize_with_stats(
     target_opset: int | None = None,
     steps: int = 3,
     on_pass: Callable[[PassStats], None] | None = None,
+    strict: bool = False,
 ) -> PassManagerResult:
     """Optimize a model (in place when given an ir.Model) and return it with per-pass stats.
 
     ``passes`` None runs the default pipeline to a fixed point (at most ``steps`` sweeps), then
     the final clean-up passes; a list of names runs exactly those passes, sweep by sweep.
+    A pass that crashes or fails verification is rolled back and listed in the result
+    (``result.rolled_back``); ``strict`` raises :class:`~qcompile.errors.InternalError` instead.
     """
     model = _as_model(model_or_path)
     pass_list = resolve_passes(passes)
@@ -49,7 +52,8 @@ def optimize_with_stats(
     if target_opset is not None:
         modelio.convert_opset(model, target_opset)
     manager = PassManager(
-        pass_list, verify=verify, verify_options=verify_options, steps=steps, finalize=final, on_pass=on_pass
+        pass_list, verify=verify, verify_options=verify_options, steps=steps, finalize=final, on_pass=on_pass,
+        rollback=not strict,
     )
     return manager(model)
 
@@ -62,7 +66,23 @@ def optimize(
 ) -> ir.Model:
     """Optimize a model with the named passes (default: the FP32 pipeline) and return it.
 
-    ``verify=True`` checks every pass numerically against the input on ONNX Runtime CPU and raises
-    :class:`~qcompile.errors.VerificationError` naming the pass that changed the outputs.
+    ``verify=True`` checks every pass numerically on ONNX Runtime CPU; a pass that changes the outputs
+    is rolled back (``strict=True``: raises :class:`~qcompile.errors.VerificationError` naming it).
     """
     return optimize_with_stats(model_or_path, passes, verify=verify, **kwargs).model
+
+
+def prepare_float_model(model: ir.Model, optimize: bool, verify_options: VerifyOptions | None
+                        ) -> tuple[ir.Model, list[dict], list[dict], list[str]]:
+    """The float model to quantize (optimized and verified when ``optimize``), the verification feeds,
+    the float model's outputs on them (what the quantized model is compared with), and notes."""
+    verify_options = verify_options or VerifyOptions(each_pass=False)
+    notes: list[str] = []
+    if optimize:
+        result = optimize_with_stats(model, verify=True, verify_options=verify_options)
+        model, feeds, outputs = result.model, result.verification_feeds, result.reference_outputs
+        notes += result.warnings()
+        modelio.drop_resident_weights(model)
+    else:
+        feeds, outputs, _ = reference_run(model, verify_options)
+    return model, feeds, outputs, notes

@@ -28,8 +28,11 @@ from qcompile.passes import make_pass
 from qcompile.passes.qdq import QDQLoweringPass
 from qcompile.passes.quant_math import QParams, activation_qparams
 from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, WeightDType, plan_quantization
-from qcompile.passmanager import PassManager, VerifyOptions
-from qcompile.pipeline import optimize_with_stats
+from qcompile.errors import InputModelError
+from qcompile.metrics import Comparison, compare_outputs
+from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset
+from qcompile.passmanager import PassManager, VerifyOptions, checked_outputs
+from qcompile.pipeline import prepare_float_model
 from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
 
@@ -77,6 +80,15 @@ class QuantizeResult:
     phase_seconds: dict = field(default_factory=dict)
     phase_peak_rss_mb: dict = field(default_factory=dict)
     smoothquant: dict | None = None
+    opset: OpsetChange | None = None
+    accuracy: Comparison | None = None  # the quantized model vs the float one, on the verification feeds
+    notes: list[str] = field(default_factory=list)  # fallbacks and warnings, in words
+    verification_feeds: list = field(default_factory=list, repr=False)
+
+    @property
+    def timing_feed(self) -> dict | None:
+        """A feed the float model is known to run on (the first verification feed)."""
+        return self.verification_feeds[0] if self.verification_feeds else None
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +105,9 @@ class QuantizeResult:
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "phase_peak_rss_mb": {k: round(v) for k, v in self.phase_peak_rss_mb.items()},
             "node_sqnr_db": {k: round(v, 2) for k, v in sorted(self.sqnr_db.items(), key=lambda kv: kv[1])},
+            "opset": self.opset.to_json() if self.opset else None,
+            "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None,
+            "notes": list(self.notes),
         }
 
 
@@ -169,11 +184,19 @@ def quantize(
     clock = _PhaseClock()
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     clock.lap("load")
-    if optimize:
-        verify_options = verify_options or VerifyOptions(each_pass=False)
-        model = optimize_with_stats(model, verify=True, verify_options=verify_options).model
-        modelio.drop_resident_weights(model)
-        clock.lap("optimize")
+    model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options)
+    clock.lap("optimize")
+    model, opset = ensure_opset(model, QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, verify_feeds,
+                                "per-channel Q/DQ needs opset 13" if per_channel else "Q/DQ needs opset 10")
+    if not opset.ok:
+        if not per_channel or opset.before < QDQ_PER_TENSOR:
+            raise InputModelError(f"cannot quantize a model at opset {opset.before}: {opset.reason}",
+                                  fix="re-export the model at opset 13 or newer")
+        per_channel = False
+        notes.append(f"weights per tensor: the model stays at opset {opset.before} ({opset.reason})")
+    if opset.action == "upgraded":
+        notes.append(f"opset {opset.before} -> {opset.after} (verified): {opset.reason}")
+    clock.lap("opset")
     policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype)
     policy = policy.with_(activation_by_activation_matmul=quantize_attention)
     smoothing = None
@@ -187,6 +210,13 @@ def quantize(
     model = make_pass("shape-inference")(model).model
     plan = plan_quantization(model, policy, frozenset(exclude))
     clock.lap("plan")
+    if not plan.quantized_nodes:
+        notes.append("nothing to quantize: no MatMul/Gemm/Conv/ConvTranspose with constant weights runs in INT8 "
+                     "here; the optimized float model is the result")
+        model = PassManager([make_pass("clear-shapes")])(model).model
+        accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "the quantize pipeline")))
+        return QuantizeResult(model, plan, CalibrationResult({}), policy, ratios, method, {}, clock.seconds,
+                              clock.peak_rss_mb, smoothing.to_json() if smoothing else None, opset, accuracy, notes, verify_feeds)
     sampler = SensitivitySampler(model, plan, SENSITIVITY_FEEDS) if min_sqnr_db is not None else None
     with tapped(model, plan.activations, target) as runtime:
         calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
@@ -209,7 +239,7 @@ def quantize(
     sampler = None
     lowering = [QDQLoweringPass(plan, qparams, codes), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
     model = PassManager(lowering)(model).model
-    modelio.check(model)
+    accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "qdq-lowering")))
     clock.lap("lower")
     return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
-                          smoothing.to_json() if smoothing else None)
+                          smoothing.to_json() if smoothing else None, opset, accuracy, notes, verify_feeds)

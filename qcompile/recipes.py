@@ -140,8 +140,11 @@ def preset(name: str) -> Recipe:
         raise UnknownNameError(f"unknown recipe {name!r}", fix=f"choose from: {', '.join(PRESETS)}") from None
 
 
-def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", exclude=()):
-    """Run ``recipe`` on ``model`` (path or ir.Model); returns the quantize or weight-only result."""
+def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", exclude=(), verify_options=None):
+    """Run ``recipe`` on ``model`` (path or ir.Model); returns the quantize or weight-only result.
+
+    ``verify_options`` (a VerifyOptions): the feeds the float model is verified on and the quantized
+    model compared with it on."""
     recipe.validate()
     if recipe.needs_calibration and reader is None:
         raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
@@ -150,11 +153,13 @@ def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", e
 
         return quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
                         exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
-                        smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention)
+                        smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
+                        verify_options=verify_options)
     from qcompile.passes.weight_only import WeightOnlyConfig
     from qcompile.weight_only import quantize_weights
 
     config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
                               format=recipe.format, include_lm_head=recipe.include_lm_head,
                               include_embeddings=recipe.include_embeddings, accuracy_level=recipe.accuracy_level)
-    return quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader, samples=recipe.samples)
+    return quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader, samples=recipe.samples,
+                            verify_options=verify_options)

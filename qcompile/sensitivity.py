@@ -66,7 +66,7 @@ class SensitivitySampler:
 
     def sqnr(self, qparams: Mapping[str, QParams]) -> dict[str, float]:
         """SQNR in dB per node name, with activation parameters ``qparams``."""
-        if not self._seen:
+        if not self._seen or not self._rows:  # no feed, or no MatMul/Gemm to measure (an LSTM-only model)
             return {}
         for name, parts in self._rows.items():  # joined in place: the per-feed parts are freed
             self._rows[name] = [np.concatenate(parts)] if len(parts) > 1 else parts

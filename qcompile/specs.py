@@ -87,12 +87,14 @@ def random_feed(
     dims: Mapping[str, int] | None = None,
     batch: int | None = None,
     seq: int | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One seeded random feed for ``specs`` (same seed, same feed)."""
+    """One seeded random feed for ``specs`` (same seed, same feed); ``shapes`` fixes whole shapes by
+    input name (as the feed search chooses them)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in specs:
-        shape = resolve_shape(spec, dims, batch, seq)
+        shape = shapes[spec.name] if shapes and spec.name in shapes else resolve_shape(spec, dims, batch, seq)
         lname = spec.name.lower()
         if spec.dtype == np.bool_:
             feed[spec.name] = np.ones(shape, dtype=np.bool_)

@@ -21,7 +21,11 @@ from qcompile.calibration import CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
 from qcompile.passes.gptq import gptq
 from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
-from qcompile.passmanager import PassManager
+from qcompile.errors import InputModelError
+from qcompile.metrics import Comparison, compare_outputs
+from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
+from qcompile.passmanager import PassManager, checked_outputs
+from qcompile.pipeline import prepare_float_model
 from qcompile.progress import bar
 
 Algorithm = Literal["rtn", "gptq", "awq"]
@@ -36,6 +40,14 @@ class WeightOnlyResult:
     seconds: dict[str, float] = field(default_factory=dict)
     embeddings: list[str] = field(default_factory=list)  # Gather nodes
     awq: dict | None = None  # AWQ's groups and chosen alphas
+    opset: OpsetChange | None = None
+    accuracy: Comparison | None = None  # the quantized model vs the float one, on the verification feeds
+    notes: list[str] = field(default_factory=list)
+    verification_feeds: list = field(default_factory=list, repr=False)
+
+    @property
+    def timing_feed(self) -> dict | None:
+        return self.verification_feeds[0] if self.verification_feeds else None
 
     def to_json(self) -> dict:
         c = self.config
@@ -43,7 +55,8 @@ class WeightOnlyResult:
                 "include_lm_head": c.include_lm_head, "include_embeddings": c.include_embeddings,
                 "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
                 "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "awq": self.awq,
-                "phase_seconds": self.seconds}
+                "phase_seconds": self.seconds, "opset": self.opset.to_json() if self.opset else None,
+                "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None, "notes": list(self.notes)}
 
 
 def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
@@ -70,6 +83,7 @@ def quantize_weights(
     reader: CalibrationReader | None = None,
     samples: int | None = None,
     optimize: bool = True,
+    verify_options=None,
 ) -> WeightOnlyResult:
     """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
 
@@ -79,20 +93,22 @@ def quantize_weights(
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     seconds = {}
     started = time.perf_counter()
-    if optimize:
-        from qcompile.pipeline import optimize_with_stats
-        from qcompile.passmanager import VerifyOptions
-
-        model = optimize_with_stats(model, verify=True, verify_options=VerifyOptions(each_pass=False)).model
-        seconds["optimize"] = time.perf_counter() - started
+    model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options)
+    seconds["optimize"] = time.perf_counter() - started
     if config.format == "matmulnbits" and config.accuracy_level is None:
         from qcompile.kernel_probe import fastest_accuracy_level
         from qcompile.models.base import cache_root
 
         level = fastest_accuracy_level(config.bits, config.block_size, cache_root() / "probe")
         config = dataclasses.replace(config, accuracy_level=level)
-    if config.format == "dq" and model.opset_imports.get("", 0) < 21:
-        modelio.convert_opset(model, 21)
+    opset = OpsetChange(opset_of(model), opset_of(model), "kept")
+    if config.format == "dq":
+        model, opset = ensure_opset(model, QDQ_BLOCKED, verify_feeds, "blocked DequantizeLinear needs opset 21")
+        if not opset.ok:
+            raise InputModelError(f"cannot write blocked DequantizeLinear into this opset-{opset.before} model: "
+                                  f"{opset.reason}", fix="use --format matmulnbits, or re-export at opset 21")
+        if opset.action == "upgraded":
+            notes.append(f"opset {opset.before} -> {opset.after} (verified): {opset.reason}")
     precomputed: dict[str, BlockQuant] = {}
     awq_report = None
     if algorithm == "gptq":
@@ -126,5 +142,10 @@ def quantize_weights(
     lowering = WeightOnlyPass(config, precomputed)
     t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model
+    if not lowering.quantized and not lowering.embeddings:
+        notes.append("nothing to quantize: no MatMul with a constant weight fits the weight-only recipe; the "
+                     "optimized float model is the result")
+    accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "weight-only lowering")))
     seconds["lower"] = time.perf_counter() - t
-    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings, awq_report)
+    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings, awq_report,
+                            opset, accuracy, notes, verify_feeds)

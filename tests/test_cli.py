@@ -206,14 +206,50 @@ def test_output_equal_to_input_is_refused(small_model):
     assert small_model.read_bytes() == before
 
 
-def test_verification_failure_exits_1_and_writes_nothing(small_model, tmp_path, monkeypatch):
+def test_pass_failing_verification_is_rolled_back_with_a_warning(small_model, tmp_path, monkeypatch):
     from qcompile import passes
 
     monkeypatch.setitem(passes.PASSES, "relu-to-sigmoid", ReluToSigmoid)
     out = tmp_path / "out.onnx"
-    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes", "relu-to-sigmoid"])
-    assert result.exit_code == 1 and "'relu-to-sigmoid' changed the model's semantics" in result.output
-    assert not out.exists()
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes",
+                                       "relu-to-sigmoid,identity", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "warning: pass 'relu-to-sigmoid' was rolled back" in result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["rolled_back"] == ["relu-to-sigmoid"]
+    ops = [n.op_type for n in qcompile.load(out).graph]
+    assert "Sigmoid" not in ops and "Relu" in ops and "Identity" not in ops
+
+
+def test_strict_makes_a_failing_pass_exit_3_naming_it_and_writes_nothing(small_model, tmp_path, monkeypatch):
+    from qcompile import passes
+
+    monkeypatch.setitem(passes.PASSES, "relu-to-sigmoid", ReluToSigmoid)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out), "--passes", "relu-to-sigmoid",
+                                       "--strict"])
+    assert result.exit_code == 3
+    assert "'relu-to-sigmoid' changed the model's semantics" in result.output and "qcompile bug" in result.output
+    assert not out.exists() and "Traceback" not in result.output
+
+
+def test_an_unexpected_exception_is_exit_3_without_traceback_unless_debug(small_model, tmp_path, monkeypatch):
+    import qcompile.pipeline
+
+    def broken(*args, **kwargs):
+        raise ValueError("negative dimensions are not allowed")
+
+    monkeypatch.setattr(qcompile.pipeline, "optimize_with_stats", broken)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out)])
+    assert result.exit_code == 3 and not out.exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "internal error in qcompile: ValueError: negative dimensions" in lines[0]
+    assert "qcompile bug" in lines[0] and "--debug" in lines[0]
+    monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
+    debug = CliRunner().invoke(main, ["--debug", "optimize", str(small_model), "-o", str(out)])
+    assert debug.exit_code == 3 and "Traceback" in debug.output
+    monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
 
 
 def test_console_script_subprocess_inspect(small_model):

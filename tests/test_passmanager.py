@@ -57,7 +57,8 @@ def test_verification_names_the_pass_that_changed_semantics():
         manager(model)
     assert "relu-to-sigmoid" in str(info.value)
     assert "rel L2" in str(info.value)
-    assert info.value.exit_code == 1
+    assert info.value.exit_code == 3  # qcompile's bug, not the input's
+    assert info.value.stage == "relu-to-sigmoid"
 
 
 def test_wrong_pass_passes_without_verification():
@@ -106,3 +107,91 @@ def test_pass_producing_an_unrunnable_model_is_named():
     model = model_from_text(TEXT)
     with pytest.raises(VerificationError, match="to-unknown-op.*cannot run"):
         PassManager([ToUnknownCustomOp()], verify=True)(model)
+
+
+def test_rollback_keeps_the_model_before_a_wrong_pass_and_goes_on():
+    model = model_from_text(TEXT)
+    manager = PassManager([ReluToSigmoid(), make_pass("identity"), make_pass("dead-code")], verify=True,
+                          rollback=True, steps=2)
+    result = manager(model)
+    ops = [n.op_type for n in result.model.graph]
+    assert "Relu" in ops and "Sigmoid" not in ops  # the wrong rewrite was undone
+    assert "Identity" not in ops  # the passes after it still ran
+    assert [s.name for s in result.rolled_back] == ["relu-to-sigmoid"]  # once: skipped in the second sweep
+    assert "rolled back" in result.warnings()[0] and "rel L2" in result.warnings()[0]
+    assert result.end_to_end is not None and result.end_to_end.worst().rel_l2 <= 1e-6
+
+
+def test_rollback_undoes_a_crashing_pass():
+    model = model_from_text(TEXT)
+    result = PassManager([Crashes(), make_pass("identity")], verify=True, rollback=True)(model)
+    assert result.rolled_back[0].name == "crashes" and "ValueError: boom" in result.rolled_back[0].error
+    assert "Identity" not in [n.op_type for n in result.model.graph]
+
+
+def test_end_only_verification_with_rollback_finds_the_pass():
+    model = model_from_text(TEXT)
+    manager = PassManager([make_pass("identity"), ReluToSigmoid()], verify=True, rollback=True,
+                          verify_options=VerifyOptions(each_pass=False))
+    result = manager(model)
+    assert [s.name for s in result.rolled_back] == ["relu-to-sigmoid"]
+    assert [n.op_type for n in result.model.graph].count("Relu") == 1
+
+
+class PerturbsALittle(ir.passes.InPlacePass):
+    """Adds 3e-5 relative noise: beyond an exact rewrite's bound, within a fusion's stated one."""
+
+    name = "perturbs"
+    rel_l2_bound = 1e-4
+
+    def call(self, model):
+        for node in model.graph:
+            if node.op_type == "Add" and node.inputs[1].const_value is not None:
+                value = node.inputs[1]
+                value.const_value = ir.tensor(value.const_value.numpy() * np.float32(1 + 3e-5))
+                return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, False)
+
+
+def test_each_pass_is_held_to_its_own_stated_bound():
+    text = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[batch, 4] x) => (float[batch, 4] y) <float[4] c = {1, 2, 3, 4}> {
+  y = Add(x, c)
+}"""
+    ok = PassManager([PerturbsALittle()], verify=True)(model_from_text(text))
+    assert ok.stats[0].verified and ok.stats[0].bound == 1e-4 and 1e-5 < ok.stats[0].rel_l2 < 1e-4
+    with pytest.raises(VerificationError, match="perturbs"):  # the user's explicit tolerance wins
+        PassManager([PerturbsALittle()], verify=True, verify_options=VerifyOptions(rel_l2=1e-5))(model_from_text(text))
+
+
+IMAGE_TEXT = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[N, 3, H, W] x) => (float[N, 3, h, w] y) {
+  scales = Constant <value = float[4] {1, 1, 32, 32}> ()
+  p = MaxPool <kernel_shape = [32, 32], strides = [32, 32]> (x)
+  u = Resize <mode = "nearest"> (p, , scales)
+  y = Add(u, x)
+}"""
+
+
+def test_feed_search_finds_sizes_on_which_the_original_runs():
+    # The model only runs when H and W are multiples of 32 (pool by 32, upsample by 32, add):
+    # the default size 16 fails, 224 fits.
+    model = model_from_text(IMAGE_TEXT)
+    result = PassManager([make_pass("identity")], verify=True)(model)
+    assert result.feeds == "image 224x224"
+
+
+def test_original_that_runs_on_no_size_tried_is_the_inputs_fault():
+    from qcompile.errors import InputModelError
+
+    text = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) {
+  c = Constant <value = float[1, 3, 1, 5] {1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5}> ()
+  y = Add(x, c)
+}"""
+    with pytest.raises(InputModelError, match="did not run.*--dim") as info:
+        PassManager([make_pass("identity")], verify=True)(model_from_text(text))
+    assert info.value.exit_code == 2
