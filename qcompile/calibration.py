@@ -9,7 +9,11 @@ Built-ins, by the SPEC string the CLI takes:
     zoo:NAME            the zoo entry's reader over its real data
 
 A user's ``onnxruntime.quantization.CalibrationDataReader`` works unchanged. Every feed is validated
-against the model's inputs; an empty reader is an error.
+against the model's inputs. An empty reader, a feed with NaN in an input (NaN is no value: it would
+poison every range and statistic downstream), and a user's reader that raises are errors of the
+user's input (exit 2), naming the reader and the sample. ±inf is allowed in inputs (additive masks):
+observers skip non-finite values, and a tensor that never sees a finite one is refused by
+:func:`qcompile.calibrate.collect_ranges`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Iterator, Mapping, Protocol
 import numpy as np
 
 from qcompile import specs
-from qcompile.errors import InputSpecError, UnknownNameError
+from qcompile.errors import InputSpecError, QCompileError, UnknownNameError
 from qcompile.feeds import load_npz_feeds
 
 log = logging.getLogger(__name__)
@@ -38,38 +42,122 @@ class CalibrationReader(Protocol):
 
 
 class IterableReader:
-    """Adapts any iterable of feeds to ``get_next()``."""
+    """Adapts any iterable of feeds to ``get_next()``.
 
-    def __init__(self, feeds) -> None:
+    ``name`` says where the feeds come from in messages; ``user_code``: whether iterating runs the
+    user's code (an exception from it is then the user's error, exit 2, not a qcompile bug)."""
+
+    name = "the calibration reader"
+    user_code = True
+
+    def __init__(self, feeds, name: str | None = None, *, user_code: bool = True) -> None:
         self._it = iter(feeds)
+        if name is not None:
+            self.name = name
+        self.user_code = user_code
 
     def get_next(self) -> Feed | None:
         return next(self._it, None)
 
 
+def describe(reader: CalibrationReader) -> str:
+    """The reader as messages name it: its CLI spec, or its class."""
+    name = getattr(reader, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    cls = type(reader)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_user_code(reader: CalibrationReader) -> bool:
+    flag = getattr(reader, "user_code", None)
+    if isinstance(flag, bool):
+        return flag
+    return not type(reader).__module__.startswith("qcompile.")  # the zoo's readers are qcompile's own
+
+
+def _next_feed(reader: CalibrationReader, index: int) -> Mapping[str, np.ndarray] | None:
+    try:
+        return reader.get_next()
+    except QCompileError:
+        raise
+    except Exception as exc:
+        if not _is_user_code(reader):
+            raise  # qcompile's own reader failing is a qcompile bug
+        message = " ".join(str(exc).split())[:200]
+        raise InputSpecError(
+            f"calibration reader {describe(reader)} raised {type(exc).__name__}{': ' + message if message else ''} "
+            f"at sample {index}", fix="fix the reader (it is your code); nothing was written") from None
+
+
+def _check_finite_inputs(feed: Feed, where: str) -> None:
+    for name, array in feed.items():
+        if array.dtype.kind in "fc" and array.size and np.isnan(array).any():
+            bad = int(np.count_nonzero(np.isnan(array)))
+            raise InputSpecError(
+                f"input {name!r} in {where} holds NaN ({bad:,} of {array.size:,} values)",
+                fix="fix the data: NaN is no value and would poison every calibration range; nothing was written")
+
+
 def iter_feeds(
     reader: CalibrationReader, input_specs: list[specs.InputSpec], limit: int | None = None
 ) -> Iterator[Feed]:
-    """Validated feeds from ``reader`` (at most ``limit``); raises if it yields none at all."""
+    """Validated feeds from ``reader`` (at most ``limit``); raises if it yields none at all, if a
+    feed holds NaN, and (as the user's error) if a user's reader raises."""
     count = 0
     while limit is None or count < limit:
-        feed = reader.get_next()
+        feed = _next_feed(reader, count)
         if feed is None:
             break
+        where = f"calibration sample {count} of {describe(reader)}"
+        if not isinstance(feed, Mapping):
+            raise InputSpecError(f"{where} is a {type(feed).__name__}, not a dict of input name -> array",
+                                 fix="make the reader yield {input_name: numpy array} dicts")
         feed = {name: np.asarray(value) for name, value in feed.items()}
-        specs.validate_feed(input_specs, feed, where=f"calibration sample {count}")
+        specs.validate_feed(input_specs, feed, where=where)
+        _check_finite_inputs(feed, where)
         count += 1
         yield feed
     if count == 0:
         raise InputSpecError(
-            "the calibration reader produced no samples",
+            f"calibration reader {describe(reader)} produced no samples",
             fix="give it data (check the path, folder or callable) or use --calib random for speed-only runs",
         )
 
 
-def random_reader(input_specs: list[specs.InputSpec], samples: int, seed: int = 0, **shape) -> IterableReader:
+class RandomReader(IterableReader):
+    """Seeded random feeds. Symbolic dims are sized as given, else — once :meth:`fit` has seen a feed the
+    model runs on (the pipeline's verification feed) — like that feed."""
+
+    name = "random"
+    user_code = False
+
+    def __init__(self, input_specs: list[specs.InputSpec], samples: int, seed: int = 0, **shape) -> None:
+        self.input_specs, self.samples, self.seed, self.shape = input_specs, samples, seed, shape
+        self.user_sized = any(shape.get(key) for key in ("dims", "batch", "seq"))
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._it = None
+
+    def fit(self, feed: Mapping[str, np.ndarray]) -> None:
+        if not self.user_sized and self._it is None:
+            self._shapes = {name: tuple(np.shape(array)) for name, array in feed.items()}
+
+    def get_next(self) -> Feed | None:
+        if self._it is None:
+            self._it = iter([specs.random_feed(self.input_specs, seed=self.seed + i, shapes=self._shapes, **self.shape)
+                             for i in range(self.samples)])
+        return next(self._it, None)
+
+
+def fit_reader(reader: CalibrationReader | None, feeds: list[Feed]) -> None:
+    """Size a random reader's feeds like the verification feeds (which the model is known to run on)."""
+    if isinstance(reader, RandomReader) and feeds:
+        reader.fit(feeds[0])
+
+
+def random_reader(input_specs: list[specs.InputSpec], samples: int, seed: int = 0, **shape) -> RandomReader:
     log.warning("calibrating on random data: ranges are meaningless for accuracy; use it for speed only")
-    return IterableReader(specs.random_feed(input_specs, seed=seed + i, **shape) for i in range(samples))
+    return RandomReader(input_specs, samples, seed, **shape)
 
 
 def npz_folder_reader(folder: Path, input_specs: list[specs.InputSpec]) -> IterableReader:
@@ -86,21 +174,56 @@ def npz_folder_reader(folder: Path, input_specs: list[specs.InputSpec]) -> Itera
                                      fix="do not stack samples in folder files")
             yield loaded[0]
 
-    return IterableReader(feeds())
+    return IterableReader(feeds(), str(folder), user_code=False)
+
+
+class _UserReader:
+    """A user's ``get_next()`` reader, named after the CLI spec that made it."""
+
+    user_code = True
+
+    def __init__(self, reader: CalibrationReader, name: str) -> None:
+        self.reader, self.name = reader, name
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None:
+        return self.reader.get_next()
 
 
 def callable_reader(spec: str) -> CalibrationReader:
+    """The reader a user's ``module:callable`` returns. Everything that runs the user's code
+    (importing, calling, iterating) fails as the user's error, naming the spec."""
     module_name, _, attr = spec.partition(":")
+    fix = "name it as module:function, importable from the current folder"
     try:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
         module = importlib.import_module(module_name)
         factory = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
-        raise InputSpecError(f"cannot import calibration callable {spec!r}: {exc}",
-                             fix="name it as module:function, importable from the current folder") from None
-    made: Any = factory()
-    return made if hasattr(made, "get_next") else IterableReader(made)
+        raise InputSpecError(f"cannot import calibration callable {spec!r}: {exc}", fix=fix) from None
+    except Exception as exc:  # the user's module raised while being imported
+        raise InputSpecError(f"importing calibration callable {spec!r} raised {type(exc).__name__}: {exc}",
+                             fix="fix the module (it is your code)") from None
+    if not callable(factory):
+        raise InputSpecError(f"calibration callable {spec!r} is a {type(factory).__name__}, not a function", fix=fix)
+    try:
+        made: Any = factory()
+    except QCompileError:
+        raise
+    except Exception as exc:
+        raise InputSpecError(f"calibration callable {spec!r} raised {type(exc).__name__}: {exc}",
+                             fix="fix the callable (it is your code); nothing was written") from None
+    if hasattr(made, "get_next"):
+        return _UserReader(made, spec)
+    try:
+        return IterableReader(made, spec)
+    except TypeError:
+        raise InputSpecError(f"calibration callable {spec!r} returned a {type(made).__name__}, which is neither a "
+                             "reader (get_next()) nor an iterable of feeds",
+                             fix="return a list or generator of {input_name: array} dicts") from None
+    except Exception as exc:  # iter() ran the user's __iter__
+        raise InputSpecError(f"iterating what {spec!r} returned raised {type(exc).__name__}: {exc}",
+                             fix="fix the callable (it is your code)") from None
 
 
 def resolve_reader(spec: str, input_specs: list[specs.InputSpec], samples: int, **shape) -> CalibrationReader:
@@ -118,7 +241,7 @@ def resolve_reader(spec: str, input_specs: list[specs.InputSpec], samples: int, 
     if path.is_dir():
         return npz_folder_reader(path, input_specs)
     if path.suffix == ".npz" or path.exists():
-        return IterableReader(load_npz_feeds(path, input_specs))
+        return IterableReader(load_npz_feeds(path, input_specs), str(path), user_code=False)
     if ":" in spec:
         return callable_reader(spec)
     raise InputSpecError(f"calibration spec {spec!r} is not a file, folder, module:callable, zoo:NAME or 'random'",

@@ -16,6 +16,24 @@ from typing import Iterable, Mapping
 import numpy as np
 
 
+def _flatten_sequence(value) -> np.ndarray | None:
+    """A sequence output as one flat array: tensors raveled and joined, maps as their values by key."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    parts = []
+    for item in value:
+        if isinstance(item, dict):
+            parts.append(np.asarray([item[k] for k in sorted(item)], dtype=np.float64))
+        else:
+            parts.append(np.asarray(item).ravel())
+    if not parts:
+        return np.zeros(0)
+    try:
+        return np.concatenate(parts)
+    except ValueError:  # mixed dtypes that do not join
+        return None
+
+
 @dataclass
 class OutputComparison:
     """Metrics for one output, accumulated over any number of samples."""
@@ -33,8 +51,13 @@ class OutputComparison:
     nonfinite_mismatch: int = 0
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        """Accumulate one sample."""
+        """Accumulate one sample (a tensor, or a sequence of tensors or of maps, compared element-wise)."""
         self.samples += 1
+        if isinstance(ref, (list, tuple)) or isinstance(cand, (list, tuple)):
+            ref, cand = _flatten_sequence(ref), _flatten_sequence(cand)
+            if ref is None or cand is None:
+                self.shape_mismatch = "a sequence against a non-sequence, or of different lengths or keys"
+                return
         ref = np.asarray(ref)
         cand = np.asarray(cand)
         if ref.shape != cand.shape:

@@ -20,12 +20,14 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from qcompile import interrupts
 from qcompile.errors import (
     ExternalDataError,
     InvalidModelError,
     ModelLoadError,
     OutputPathError,
 )
+from qcompile import opaque
 from qcompile.passes._graph import drop_resident
 from qcompile.runtimes import SharedWeightsModel
 from qcompile.wire import WireFormatError, map_inline_weights
@@ -50,12 +52,15 @@ def load(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     """
     path = Path(path)
     proto, anchor = _read_proto(path)
-    _check_external_locations(proto.graph, anchor)
+    _check_structure(proto, anchor)
     if check:
         _run_checker(proto, path)
+    tail = opaque.split_map_tail(proto, path)  # what onnx-ir cannot represent stays opaque
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(anchor.parent.resolve()))
     model.meta["qcompile.source_path"] = str(path.resolve())
+    if tail is not None:
+        model.meta[opaque.META_KEY] = tail
     return model
 
 
@@ -74,7 +79,7 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, Path]:
         real = path.resolve()
         try:
             proto, mapped, external = map_inline_weights(real)
-        except (WireFormatError, DecodeError):
+        except (WireFormatError, DecodeError, RuntimeError):
             pass  # the parse below reports what is wrong
         else:
             # External data of a symlinked model lies next to the link, mapped weights in the target.
@@ -83,7 +88,10 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, Path]:
                 return _require_model(proto, path), real
     try:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as exc:
+    except (DecodeError, ValueError, RuntimeError) as exc:  # RecursionError is a RuntimeError
+        text = str(exc).lower().replace("_", "")
+        if isinstance(exc, RecursionError) or "maxdepth" in text or "levels of nesting" in text:
+            raise _too_deep(path, "messages deeper than protobuf parses (100 levels, about 30 nested subgraphs)") from None
         raise ModelLoadError(
             f"not a valid ONNX protobuf ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})",
             where=str(path),
@@ -104,57 +112,197 @@ def _require_model(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _iter_tensor_protos(graph: onnx.GraphProto):
-    yield from graph.initializer
+#: Subgraphs (If/Loop/Scan bodies) nested more deeply than this are refused. Exported models nest a
+#: few levels; protobuf itself stops parsing at 100 message levels (about 30 nested Ifs), and every
+#: walk over a graph (the checker, onnx-ir, the passes) recurses once per level.
+MAX_SUBGRAPH_DEPTH = 16
+
+
+def _too_deep(path: Path, how: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model nests {how}", where=str(path),
+        fix=f"qcompile accepts at most {MAX_SUBGRAPH_DEPTH} levels of subgraphs; flatten the control flow in the exporter",
+    )
+
+
+def _graphs(proto: onnx.ModelProto, path: Path) -> Iterator[onnx.GraphProto | onnx.FunctionProto]:
+    """The main graph, the local functions and every subgraph in them, walked without recursion;
+    refuses nesting deeper than :data:`MAX_SUBGRAPH_DEPTH`."""
+    stack: list[tuple[onnx.GraphProto | onnx.FunctionProto, int]] = [(proto.graph, 0)]
+    stack.extend((function, 0) for function in proto.functions)
+    while stack:
+        graph, depth = stack.pop()
+        if depth > MAX_SUBGRAPH_DEPTH:
+            raise _too_deep(path, f"subgraphs (If/Loop/Scan bodies) more than {MAX_SUBGRAPH_DEPTH} levels deep")
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append((attr.g, depth + 1))
+                stack.extend((sub, depth + 1) for sub in attr.graphs)
+
+
+def _tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.TensorProto]:
+    """The dense tensors a graph holds itself: initializers and tensor attributes (not subgraphs')."""
+    if isinstance(graph, onnx.GraphProto):
+        yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
+            if attr.HasField("t"):
                 yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_tensor_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _iter_tensor_protos(sub)
+            yield from attr.tensors
+            sparse = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+            for tensor in sparse:
+                yield tensor.values
+                yield tensor.indices
 
 
-def _check_external_locations(graph: onnx.GraphProto, model_path: Path) -> None:
-    """Refuse external data that escapes the model's folder, is missing, or is too short."""
-    base = model_path.parent.resolve()
-    for tensor in _iter_tensor_protos(graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+def _elements(tensor: onnx.TensorProto, where: str) -> int:
+    count = 1
+    for dim in tensor.dims:
+        if dim < 0:
+            raise InvalidModelError(f"tensor {tensor.name!r} has a negative dimension {list(tensor.dims)}", where=where,
+                                    fix="the file is corrupt or its exporter is broken; re-export the model")
+        count *= dim  # Python ints: no overflow, whatever the dims claim
+    return count
+
+
+def _bits(tensor: onnx.TensorProto) -> int | None:
+    try:
+        return ir.DataType(tensor.data_type).bitwidth
+    except (TypeError, ValueError):
+        return None  # strings, or a type the checker reports
+
+
+#: The repeated field each element type stores its values in, when not in raw_data.
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.COMPLEX64: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data", onnx.TensorProto.COMPLEX128: "double_data",
+    onnx.TensorProto.INT64: "int64_data", onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.UINT64: "uint64_data", onnx.TensorProto.STRING: "string_data",
+}
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _describe(tensor: onnx.TensorProto, count: int) -> str:
+    dims = list(tensor.dims)
+    shown = str(dims) if len(dims) <= 8 else f"{dims[:8]}…"
+    return f"tensor {tensor.name!r} declares dims {shown} ({count:,} elements"
+
+
+def _check_tensor(tensor: onnx.TensorProto, where: str, base: Path) -> None:
+    """Refuse a tensor whose dims disagree with the data it holds, before any of it is read:
+    whatever the dims claim, nothing larger than the bytes in the file is ever allocated."""
+    count = _elements(tensor, where)
+    bits = _bits(tensor)
+    exact = bits is not None and (bits % 8 == 0 or bits in (2, 4))
+    nbytes = -(-count * bits // 8) if exact else None
+    fix = "the file is corrupt or its exporter is broken; re-export the model"
+    external = tensor.data_location == onnx.TensorProto.EXTERNAL
+    held = [name for name in _DATA_FIELDS if (len(getattr(tensor, name)) if name != "raw_data" else tensor.raw_data)]
+    if external:
+        if held:
+            raise InvalidModelError(f"tensor {tensor.name!r} holds both external and inline data ({held[0]})",
+                                    where=where, fix=fix)
+        _check_external(tensor, f"tensor {tensor.name!r} of {where}", base, nbytes, count)
+        return
+    if len(held) > 1:
+        raise InvalidModelError(f"tensor {tensor.name!r} holds its data in two fields ({held[0]}, {held[1]})",
+                                where=where, fix=fix)
+    if not held:
+        if count:
+            raise InvalidModelError(f"{_describe(tensor, count)}) but holds no data", where=where, fix=fix)
+        return
+    if held[0] == "raw_data":
+        if tensor.data_type == onnx.TensorProto.STRING:
+            raise InvalidModelError(f"string tensor {tensor.name!r} holds raw_data", where=where, fix=fix)
+        if nbytes is not None and len(tensor.raw_data) != nbytes:
+            raise InvalidModelError(
+                f"{_describe(tensor, count)}, {nbytes:,} bytes) but holds {len(tensor.raw_data):,} bytes",
+                where=where, fix=fix)
+        return
+    if bits is None and tensor.data_type != onnx.TensorProto.STRING:
+        return  # an unknown element type: the checker names it
+    field_name = _TYPED_FIELDS.get(tensor.data_type, "int32_data")
+    if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        wanted = 2 * count
+    elif bits is not None and bits < 8:
+        wanted = nbytes if exact else None  # sub-byte values packed into bytes, one per int32
+    else:
+        wanted = count
+    have = len(getattr(tensor, field_name))
+    if held[0] != field_name or (wanted is not None and have != wanted):
+        raise InvalidModelError(
+            f"{_describe(tensor, count)}) but holds {len(getattr(tensor, held[0])):,} values in {held[0]}",
+            where=where, fix=fix)
+
+
+def _check_external(tensor: onnx.TensorProto, where: str, base: Path, nbytes: int | None, count: int) -> None:
+    """External data: a relative location inside the model's folder (symbolic links are followed,
+    and must stay inside it too), a regular file, and exactly the bytes the dims need."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if not location or os.path.isabs(location) or "\0" in location:
+        raise ExternalDataError(
+            f"external data location {location!r} is absolute or empty", where=where,
+            fix="external data must be a relative path inside the model's folder; re-save the model",
+        )
+    target = (base / location).resolve()
+    if base != target and base not in target.parents:
+        raise ExternalDataError(
+            f"external data location {location!r} escapes the model's folder", where=where,
+            fix="move the data file next to the model and re-save it; qcompile never reads outside the model's folder",
+        )
+    if not target.exists():
+        raise ExternalDataError(f"external data file {location!r} not found", where=where,
+                                fix="copy the data file next to the model")
+    if not target.is_file():
+        raise ExternalDataError(f"external data {location!r} is not a regular file", where=where,
+                                fix="point the tensor at a data file next to the model")
+    numbers = {}
+    for key in ("offset", "length"):
+        text = info.get(key)
+        if text in (None, ""):
             continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        where = f"tensor {tensor.name!r} of {model_path}"
-        if not location or os.path.isabs(location):
-            raise ExternalDataError(
-                f"external data location {location!r} is absolute or empty", where=where,
-                fix="external data must be a relative path inside the model's folder; re-save the model",
-            )
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
-            raise ExternalDataError(
-                f"external data location {location!r} escapes the model's folder", where=where,
-                fix="move the data file next to the model and re-save it; qcompile never reads outside the model's folder",
-            )
-        if not target.is_file():
-            raise ExternalDataError(
-                f"external data file {location!r} not found", where=where,
-                fix="copy the data file next to the model",
-            )
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
-        if length is not None and offset + int(length) > target.stat().st_size:
-            raise ExternalDataError(
-                f"external data file {location!r} is shorter than the tensor needs", where=where,
-                fix="the data file is truncated; re-export the model",
-            )
+        try:
+            numbers[key] = int(text)
+        except ValueError:
+            numbers[key] = -1
+        if numbers[key] < 0:
+            raise ExternalDataError(f"external data {key} {text!r} is not a non-negative integer", where=where,
+                                    fix="the file is corrupt or its exporter is broken; re-export the model")
+    offset, length = numbers.get("offset", 0), numbers.get("length")
+    if nbytes is not None and length is not None and length != nbytes:
+        raise InvalidModelError(
+            f"declares dims {list(tensor.dims)[:8]} ({count:,} elements, {nbytes:,} bytes) but its external data is "
+            f"{length:,} bytes long",
+            where=where, fix="the file is corrupt or its exporter is broken; re-export the model")
+    needed = length if length is not None else nbytes
+    if needed is not None and offset + needed > target.stat().st_size:
+        raise ExternalDataError(
+            f"external data file {location!r} is shorter than the tensor needs", where=where,
+            fix="the data file is truncated; re-export the model",
+        )
+
+
+def _check_structure(proto: onnx.ModelProto, model_path: Path) -> None:
+    """Before anything is read or allocated: subgraph depth, each tensor's size against its data,
+    and external data locations (see :func:`_check_external`)."""
+    base = model_path.parent.resolve()
+    for tensor in proto.graph.sparse_initializer:
+        raise InvalidModelError(
+            f"sparse initializer {(tensor.values.name or '?')!r} is not supported", where=str(model_path),
+            fix="store it as a dense initializer",
+        )
+    for graph in _graphs(proto, model_path):
+        for tensor in _tensors(graph):
+            _check_tensor(tensor, str(model_path), base)
 
 
 def _externals_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The checker resolves external data against the working directory, not the model's folder.
 
-    Locations are validated by :func:`_check_external_locations`; for the checker, each external
+    Locations are validated by :func:`_check_external`; for the checker, each external
     initializer becomes a typed graph input instead (equivalent for every structural check).
     """
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -311,8 +459,11 @@ def save(
         )
     if external_data is None:
         external_data = has_external_data(model) or initializer_bytes(model) > AUTO_EXTERNAL_BYTES
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-    try:
+    # A TemporaryDirectory is removed however the block ends: an error, KeyboardInterrupt, SIGTERM
+    # (see qcompile/interrupts.py), or, if interrupted before the block is entered, at exit.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=parent,
+                                     ignore_cleanup_errors=True) as tmp:
+        tmp_dir = Path(tmp)
         tmp_model = tmp_dir / path.name
         if external_data:
             ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
@@ -324,14 +475,17 @@ def save(
                 )
             with _inlined(model):
                 ir.save(model, tmp_model)
+        if opaque.META_KEY in model.meta:
+            proto = onnx.load(str(tmp_model), load_external_data=False)
+            opaque.attach_tail(proto, model.meta[opaque.META_KEY])
+            onnx.save(proto, str(tmp_model))
         tmp_data = tmp_dir / data_name
-        if tmp_data.exists():
-            os.replace(tmp_data, data_path)
-        elif data_path.exists() and not external_data:
-            log.info("leaving unrelated file %s in place", data_path)
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with interrupts.deferred():  # the data and the model that reads it are committed together
+            if tmp_data.exists():
+                os.replace(tmp_data, data_path)
+            elif data_path.exists() and not external_data:
+                log.info("leaving unrelated file %s in place", data_path)
+            os.replace(tmp_model, path)
     return path
 
 

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from qcompile import modelio, specs
 from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
-from qcompile.calibration import CalibrationReader, IterableReader, iter_feeds
+from qcompile.calibration import fit_reader, CalibrationReader, IterableReader, iter_feeds
 from qcompile.errors import UnknownNameError
 from qcompile.memory import peak_rss_mb
 from qcompile.models.base import cache_root
@@ -185,6 +185,7 @@ def quantize(
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     clock.lap("load")
     model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options)
+    fit_reader(reader, verify_feeds)
     clock.lap("optimize")
     model, opset = ensure_opset(model, QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, verify_feeds,
                                 "per-channel Q/DQ needs opset 13" if per_channel else "Q/DQ needs opset 10")

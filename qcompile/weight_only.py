@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from qcompile import modelio, specs
 from qcompile.calibrate import tapped
-from qcompile.calibration import CalibrationReader, iter_feeds
+from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
 from qcompile.passes.gptq import gptq
 from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
@@ -94,6 +94,7 @@ def quantize_weights(
     seconds = {}
     started = time.perf_counter()
     model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options)
+    fit_reader(reader, verify_feeds)
     seconds["optimize"] = time.perf_counter() - started
     if config.format == "matmulnbits" and config.accuracy_level is None:
         from qcompile.kernel_probe import fastest_accuracy_level

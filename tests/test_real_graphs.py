@@ -1,0 +1,257 @@
+"""The failure classes real users' models hit (issue 10), each rebuilt small: the command succeeds, or
+fails with the exit code of whose fault it is, one line, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from qcompile.cli import main
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def report_of(result) -> dict:
+    return json.loads(result.output[result.output.index("{\n"):])
+
+
+def ort_outputs(path: Path, feed: dict) -> list:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def conv_weights(seed: int, out_c: int, in_c: int, k: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((out_c, in_c, k, k)) * 0.3).astype(np.float32)
+
+
+def detector(opset: int = 17, constant_weights: bool = False) -> onnx.ModelProto:
+    """[N, 3, H, W] -> Conv -> pool by 32 -> upsample by 32 -> + skip: runs only for H, W multiples of 32."""
+    w = conv_weights(0, 8, 3, 3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[32, 32], strides=[32, 32]),
+        helper.make_node("Resize", ["p", "roi", "scales"], ["u"], mode="nearest"),
+        helper.make_node("Add", ["u", "r"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([1, 1, 32, 32], np.float32), "scales"),
+             numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
+    if constant_weights:  # paddle2onnx style: weights in Constant nodes
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")))
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+    graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def test_symbolic_image_model_is_verified_on_a_size_it_takes(tmp_path):
+    path = save(detector(), tmp_path / "det.onnx")
+    result = run_cli("optimize", path, "-o", tmp_path / "out.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert report_of(result)["verification_feeds"] == "image 224x224"
+    quantized = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2")
+    assert quantized.exit_code == 0, quantized.output
+
+
+def test_model_at_opset_12_is_upgraded_before_per_channel_qdq(tmp_path):
+    # The recognizer's bug: per-channel DequantizeLinear (axis exists from opset 13) in an opset-12 graph.
+    path = save(detector(opset=12, constant_weights=True), tmp_path / "rec.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = report_of(result)
+    assert report["opset"] == {"before": 12, "after": 13, "action": "upgraded",
+                               "reason": "per-channel Q/DQ needs opset 13"}
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert {o.domain: o.version for o in written.opset_import}[""] == 13
+    dq = [n for n in written.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    assert dq, "per-channel weights expected at opset 13"
+    assert report["accuracy_vs_float"]["y"]["cosine"] > 0.99
+
+
+def test_per_tensor_fallback_when_the_opset_cannot_be_raised(tmp_path, monkeypatch):
+    import qcompile.quantize as quantize_module
+    from qcompile.opsets import OpsetChange
+
+    def refuse(model, minimum, feeds, why):
+        return model, OpsetChange(12, 12, "failed", f"{why}: the converter has no adapter")
+
+    monkeypatch.setattr(quantize_module, "ensure_opset", refuse)
+    path = save(detector(opset=12), tmp_path / "rec.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert any("weights per tensor" in note for note in report_of(result)["notes"])
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert all(a.name != "axis" for n in written.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+
+
+def test_original_model_that_runs_on_no_size_is_exit_2_and_says_how_to_size_it(tmp_path):
+    c = numpy_helper.from_array(np.ones((1, 3, 1, 5), np.float32), "c")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, "H", "W"])], [c])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    result = run_cli("optimize", path, "-o", out)
+    assert result.exit_code == 2 and not out.exists()
+    line = result.output.strip().splitlines()[-1]
+    assert "original model did not run" in line and "--dim" in line and "--data" in line
+    given = tmp_path / "feeds.npz"
+    np.savez(given, x=np.zeros((1, 3, 4, 5), np.float32))
+    assert run_cli("optimize", path, "-o", out, "--data", given).exit_code == 0
+
+
+def test_network_inside_an_if_gets_an_input_length_it_takes(tmp_path):
+    # A voice model: the network lives in a branch; frames of 64 samples need a length multiple of 64.
+    then_graph = helper.make_graph(
+        [helper.make_node("Reshape", ["audio", "frames"], ["framed"]),
+         helper.make_node("ReduceMean", ["framed"], ["y_then"], axes=[2], keepdims=0)],
+        "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, ["a", "b"])])
+    else_graph = helper.make_graph([helper.make_node("Identity", ["audio"], ["y_else"])], "else", [],
+                                   [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["a", "b"])])
+    nodes = [helper.make_node("ReduceSum", ["audio"], ["total"], keepdims=0),
+             helper.make_node("Greater", ["total", "minus_inf"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)]
+    inits = [numpy_helper.from_array(np.array([1, -1, 64], np.int64), "frames"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")]
+    graph = helper.make_graph(nodes, "voice", [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), tmp_path / "voice.onnx")
+    result = run_cli("optimize", path, "-o", tmp_path / "out.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert report_of(result)["verification_feeds"] == "length 64"
+
+
+def lstm_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 4
+    inits = [numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, features)) * 0.3).astype(np.float32), "W"),
+             numpy_helper.from_array((rng.standard_normal((1, 4 * hidden, hidden)) * 0.3).astype(np.float32), "R")]
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], hidden_size=hidden),
+             helper.make_node("Squeeze", ["h", "axes"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_lstm_model_quantizes_with_nothing_to_measure(tmp_path):
+    path = save(lstm_model(), tmp_path / "lstm.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert any("nothing to quantize" in note for note in report_of(result)["notes"])
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def zipmap_classifier() -> onnx.ModelProto:
+    """skl2onnx's shape: a linear classifier's probabilities leave through ZipMap (a sequence of maps)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "coef"),
+             numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "intercept")]
+    nodes = [helper.make_node("Gemm", ["x", "coef", "intercept"], ["scores"]),
+             helper.make_node("Softmax", ["scores"], ["probabilities"], axis=1),
+             helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+             helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1, 2])]
+    seq_map = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64,
+                                                                         helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                               helper.make_value_info("output_probability", seq_map)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+
+
+def test_zipmap_output_passes_through_optimize_and_quantize(tmp_path):
+    path = save(zipmap_classifier(), tmp_path / "clf.onnx")
+    feed = {"x": np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)}
+    expected = ort_outputs(path, feed)
+    for command in (["optimize", path, "-o", tmp_path / "opt.onnx"],
+                    ["quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2"]):
+        result = run_cli(*command)
+        assert result.exit_code == 0, result.output
+        written = onnx.load(str(command[3]))
+        onnx.checker.check_model(written, full_check=True)
+        assert [o.name for o in written.graph.output] == ["label", "output_probability"]
+        assert written.graph.output[1].type.WhichOneof("value") == "sequence_type"
+        label, probabilities = ort_outputs(command[3], feed)
+        assert len(probabilities) == 5 and sorted(probabilities[0]) == [0, 1, 2]
+        if command[0] == "optimize":
+            np.testing.assert_array_equal(label, expected[0])
+            for got, want in zip(probabilities, expected[1]):
+                assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_map_typed_input_is_refused_in_one_line(tmp_path):
+    map_type = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    nodes = [helper.make_node("DictVectorizer", ["x"], ["y"], domain="ai.onnx.ml", int64_vocabulary=[0, 1])]
+    graph = helper.make_graph(nodes, "dv", [helper.make_value_info("x", map_type)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    path = save(model, tmp_path / "dv.onnx")
+    result = run_cli("optimize", path, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2 and "map-typed" in result.output and "Traceback" not in result.output
+
+
+def test_model_with_nothing_to_quantize_says_so_and_writes_the_float_model(tmp_path):
+    # A tree ensemble (ai.onnx.ml): no MatMul/Gemm/Conv anywhere.
+    tree = helper.make_node(
+        "TreeEnsembleRegressor", ["x"], ["y"], domain="ai.onnx.ml", n_targets=1,
+        nodes_treeids=[0, 0, 0], nodes_nodeids=[0, 1, 2], nodes_featureids=[0, 0, 0],
+        nodes_values=[0.5, 0.0, 0.0], nodes_modes=["BRANCH_LEQ", "LEAF", "LEAF"],
+        nodes_truenodeids=[1, 0, 0], nodes_falsenodeids=[2, 0, 0],
+        target_treeids=[0, 0], target_nodeids=[1, 2], target_ids=[0, 0], target_weights=[-1.0, 1.0])
+    graph = helper.make_graph([tree], "trees", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 3)])
+    path = save(model, tmp_path / "trees.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = report_of(result)
+    assert any("nothing to quantize" in note for note in report["notes"])
+    assert report["accuracy_vs_float"]["y"]["rel_l2"] == 0.0
+    feed = {"x": np.array([[0.2, 0.0], [0.9, 1.0]], np.float32)}
+    np.testing.assert_array_equal(ort_outputs(out, feed)[0], ort_outputs(path, feed)[0])
+
+
+def test_quantized_output_that_fails_to_run_is_exit_3_naming_the_lowering(tmp_path, monkeypatch):
+    from qcompile.passes import qdq
+
+    original = qdq.QDQLoweringPass.call
+
+    def corrupt(self, model):
+        result = original(self, model)
+        for node in model.graph:
+            if node.op_type == "DequantizeLinear":
+                node.op_type, node.domain = "NoSuchKernel", "com.example"
+                model.opset_imports["com.example"] = 1
+                break
+        return result
+
+    monkeypatch.setattr(qdq.QDQLoweringPass, "call", corrupt)
+    path = save(detector(), tmp_path / "det.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2")
+    assert result.exit_code == 3 and not out.exists()
+    assert "qdq-lowering" in result.output and "qcompile bug" in result.output
