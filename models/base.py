@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -82,7 +84,8 @@ def cached_export(entry: ZooEntry, options: Mapping[str, Any] | None = None) -> 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
     try:
-        entry.export(tmp / "model.onnx", **opts)
+        with quiet_exporters():
+            entry.export(tmp / "model.onnx", **opts)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first
@@ -91,6 +94,24 @@ def cached_export(entry: ZooEntry, options: Mapping[str, Any] | None = None) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return model_path
+
+
+@contextlib.contextmanager
+def quiet_exporters():
+    """Exporters' own chatter off (torch's tracer warnings, transformers' progress bars and logs): a
+    user's screen shows qcompile's messages; the exported graph is checked by qcompile anyway."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def require(module: str, extra: str = "export"):
