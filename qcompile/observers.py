@@ -23,6 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from qcompile.errors import UnknownNameError
+
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
@@ -255,4 +257,4 @@ def make_observer(method: Method, axis: int | None = None, percentile: float = 9
         return MinMaxObserver(axis=axis)
     if method in ("percentile", "entropy", "mse"):
         return HistogramObserver(method=method, axis=axis, percentile=percentile, symmetric=symmetric)
-    raise ValueError(f"unknown calibration method {method!r}; use one of {METHODS}")
+    raise UnknownNameError(f"unknown calibration method {method!r}", fix=f"use one of {', '.join(METHODS)}")

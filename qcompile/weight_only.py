@@ -21,7 +21,7 @@ from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
 from qcompile.passes.gptq import gptq
 from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
-from qcompile.errors import InputModelError
+from qcompile.errors import InputModelError, InputSpecError, UnknownNameError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import PassManager, checked_outputs
@@ -114,7 +114,7 @@ def quantize_weights(
     awq_report = None
     if algorithm == "gptq":
         if reader is None:
-            raise ValueError("GPTQ needs calibration data (a reader)")
+            raise InputSpecError("GPTQ needs calibration data", fix="pass --calib SPEC (a reader from Python)")
         model = make_pass("shape-inference")(model).model
         nodes = candidates(model, config)
         t = time.perf_counter()
@@ -130,7 +130,7 @@ def quantize_weights(
         seconds["gptq"] = time.perf_counter() - t
     elif algorithm == "awq":
         if reader is None:
-            raise ValueError("AWQ needs calibration data (a reader)")
+            raise InputSpecError("AWQ needs calibration data", fix="pass --calib SPEC (a reader from Python)")
         from qcompile.awq import awq
 
         t = time.perf_counter()
@@ -139,7 +139,7 @@ def quantize_weights(
         model, precomputed, awq_report = scaled.model, scaled.codes, scaled.to_json()
         seconds["awq"] = time.perf_counter() - t
     elif algorithm != "rtn":
-        raise ValueError(f"unknown weight-only algorithm {algorithm!r}; use rtn, gptq or awq")
+        raise UnknownNameError(f"unknown weight-only algorithm {algorithm!r}", fix="use rtn, gptq or awq")
     lowering = WeightOnlyPass(config, precomputed)
     t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -16,6 +17,15 @@ _LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+
+
+#: Custom-op libraries every session registers (paths joined by os.pathsep): kernels for a user's own
+#: domains, so that graphs holding them can be verified and calibrated (the nodes stay black boxes).
+CUSTOM_OP_LIBRARIES_ENV = "QCOMPILE_CUSTOM_OP_LIBRARIES"
+
+
+def custom_op_libraries() -> list[str]:
+    return [path for path in os.environ.get(CUSTOM_OP_LIBRARIES_ENV, "").split(os.pathsep) if path]
 
 
 class OrtRuntime:
@@ -57,6 +67,11 @@ class OrtRuntime:
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         for key, value in options.extra.items():
             so.add_session_config_entry(str(key), str(value))
+        for library in custom_op_libraries():
+            try:
+                so.register_custom_ops_library(library)
+            except Exception as exc:  # ORT raises its own types for a library it cannot load
+                raise BackendError(f"cannot load custom-op library {library}: {str(exc).splitlines()[0]}") from None
         if isinstance(model, SharedWeightsModel):
             self._create_sharing(model, so)
         else:

@@ -255,3 +255,34 @@ def test_quantized_output_that_fails_to_run_is_exit_3_naming_the_lowering(tmp_pa
     result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2")
     assert result.exit_code == 3 and not out.exists()
     assert "qdq-lowering" in result.output and "qcompile bug" in result.output
+
+
+def custom_domain_model() -> onnx.ModelProto:
+    """A user's own domain between standard ops: onnxruntime-extensions' Inverse, then a MatMul."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Inverse", ["x"], ["inv"], domain="ai.onnx.contrib"),
+             helper.make_node("MatMul", ["inv", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)])
+
+
+def test_custom_domain_nodes_are_black_boxes_run_through_the_users_library(tmp_path, monkeypatch):
+    from onnxruntime_extensions import get_library_path
+
+    from qcompile.runtimes.ort import CUSTOM_OP_LIBRARIES_ENV
+
+    monkeypatch.delenv(CUSTOM_OP_LIBRARIES_ENV, raising=False)
+    path = save(custom_domain_model(), tmp_path / "custom.onnx")
+    out = tmp_path / "out.onnx"
+    without = run_cli("optimize", path, "-o", out)
+    assert without.exit_code == 2 and "cannot load the original model" in without.output and not out.exists()
+    library = get_library_path()
+    for command in (["optimize", path, "-o", out], ["quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random",
+                                                    "--runs", "2"]):
+        result = run_cli("--custom-op-library", library, *command)
+        monkeypatch.delenv(CUSTOM_OP_LIBRARIES_ENV, raising=False)
+        assert result.exit_code == 0, result.output
+        written = onnx.load(str(command[3]))
+        assert [(n.domain, n.op_type) for n in written.graph.node if n.domain == "ai.onnx.contrib"] == [
+            ("ai.onnx.contrib", "Inverse")]
