@@ -240,16 +240,16 @@ def test_an_unexpected_exception_is_exit_3_without_traceback_unless_debug(small_
         raise ValueError("negative dimensions are not allowed")
 
     monkeypatch.setattr(qcompile.pipeline, "optimize_with_stats", broken)
+    monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(main, ["optimize", str(small_model), "-o", str(out)])
     assert result.exit_code == 3 and not out.exists()
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "internal error in qcompile: ValueError: negative dimensions" in lines[0]
     assert "qcompile bug" in lines[0] and "--debug" in lines[0]
-    monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
+    monkeypatch.setenv("QCOMPILE_DEBUG", "")  # restored (unset) after the test: --debug sets it in-process
     debug = CliRunner().invoke(main, ["--debug", "optimize", str(small_model), "-o", str(out)])
     assert debug.exit_code == 3 and "Traceback" in debug.output
-    monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
 
 
 def test_console_script_subprocess_inspect(small_model):

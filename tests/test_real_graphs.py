@@ -272,7 +272,7 @@ def test_custom_domain_nodes_are_black_boxes_run_through_the_users_library(tmp_p
 
     from qcompile.runtimes.ort import CUSTOM_OP_LIBRARIES_ENV
 
-    monkeypatch.delenv(CUSTOM_OP_LIBRARIES_ENV, raising=False)
+    monkeypatch.setenv(CUSTOM_OP_LIBRARIES_ENV, "")  # restored (unset) after the test; the CLI sets it in-process
     path = save(custom_domain_model(), tmp_path / "custom.onnx")
     out = tmp_path / "out.onnx"
     without = run_cli("optimize", path, "-o", out)
@@ -281,7 +281,6 @@ def test_custom_domain_nodes_are_black_boxes_run_through_the_users_library(tmp_p
     for command in (["optimize", path, "-o", out], ["quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random",
                                                     "--runs", "2"]):
         result = run_cli("--custom-op-library", library, *command)
-        monkeypatch.delenv(CUSTOM_OP_LIBRARIES_ENV, raising=False)
         assert result.exit_code == 0, result.output
         written = onnx.load(str(command[3]))
         assert [(n.domain, n.op_type) for n in written.graph.node if n.domain == "ai.onnx.contrib"] == [
