@@ -34,6 +34,7 @@ from qcompile.passes.smoothquant import SmoothQuantPass, find_groups
 from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, candidates, rtn
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.progress import bar
+from qcompile.observers import finite_rows
 
 ALPHA_GRID = tuple(float(a) for a in np.linspace(0.0, 1.0, 9))
 SEARCH_FEEDS = 4
@@ -89,7 +90,7 @@ def awq(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], config: WeightO
         for i, feed in enumerate(feeds):
             arrays = runtime.run(feed, outputs=names)
             for name in names:
-                x = arrays[name].reshape(-1, arrays[name].shape[-1]).astype(np.float64)
+                x = finite_rows(arrays[name]).astype(np.float64)
                 abs_sums[name] = abs_sums.get(name, 0.0) + np.abs(x).sum(axis=0)
                 square_sums[name] = square_sums.get(name, 0.0) + np.square(x).sum(axis=0)
                 counts[name] = counts.get(name, 0) + len(x)

@@ -11,12 +11,12 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import execute, modelio, specs
+from qcompile import execute, memory, modelio, specs
 from qcompile.calibration import CalibrationReader, iter_feeds
 from qcompile.errors import InputSpecError
 from qcompile.observers import Method, make_observer
@@ -34,6 +34,7 @@ class CalibrationResult:
     nonfinite: dict[str, int] = field(default_factory=dict)
     samples: int = 0
     seconds: float = 0.0
+    check_outputs: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)  # see collect_ranges
 
     def to_json(self) -> dict:
         widths = [hi - lo for lo, hi in self.ranges.values()]
@@ -49,16 +50,19 @@ class CalibrationResult:
 
 
 @contextlib.contextmanager
-def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu") -> Iterator[Runtime]:
+def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu", *,
+           keep_outputs: bool = False) -> Iterator[Runtime]:
     """A runtime on ``model`` whose outputs are ``names`` (the graph is restored after).
 
     Only the nodes those tensors depend on are loaded: a language model's head, say, is not run
-    to calibrate its input."""
+    to calibrate its input. ``keep_outputs``: the model's own outputs stay outputs too (after
+    ``names``), so that some feeds can also compute them (:func:`collect_ranges`'s ``check_feeds``).
+    Memory-mapped weights are kept non-resident while the runtime pre-packs them."""
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
     outputs_before = list(model.graph.outputs)
     tapped_values = []
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys([*names, *(v.name for v in outputs_before if keep_outputs)]):
         value = values.get(name)
         if value is None:
             raise InputSpecError(f"tensor {name!r} to observe is not in the graph", fix="report this as a bug")
@@ -68,8 +72,9 @@ def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu") -> Iterat
     model.graph.outputs.clear()
     model.graph.outputs.extend(tapped_values)
     try:
-        with execute.loaded(model, target, _tap_options(model)) as runtime:
-            modelio.drop_resident_weights(model)  # pre-packing read them; the packed copies are used
+        with contextlib.ExitStack() as stack:
+            with memory.shedding(model):  # pre-packing reads each weight once; the packed copies are used
+                runtime = stack.enter_context(execute.loaded(model, target, _tap_options(model)))
             yield runtime
     finally:
         model.graph.outputs.clear()
@@ -97,32 +102,58 @@ def collect_ranges(
     target: str = "ort-cpu",
     runtime: Runtime | None = None,
     on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+    check_feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    check_outputs: Sequence[str] = (),
 ) -> CalibrationResult:
     """Observe ``names`` over the reader's feeds; returns per-tensor (lo, hi).
 
     ``runtime``: an open :func:`tapped` runtime exposing ``names`` (else one is opened here).
     ``on_outputs`` sees each feed's observed tensors too (e.g. to keep a sample of them).
     ``symmetric``: the activations' quantizer is symmetric (int8) rather than u8 with a zero point.
+    ``check_feeds``: feeds on which the model's own outputs ``check_outputs`` are wanted too (the
+    runtime then keeps them: :func:`tapped` with ``keep_outputs``), returned in the result's
+    ``check_outputs``, in order. A calibration feed equal to one of them computes both in one run;
+    the others run once more after the last calibration feed.
     """
     input_specs = specs.input_specs(model)
     observers = {name: make_observer(method, percentile=percentile, symmetric=symmetric) for name in names}
+    unseen = set(names)  # tensors that have not yet shown a finite value
     started = time.perf_counter()
     count = 0
+    checked: dict[int, dict[str, np.ndarray]] = {}
+    both = list(dict.fromkeys([*names, *check_outputs]))
     with contextlib.ExitStack() as stack:
         if runtime is None:
-            runtime = stack.enter_context(tapped(model, names, target))
+            runtime = stack.enter_context(tapped(model, names, target, keep_outputs=bool(check_feeds)))
         with bar(f"calibrating {len(names)} tensors ({method})", total=samples) as advance:
             for feed in iter_feeds(reader, input_specs, samples):
-                arrays = runtime.run(feed, outputs=names)
+                match = next((i for i, f in enumerate(check_feeds) if i not in checked and _same_feed(feed, f)), None)
+                arrays = runtime.run(feed, outputs=names if match is None else both)
+                if match is not None:
+                    checked[match] = {name: arrays[name] for name in check_outputs}
                 for name in names:
-                    observers[name].update(arrays[name])
+                    observer, array = observers[name], arrays[name]
+                    skipped = observer.nonfinite
+                    observer.update(array)
+                    if name in unseen and observer.nonfinite - skipped < np.size(array):
+                        unseen.discard(name)  # some value of this feed was finite
                 if on_outputs is not None:
                     on_outputs(arrays)
                 del arrays
                 count += 1
                 elapsed = time.perf_counter() - started
                 advance(description=f"calibrating {len(names)} tensors ({method}) — {count / max(elapsed, 1e-9):.1f} samples/s")
+            for i, feed in enumerate(check_feeds):
+                if i not in checked:
+                    checked[i] = runtime.run(feed, outputs=list(check_outputs))
     seconds = time.perf_counter() - started
+    hopeless = [name for name in names if name in unseen and observers[name].nonfinite]
+    if hopeless:
+        shown = ", ".join(repr(name) for name in hopeless[:3]) + (f" and {len(hopeless) - 3} more" if len(hopeless) > 3 else "")
+        raise InputSpecError(
+            f"{'tensor' if len(hopeless) == 1 else 'tensors'} {shown} saw no finite value in {count} calibration samples (only inf/NaN): "
+            "no quantization range exists", fix="check the calibration data (inputs all ±inf?), or --exclude the node that reads it; "
+            "nothing was written")
     ranges = {}
     nonfinite = {}
     for name, observer in observers.items():
@@ -132,4 +163,15 @@ def collect_ranges(
             nonfinite[name] = observer.nonfinite
     if nonfinite:
         log.warning("non-finite values skipped while calibrating %d tensors (%d values)", len(nonfinite), sum(nonfinite.values()))
-    return CalibrationResult(ranges, nonfinite, count, seconds)
+    return CalibrationResult(ranges, nonfinite, count, seconds, [checked[i] for i in range(len(check_feeds))])
+
+
+def _same_feed(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    """Whether two feeds hold the same arrays (names, shapes, dtypes and values)."""
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        x, y = np.asarray(x), np.asarray(b[name])
+        if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y):
+            return False
+    return True

@@ -205,7 +205,7 @@ def callable_reader(spec: str) -> CalibrationReader:
         raise InputSpecError(f"importing calibration callable {spec!r} raised {type(exc).__name__}: {exc}",
                              fix="fix the module (it is your code)") from None
     if not callable(factory):
-        raise InputSpecError(f"calibration callable {spec!r} is a {type(factory).__name__}, not a function", fix=fix)
+        raise InputSpecError(f"calibration callable {spec!r} is {type(factory).__name__!r}, not a function", fix=fix)
     try:
         made: Any = factory()
     except QCompileError:
@@ -218,7 +218,7 @@ def callable_reader(spec: str) -> CalibrationReader:
     try:
         return IterableReader(made, spec)
     except TypeError:
-        raise InputSpecError(f"calibration callable {spec!r} returned a {type(made).__name__}, which is neither a "
+        raise InputSpecError(f"calibration callable {spec!r} returned {type(made).__name__!r}, which is neither a "
                              "reader (get_next()) nor an iterable of feeds",
                              fix="return a list or generator of {input_name: array} dicts") from None
     except Exception as exc:  # iter() ran the user's __iter__

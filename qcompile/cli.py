@@ -7,6 +7,7 @@ unless ``--debug`` (or QCOMPILE_DEBUG=1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -16,10 +17,11 @@ import sys
 from pathlib import Path
 
 import click
+import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
-from qcompile import modelio, specs
+from qcompile import interrupts, modelio, specs
 from qcompile.errors import InputSpecError, QCompileError, UnknownNameError
 from qcompile.progress import bar, stderr
 
@@ -69,9 +71,9 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (interrupts.Terminated): temp files are gone
             click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
+            sys.exit(interrupts.exit_code(exc))
         except MemoryError:
             click.echo("error: out of memory — try a smaller batch or sequence length; nothing was written", err=True)
             sys.exit(2)
@@ -136,6 +138,7 @@ def main(debug: bool, custom_ops: tuple[str, ...]) -> None:
     """qcompile — an ONNX graph-rewriting compiler with verified passes and measured results.
 
     Exit codes: 0 success, 1 a check you asked for failed, 2 your input or usage is wrong, 3 a qcompile bug."""
+    interrupts.install()
     if debug:
         os.environ["QCOMPILE_DEBUG"] = "1"
     if custom_ops:
@@ -365,7 +368,8 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @click.option("--min-sqnr", type=float, default=None,
               help="Static INT8: MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float (28); negative disables.")
 @click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if not this much faster.")
-@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs for the speed check.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed runs per model for the speed check (default: at least 3, up to 20, within about 0.5 s).")
 @with_shape_options
 @data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -374,13 +378,14 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
              batch, seq, dims, data, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
-    import tempfile
-
-    from qcompile.bench import BenchSettings, bench_models
     from qcompile.calibration import resolve_reader
     from qcompile.errors import CheckFailedError
+    from qcompile.memory import PhaseClock, peak_rss_mb, process_seconds
     from qcompile.passmanager import VerifyOptions
     from qcompile.recipes import Recipe, preset, run_recipe
+
+    clock = PhaseClock()  # the command's own phases; the quantizer reports its own in between
+    startup = {"startup": process_seconds()}, {"startup": peak_rss_mb()}  # interpreter, imports, arguments
 
     base = Recipe.load(recipe_file) if recipe_file else preset(recipe_name)
     recipe = base.with_(
@@ -393,40 +398,109 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
     if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
         recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)
     recipe.validate()
-    if save_recipe:
-        recipe.save(save_recipe)
     path = resolve_model(model)
     out = Path(output)
     _refuse_overwriting_input(out, path)
     source = modelio.load(path)
+    read_by_input = {Path(v.const_value.path).resolve() for v in source.graph.initializers.values()
+                     if isinstance(v.const_value, ir.ExternalTensor)}  # before quantizing (in place)
     shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
     input_specs = specs.input_specs(source)
     reader = resolve_reader(calib, input_specs, recipe.samples, **shape) if calib else None
     verify_feeds = data_feeds(data, source, limit=4) or _calibration_samples(calib, input_specs, 2, shape)
     verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
-    result = run_recipe(source, recipe, reader, target=target, exclude=exclude, verify_options=verify_options)
+    clock.lap("read")
+    if recipe.kind == "static-int8":  # run_recipe's static branch, with the speed guard timed in the check sessions
+        from qcompile.quantize import quantize as quantize_static
+
+        result = quantize_static(source, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
+                                 exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
+                                 smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
+                                 verify_options=verify_options, guard_runs=runs or "auto")
+        timing = result.latency
+    else:
+        result = run_recipe(source, recipe, reader, target=target, exclude=exclude, verify_options=verify_options)
+        timing = None
+    clock.skip()  # the quantizer's own phases account for that
     for note in result.notes:
         stderr.print(f"note: {note}")
-    with tempfile.TemporaryDirectory(dir=out.parent.resolve(), prefix=".qcompile-") as tmp:
-        candidate = Path(tmp) / out.name
-        modelio.save(result.model, candidate)
-        timing = bench_models([path, candidate], BenchSettings(target=target, runs=runs, **shape),
-                              labels=["fp32", "quantized"],
-                              feed=None if (dims or batch or seq) else result.timing_feed)
+    with contextlib.ExitStack() as stack:
+        candidate = None
+        if timing is None:  # time the saved model side by side with the input (interleaved), then rename it
+            candidate = Path(stack.enter_context(_output_temp_dir(out))) / out.name
+            modelio.save(result.model, candidate)
+            clock.lap("save")
+            timing = _side_by_side(path, candidate, target, runs, shape, result.timing_feed if not (dims or batch or seq) else None)
+        else:
+            for entry, where in zip(timing["results"], (path, out)):
+                entry["path"] = str(where)
+        clock.lap("speed_guard")
         speedup = timing["results"][1]["speedup_vs_baseline"]
         report = {"recipe": dataclasses.asdict(recipe), **result.to_json(), "output": str(out), "latency": timing,
                   "speedup": speedup}
         if min_speedup is not None and speedup < min_speedup:
             if as_json:
-                emit_json({**report, "written": False})
+                emit_json({**report, **_phases(startup, result, clock), "written": False})
             fail(CheckFailedError(f"the quantized model is {speedup:.2f}x FP32 on {target}, below --min-speedup "
                                   f"{min_speedup:g}", fix="nothing was written; exclude slow ops or drop the gate"))
-        modelio.save(result.model, out)
+        if candidate is not None:
+            _commit(candidate, out, read_by_input)
+        else:
+            modelio.save(result.model, out)
+        clock.lap("save")
     report["written"] = True
+    if save_recipe:  # only once the run succeeded: a failed run leaves nothing behind
+        recipe.save(save_recipe)
     if as_json:
-        emit_json(report)
+        emit_json({**report, **_phases(startup, result, clock)})
         return
     _print_quantize_summary(recipe, result, timing, speedup, target, out)
+
+
+def _phases(startup: tuple[dict, dict], result, clock) -> dict:
+    """Every phase of a quantize run, the command's and the quantizer's, in order (seconds, and
+    the process's peak RSS at the end of each)."""
+    seconds = {**startup[0], "read": clock.seconds.get("read", 0.0)}
+    peaks = {**startup[1], "read": clock.peak_rss_mb.get("read", 0.0)}
+    for name, value in getattr(result, "phase_seconds", {}).items():
+        seconds[name] = seconds.get(name, 0.0) + value
+        peaks[name] = max(peaks.get(name, 0.0), result.phase_peak_rss_mb.get(name, 0.0))
+    for name, value in clock.seconds.items():
+        if name != "read":
+            seconds[name] = seconds.get(name, 0.0) + value
+            peaks[name] = max(peaks.get(name, 0.0), clock.peak_rss_mb[name])
+    return {"phase_seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "phase_peak_rss_mb": {k: round(v) for k, v in peaks.items()},
+            "seconds": round(sum(seconds.values()), 3)}
+
+
+def _output_temp_dir(out: Path):
+    import tempfile
+
+    return tempfile.TemporaryDirectory(dir=out.parent.resolve(), prefix=".qcompile-")
+
+
+def _side_by_side(path: Path, candidate: Path, target: str, runs: int | None, shape: dict, feed) -> dict:
+    """The input and the saved candidate timed interleaved (the weight-only recipes' speed check)."""
+    from qcompile.bench import GUARD_MAX_RUNS, BenchSettings, bench_models
+
+    return bench_models([path, candidate], BenchSettings(target=target, runs=runs or GUARD_MAX_RUNS, **shape),
+                        labels=["fp32", "quantized"], feed=feed)
+
+
+def _commit(candidate: Path, out: Path, read_by_input: set[Path]) -> None:
+    """Move a model saved in the output's folder (and its data file) into place: the same renames
+    that commit modelio.save, without writing it twice. ``read_by_input``: data files of the input."""
+    from qcompile import interrupts
+
+    data, final_data = candidate.with_name(f"{candidate.name}.data"), out.with_name(f"{out.name}.data")
+    if data.exists() and final_data.resolve() in read_by_input:
+        raise modelio.OutputPathError("refusing to overwrite external data the input model reads", where=str(final_data),
+                                      fix="choose another output name")
+    with interrupts.deferred():
+        if data.exists():
+            os.replace(data, final_data)
+        os.replace(candidate, out)
 
 
 def _calibration_samples(calib: str | None, input_specs, count: int, shape: dict) -> list[dict] | None:

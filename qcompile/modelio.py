@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -199,7 +198,8 @@ def _check_tensor(tensor: onnx.TensorProto, where: str, base: Path) -> None:
     nbytes = -(-count * bits // 8) if exact else None
     fix = "the file is corrupt or its exporter is broken; re-export the model"
     external = tensor.data_location == onnx.TensorProto.EXTERNAL
-    held = [name for name in _DATA_FIELDS if (len(getattr(tensor, name)) if name != "raw_data" else tensor.raw_data)]
+    raw = len(tensor.raw_data) if tensor.HasField("raw_data") else 0  # one transient copy, at most the file's bytes
+    held = [name for name in _DATA_FIELDS if (raw if name == "raw_data" else len(getattr(tensor, name)))]
     if external:
         if held:
             raise InvalidModelError(f"tensor {tensor.name!r} holds both external and inline data ({held[0]})",
@@ -216,9 +216,9 @@ def _check_tensor(tensor: onnx.TensorProto, where: str, base: Path) -> None:
     if held[0] == "raw_data":
         if tensor.data_type == onnx.TensorProto.STRING:
             raise InvalidModelError(f"string tensor {tensor.name!r} holds raw_data", where=where, fix=fix)
-        if nbytes is not None and len(tensor.raw_data) != nbytes:
+        if nbytes is not None and raw != nbytes:
             raise InvalidModelError(
-                f"{_describe(tensor, count)}, {nbytes:,} bytes) but holds {len(tensor.raw_data):,} bytes",
+                f"{_describe(tensor, count)}, {nbytes:,} bytes) but holds {raw:,} bytes",
                 where=where, fix=fix)
         return
     if bits is None and tensor.data_type != onnx.TensorProto.STRING:
@@ -274,8 +274,7 @@ def _check_external(tensor: onnx.TensorProto, where: str, base: Path, nbytes: in
     offset, length = numbers.get("offset", 0), numbers.get("length")
     if nbytes is not None and length is not None and length != nbytes:
         raise InvalidModelError(
-            f"declares dims {list(tensor.dims)[:8]} ({count:,} elements, {nbytes:,} bytes) but its external data is "
-            f"{length:,} bytes long",
+            f"{_describe(tensor, count)}, {nbytes:,} bytes) but its external data is {length:,} bytes long",
             where=where, fix="the file is corrupt or its exporter is broken; re-export the model")
     needed = length if length is not None else nbytes
     if needed is not None and offset + needed > target.stat().st_size:

@@ -258,3 +258,13 @@ def make_observer(method: Method, axis: int | None = None, percentile: float = 9
     if method in ("percentile", "entropy", "mse"):
         return HistogramObserver(method=method, axis=axis, percentile=percentile, symmetric=symmetric)
     raise UnknownNameError(f"unknown calibration method {method!r}", fix=f"use one of {', '.join(METHODS)}")
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` seen as [rows, channels] (the last axis), without the rows that hold a NaN or an inf.
+
+    Statistics built from rows (Hessians, second moments, SQNR samples) skip a masked position
+    whole, as the observers skip non-finite values: one -inf must not poison every estimate."""
+    rows = np.asarray(x).reshape(-1, x.shape[-1])
+    keep = np.isfinite(rows).all(axis=1)
+    return rows if keep.all() else rows[keep]

@@ -13,6 +13,7 @@ running it reproduces the run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -112,7 +113,11 @@ class Recipe:
         return cls(**{**defaults, **data}).validate()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
+        """Write the recipe as TOML, atomically (a temp file beside it, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_toml())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":

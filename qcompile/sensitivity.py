@@ -20,6 +20,7 @@ import onnx_ir as ir
 from qcompile.passes._graph import drop_resident, weight_kn
 from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
 from qcompile.passes.quant_policy import QuantPlan
+from qcompile.observers import finite_rows
 
 
 #: Multiply-adds spent on the estimate over all nodes: beyond it, evenly spaced output columns are used
@@ -88,7 +89,7 @@ class SensitivitySampler:
 
 def _even_rows(x: np.ndarray, limit: int) -> np.ndarray:
     """At most ``limit`` evenly spaced rows of x seen as [rows, channels] (a float32 copy)."""
-    rows = np.asarray(x).reshape(-1, x.shape[-1])
+    rows = finite_rows(x)
     if len(rows) > limit:
         rows = rows[np.linspace(0, len(rows) - 1, limit).round().astype(np.int64)]
     return rows.astype(np.float32)

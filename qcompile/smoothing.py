@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibrate import tapped
-from qcompile.observers import Method, MinMaxObserver, make_observer
+from qcompile.observers import Method, MinMaxObserver, finite_rows, make_observer
 from qcompile.passes._graph import weight_kn
 from qcompile.passes.quant_math import activation_qparams, fake_quantize, quantize_weight
 from qcompile.passes.smoothquant import SmoothGroup, SmoothQuantPass, find_groups, smoothing_scales, weight_row_absmax
@@ -77,7 +77,7 @@ def smooth(
             for name in names:
                 observers[name].update(arrays[name])
                 if alpha == "auto" and i < SEARCH_FEEDS:
-                    samples[name].append(arrays[name].reshape(-1, arrays[name].shape[-1]))
+                    samples[name].append(finite_rows(arrays[name]))
     nodes = {n.name: n for n in model.graph}
     scales, alphas = {}, {}
     for group in groups:

@@ -27,6 +27,7 @@ from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import PassManager, checked_outputs
 from qcompile.pipeline import prepare_float_model
 from qcompile.progress import bar
+from qcompile.observers import finite_rows
 
 Algorithm = Literal["rtn", "gptq", "awq"]
 
@@ -68,7 +69,7 @@ def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationR
         for feed in iter_feeds(reader, specs.input_specs(model), samples):
             arrays = runtime.run(feed, outputs=names)
             for name in names:
-                x = arrays[name].reshape(-1, arrays[name].shape[-1]).astype(np.float32)
+                x = finite_rows(arrays[name]).astype(np.float32)
                 h = x.T @ x
                 hessians[name] = hessians[name] + h if name in hessians else h
             advance()

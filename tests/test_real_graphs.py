@@ -285,3 +285,31 @@ def test_custom_domain_nodes_are_black_boxes_run_through_the_users_library(tmp_p
         written = onnx.load(str(command[3]))
         assert [(n.domain, n.op_type) for n in written.graph.node if n.domain == "ai.onnx.contrib"] == [
             ("ai.onnx.contrib", "Inverse")]
+
+
+def test_an_inf_in_one_calibration_row_does_not_poison_gptq_or_the_sqnr_guard(tmp_path):
+    # Additive attention masks put -inf into activations; row statistics must skip such rows whole.
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array((rng.standard_normal((64, 128)) * 0.1).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((128, 64)) * 0.1).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], [w1, w2])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mlp.onnx")
+    calib = rng.standard_normal((8, 16, 64)).astype(np.float32)
+    calib[2, 5, 7] = -np.inf
+    np.savez(tmp_path / "calib.npz", x=calib)
+    clean = {"x": rng.standard_normal((16, 64)).astype(np.float32)}
+    expected = ort_outputs(path, clean)[0]
+    for recipe in ("w4-weight-only", "int8"):
+        out = tmp_path / f"{recipe}.onnx"
+        result = run_cli("quantize", path, "-o", out, "--recipe", recipe, "--calib", tmp_path / "calib.npz",
+                         "--runs", "2", "--json")
+        assert result.exit_code == 0, result.output
+        if recipe == "int8":  # the SQNR guard measured finite figures and kept both MatMuls in INT8
+            report = report_of(result)
+            assert report["plan"]["quantized_nodes"] == 2, report["plan"]
+        got = ort_outputs(out, clean)[0]
+        cosine = float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
+        assert cosine > 0.99, (recipe, cosine)
