@@ -94,7 +94,7 @@ def load_npz_feeds(path: str | Path, input_specs: list[InputSpec], limit: int | 
         if n == 0:
             raise InputSpecError("the .npz holds 0 samples (its stacked arrays are empty)", where=str(path),
                                  fix="stack at least one sample on the leading axis")
-        feeds = [{name: a[i] for name, a in arrays.items()} for i in range(n)]
+        feeds = [{name: np.asarray(a[i]) for name, a in arrays.items()} for i in range(n)]  # 0-d stays an array
     else:
         feeds = [arrays]
     if limit is not None:

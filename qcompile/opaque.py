@@ -104,9 +104,13 @@ def _tensor_types(proto: onnx.ModelProto, names: list[str]) -> dict[str, onnx.Va
         except Exception:  # inference is best-effort here; the check below says what is missing
             inferred = proto
         known.update({v.name: v for v in inferred.graph.value_info})
+    zipmap_inputs = {name for node in proto.graph.node if node.op_type == "ZipMap" for name in node.input}
     out = {}
     for name in names:
         value = known.get(name)
+        if name in zipmap_inputs and (value is None or not value.type.tensor_type.HasField("shape")):
+            # ZipMap reads float [N, C] by its definition; a graph output needs its shape written
+            value = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [f"{name}_N", f"{name}_C"])
         if value is None or value.type.WhichOneof("value") != "tensor_type":
             raise InvalidModelError(f"cannot type {name!r}, the tensor the map-typed output is made from",
                                     fix="export the model with value_info for it")

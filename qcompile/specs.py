@@ -47,7 +47,8 @@ def _int_bound(value: ir.Value) -> int | None:
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The specs of the model's real inputs (initializers listed as inputs are skipped)."""
+    """The specs of the model's real inputs (initializers listed as inputs are skipped). A negative
+    static dim (paddle2onnx writes -1) means unknown: it is symbolic here."""
     specs = []
     for value in model.graph.inputs:
         if value.name in model.graph.initializers:
@@ -55,7 +56,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.dtype is None:
             raise InputSpecError(f"input {value.name!r} has no element type", fix="re-export the model with typed inputs")
         shape = tuple(
-            dim if isinstance(dim, int) else (dim.value if dim.value is not None else None)
+            (dim if dim >= 0 else None) if isinstance(dim, int) else (dim.value if dim.value is not None else None)
             for dim in (value.shape or [])
         )
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape, _int_bound(value)))

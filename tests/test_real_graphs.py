@@ -313,3 +313,37 @@ def test_an_inf_in_one_calibration_row_does_not_poison_gptq_or_the_sqnr_guard(tm
         got = ort_outputs(out, clean)[0]
         cosine = float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
         assert cosine > 0.99, (recipe, cosine)
+
+
+def test_zipmap_after_an_ml_op_whose_output_inference_cannot_type(tmp_path):
+    # skl2onnx's LogisticRegression: LinearClassifier -> Normalizer -> ZipMap, no value_info for the probabilities.
+    nodes = [helper.make_node("LinearClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml",
+                              coefficients=[0.5, -0.2, 0.1, 0.3, -0.4, 0.2], intercepts=[0.1, -0.1], classlabels_ints=[0, 1],
+                              multi_class=0, post_transform="LOGISTIC"),
+             helper.make_node("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1])]
+    seq_map = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64,
+                                                                         helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "logreg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                               helper.make_value_info("probabilities", seq_map)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    path = save(model, tmp_path / "logreg.onnx")
+    for command in (["optimize", path, "-o", tmp_path / "opt.onnx"],
+                    ["quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2"]):
+        result = run_cli(*command)
+        assert result.exit_code == 0, result.output
+        onnx.checker.check_model(onnx.load(str(command[3])), full_check=True)
+
+
+def test_paddle_minus_one_dims_and_stacked_scalar_inputs(tmp_path):
+    # paddle2onnx writes unknown dims as -1; silero-vad takes a scalar int64 sample rate.
+    nodes = [helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "srf"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3]),
+                                           helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.ones((2, 5, 3), np.float32), sr=np.array([16000, 8000], np.int64))  # two samples stacked
+    result = run_cli("optimize", path, "-o", tmp_path / "out.onnx", "--data", data)
+    assert result.exit_code == 0, result.output
