@@ -58,7 +58,7 @@ class OrtRuntime:
             raise BackendError(f"unknown optimization level {options.optimization!r}; use one of {sorted(_LEVELS)}")
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[options.optimization])
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors reach us as exceptions; a fallback attempt must not print them
         if options.threads:
             so.intra_op_num_threads = int(options.threads)
             so.inter_op_num_threads = 1
