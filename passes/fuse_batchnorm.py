@@ -20,4 +20,5 @@ def fuse_batchnorm() -> ir.passes.PassBase:
     return RuleSetPass(
         "fuse-batchnorm",
         [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule],
+        anchors=frozenset({"BatchNormalization"}),
     )

@@ -56,4 +56,5 @@ _RULES = [
 
 
 def fuse_gemm() -> ir.passes.PassBase:
-    return RuleSetPass("fuse-gemm", pattern.RewriteRuleSet(_RULES, commute=True))
+    rules = pattern.RewriteRuleSet(_RULES, commute=True)
+    return RuleSetPass("fuse-gemm", rules, anchors=frozenset({"MatMul"}))

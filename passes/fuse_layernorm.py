@@ -5,6 +5,11 @@
 
 onnxscript matches ReduceMean with ``axes`` as an input (opset 18+). Opset 17 carries ``axes`` as
 an attribute, so the same rule is restated for that form here.
+
+LayerNormalization's output has x's shape; the decomposed form's is x's broadcast with scale, bias
+and epsilon. Every rule is narrowed to scale, bias and epsilon that vary along x's last axis at
+most (rank <= x's, every other dim 1): then both shapes agree, and every runtime's LayerNorm takes
+them (ORT refuses a scale of higher rank than x).
 """
 
 from __future__ import annotations
@@ -31,8 +36,33 @@ class _LayerNormAxesAttribute(_layer_norm.LayerNormFusion):
         return op.Mul(normalized, scale)
 
 
+def _along_last_axis(x: ir.Value, t: ir.Value) -> bool:
+    """``t`` (a scale, bias or epsilon) broadcasts to x's shape varying along x's last axis at most."""
+    if x.shape is None or t.shape is None or t.shape.rank() > x.shape.rank():
+        return False
+    dims = list(t.shape)
+    return all(d == 1 for d in dims[:-1]) and (not dims or dims[-1] == 1 or dims[-1] == x.shape[-1])
+
+
+def _narrowed(base: type) -> type:
+    class Narrowed(base):  # type: ignore[misc, valid-type]
+        def check(self, context, x, **kwargs):
+            result = super().check(context, x=x, **kwargs)
+            if not result:
+                return result
+            for name in ("scale", "bias", "epsilon"):
+                if kwargs.get(name) is not None and not _along_last_axis(x, kwargs[name]):
+                    return pattern.MatchResult().fail(f"{name} does not vary along x's last axis only", kwargs[name])
+            return result
+
+    Narrowed.__name__ = base.__name__
+    return Narrowed
+
+
 _RULES = pattern.RewriteRuleSet(
-    [*_layer_norm.layer_normalization_rules, _LayerNormAxesAttribute.rule()], commute=True
+    [_narrowed(cls).rule()
+     for cls in (_layer_norm.LayerNormFusion, _layer_norm.LayerNormBiasFusion, _LayerNormAxesAttribute)],
+    commute=True,
 )
 
 
@@ -47,4 +77,6 @@ class LayerNormFusionPass(RuleSetPass):
 
 
 def fuse_layernorm() -> ir.passes.PassBase:
-    return LayerNormFusionPass("fuse-layernorm", _RULES)
+    # Every rule starts from a ReduceMean (decomposed form) or a LayerNormalization (bias folded in).
+    anchors = frozenset({"ReduceMean", "LayerNormalization"})
+    return LayerNormFusionPass("fuse-layernorm", _RULES, anchors=anchors)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.passes._graph import add_initializer, drop_resident
+from qcompile.passes._rewrite import allow_initializers
 from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight, weight_storage
 from qcompile.passes.quant_policy import QuantPlan
 
@@ -48,6 +49,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         modified = self._lower_weights(graph, nodes, values)
         modified |= self._lower_biases(graph, nodes, values)
         modified |= self._lower_activations(graph, values)
+        allow_initializers(model)  # an IR < 4 model may not hold initializers that are not inputs
         return ir.passes.PassResult(model, modified)
 
     def _dq(self, graph: ir.Graph, base: str, q: np.ndarray, qp: QParams, before: ir.Node | None) -> ir.Value:

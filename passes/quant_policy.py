@@ -140,6 +140,8 @@ def _weight_axis(node: ir.Node, rank: int, per_channel: bool) -> int | None:
         return 1
     if node.op_type == "Gemm":
         return 0 if node.attributes.get_int("transB", 0) else 1
+    if rank > 2:  # a batched B: ORT's fused integer MatMul takes only a scalar zero point there
+        return None
     return rank - 1  # MatMul: output channels are B's last axis
 
 

@@ -10,25 +10,63 @@ annotated, and runs that 8% slower at batch 1, sequence 128 (docs/benchmarks.md)
 
 from __future__ import annotations
 
+import logging
+
+import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnx_ir.passes.common import _c_api_utils
+
+log = logging.getLogger(__name__)
 
 
 class ShapeInferencePass(ir.passes.InPlacePass):
-    """Annotate values with inferred types and shapes; reports modified only if a shape changed."""
+    """Annotate values with inferred types and shapes; reports modified only if a shape changed.
+
+    ONNX shape inference as onnx-ir's pass runs it, merged by :func:`_merge` rather than onnx-ir's
+    merge, which sets only the element dtype and so turns an untyped ``seq(tensor(float))`` or
+    ``optional(...)`` value into ``tensor(float)`` (ONNX Runtime then refuses the model)."""
 
     name = "shape-inference"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _shape_signature(model)
-        result = common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-        model = result.model
+
+        def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+            return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
+        try:
+            inferred = _c_api_utils.call_onnx_api(infer, model)
+        except Exception as exc:  # lenient, as onnx-ir's pass: a model ONNX cannot infer keeps its shapes
+            log.info("shape inference failed, shapes left as they were: %s", exc)
+            return ir.passes.PassResult(model, False)
+        _merge(model, ir.serde.deserialize_model(inferred))
         return ir.passes.PassResult(model, _shape_signature(model) != before)
+
+
+def _merge(model: ir.Model, inferred: ir.Model) -> None:
+    """Take the inferred type and shape of every value, graph by graph (subgraphs included).
+
+    A value's whole type is taken when it had none; a tensor's dtype when both are tensors; a type
+    of another kind (a tensor inferred where a sequence was declared) is not merged at all."""
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+        found = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = found.get(name)
+            if new is None or new.type is None:
+                continue
+            if value.type is None:
+                value.type = new.type
+            elif value.type != new.type:
+                if not (isinstance(value.type, ir.TensorType) and isinstance(new.type, ir.TensorType)):
+                    continue
+                value.type = new.type
+            if new.shape is not None and value.shape != new.shape:
+                value.shape = new.shape
 
 
 def _shape_signature(model: ir.Model) -> tuple:
     return tuple(
-        (v.name, str(v.shape), str(v.dtype))
+        (v.name, str(v.shape), str(v.type))
         for node in ir.traversal.RecursiveGraphIterator(model.graph)
         for v in node.outputs
     )

@@ -49,6 +49,7 @@ class OutputComparison:
     _top1_total: int = 0
     shape_mismatch: str | None = None
     nonfinite_mismatch: int = 0
+    dtype: str | None = None  # the reference's element type (its resolution bounds any comparison)
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         """Accumulate one sample (a tensor, or a sequence of tensors or of maps, compared element-wise)."""
@@ -60,6 +61,7 @@ class OutputComparison:
                 return
         ref = np.asarray(ref)
         cand = np.asarray(cand)
+        self.dtype = str(ref.dtype)
         if ref.shape != cand.shape:
             self.shape_mismatch = f"{ref.shape} vs {cand.shape}"
             return

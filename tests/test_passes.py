@@ -374,3 +374,200 @@ def test_topo_sort_and_clear_shapes():
     out.graph.append(nodes[0])  # Relu now after its user
     out, modified = apply("topo-sort", out)
     assert modified and op_types(out) == ["Relu", "Sigmoid"]
+
+
+# Regressions found by ONNX's node suite (tools/node_suite.py): subgraphs, sequences, evaluator bugs.
+
+SCAN_SUM = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[2] initial, float[3,2] x) => (float[2] y, float[3,2] z) {
+  y, z = Scan <num_scan_inputs = 1, body = body (float[2] sum_in, float[2] next) => (float[2] sum_out, float[2] scan_out) {
+    sum_out = Add(sum_in, next)
+    scan_out = Identity(sum_out)
+  }> (initial, x)
+}"""
+
+
+def test_identity_keeps_scan_output_that_is_also_the_carried_state():
+    # test_scan_sum: removing the Identity listed sum_out twice among the body's outputs (and
+    # renamed it), and ONNX Runtime's Scan then returned other values for both outputs.
+    model = model_from_text(SCAN_SUM)
+    ref = clone(model)
+    out, modified = apply("identity", model)
+    body = next(n for n in out.graph if n.op_type == "Scan").attributes["body"].as_graph()
+    assert not modified and [n.op_type for n in body] == ["Add", "Identity"]
+    feeds = {"initial": np.zeros(2, np.float32), "x": RNG.standard_normal((3, 2)).astype(np.float32)}
+    assert_same_outputs(ref, out, feeds)
+
+
+def test_identity_keeps_two_graph_outputs_distinct():
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[4] x) => (float[4] y, float[4] z) {
+      y = Relu(x)
+      z = Identity(y)
+    }""")
+    out, modified = apply("identity", model)
+    assert not modified and [v.name for v in out.graph.outputs] == ["y", "z"]
+
+
+def test_identity_keeps_subgraph_output_taken_from_the_outer_scope():
+    # A branch returning an outer value through Identity: onnx-ir renamed the outer value to the
+    # branch output's name and returned it directly (the checker and ORT reject both).
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (bool c, float[4] x) => (float[4] y) {
+      a = Relu(x)
+      y = If(c) <then_branch = t () => (float[4] t_out) {
+        t_out = Identity(a)
+      }, else_branch = e () => (float[4] e_out) {
+        e_out = Neg(a)
+      }>
+    }""")
+    ref = clone(model)
+    out, modified = apply("identity", model)
+    assert not modified
+    assert [n.outputs[0].name for n in out.graph] == ["a", "y"]
+    for c in (True, False):
+        assert_same_outputs(ref, out, {"c": np.array(c), "x": RNG.standard_normal(4).astype(np.float32)})
+
+
+def test_identity_still_removed_inside_a_subgraph():
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (bool c, float[4] x) => (float[4] y) {
+      y = If(c) <then_branch = t () => (float[4] t_out) {
+        i = Identity(x)
+        t_out = Relu(i)
+      }, else_branch = e () => (float[4] e_out) {
+        e_out = Neg(x)
+      }>
+    }""")
+    ref = clone(model)
+    out, modified = apply("identity", model)
+    then = next(iter(out.graph)).attributes["then_branch"].as_graph()
+    assert modified and [n.op_type for n in then] == ["Relu"]
+    assert_same_outputs(ref, out, {"c": np.array(True), "x": RNG.standard_normal(4).astype(np.float32)})
+
+
+def test_constant_folding_leaves_a_node_its_evaluator_fails_on():
+    # test_split_to_sequence_1: onnxscript's SplitToSequence evaluator reads `split_value.ndim`
+    # when `split` is a scalar of unknown value; the pass crashed instead of leaving the node.
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[3,6] data, int64 split) => (seq(float[3,?]) s) {
+      s = SplitToSequence <axis = 1> (data, split)
+    }""")
+    out, modified = apply("constant-folding", model)
+    assert not modified and op_types(out) == ["SplitToSequence"]
+
+
+def test_shape_inference_keeps_sequence_and_optional_types():
+    # test_if_opt, test_sequence_map_*_expanded: onnx-ir's merge set only the element dtype, so an
+    # untyped seq(tensor(float)) value became tensor(float) and ORT refused the model.
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[4] x) => (float[4] y) {
+      zero = Constant <value = int64 {0}> ()
+      s = SequenceConstruct(x, x)
+      o = Optional(s)
+      s2 = OptionalGetElement(o)
+      y = SequenceAt(s2, zero)
+    }""")
+    ref = clone(model)
+    out, modified = apply("shape-inference", model)
+    types = {v.name: v.type for n in out.graph for v in n.outputs}
+    assert modified
+    assert isinstance(types["s"], ir.SequenceType) and isinstance(types["o"], ir.OptionalType)
+    assert isinstance(types["y"], ir.TensorType) and out.graph.node(4).outputs[0].shape == ir.Shape([4])
+    assert_same_outputs(ref, out, {"x": RNG.standard_normal(4).astype(np.float32)})
+
+
+@pytest.mark.parametrize("name", ["fuse-gelu", "fuse-layernorm", "fuse-batchnorm", "fuse-gemm"])
+def test_fusions_skip_models_without_their_ops(name):
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 20]>
+    g (float[4] x) => (float[4] y) {
+      y = Relu(x)
+    }""")
+    p = make_pass(name)
+    result = p(model)
+    assert not result.modified and p.count == 0
+
+
+def test_fuse_layernorm_still_folds_a_bias_into_an_existing_layernorm():
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[2,8] x) => (float[2,8] y) <float[8] scale = {1,2,3,4,5,6,7,8}, float[8] bias = {1,1,1,1,2,2,2,2}> {
+      n = LayerNormalization <axis = -1> (x, scale)
+      y = Add(n, bias)
+    }""")
+    ref = clone(model)
+    out, modified = apply("fuse-layernorm", model)
+    assert modified and op_types(out) == ["LayerNormalization"] and len(next(iter(out.graph)).inputs) == 3
+    assert_same_outputs(ref, out, {"x": RNG.standard_normal((2, 8)).astype(np.float32)})
+
+
+def test_cse_and_folding_reach_a_fixed_point_on_twin_graph_outputs():
+    # y = Identity(x), z = Identity(y): folding rewrites z = Identity(x), and onnx-ir's CSE merged
+    # it into y, putting z = Identity(y) back: both passes "modified" the model every sweep.
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[2] x) => (float[2] y, float[2] z) {
+      y = Identity(x)
+      z = Identity(y)
+    }""")
+    ref = clone(model)
+    out, modified = apply("constant-folding", model)
+    assert modified
+    out, modified = apply("cse", out)
+    assert not modified and [v.name for v in out.graph.outputs] == ["y", "z"]
+    assert all("_qcompile_cse_keep" not in n.attributes for n in out.graph)
+    assert_same_outputs(ref, out, {"x": RNG.standard_normal(2).astype(np.float32)})
+
+
+def test_dead_code_drops_unused_initializers_of_a_subgraph():
+    model = model_from_text("""
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (bool c, float[2] x) => (float[2] y) {
+      y = If(c) <then_branch = t () => (float[2] a) <float[2] unused = {1, 2}> { a = Relu(x) },
+                 else_branch = e () => (float[2] b) { b = Neg(x) }>
+    }""")
+    out, modified = apply("dead-code", model)
+    then = next(iter(out.graph)).attributes["then_branch"].as_graph()
+    assert modified and not then.initializers
+
+
+IR3 = """
+<ir_version: 3, opset_import: ["" : 8]>
+g (float[2] x) => (float[2] y) {
+  a = Constant <value = float[2] {1, 2}> ()
+  b = Constant <value = float[2] {3, 4}> ()
+  c = Add(a, b)
+  y = Mul(x, c)
+}"""
+
+
+@pytest.mark.parametrize("name", ["lift-constants", "constant-folding"])
+def test_passes_that_add_initializers_raise_an_ir3_model_to_ir4(name):
+    # Up to IR 3 an initializer must also be a graph input: the lifted or folded model failed the
+    # checker (old opset-8/9 exports).
+    import onnx
+
+    model = model_from_text(IR3)
+    ref = clone(model)
+    out, modified = apply(name, model)
+    assert modified and out.ir_version == 4 and out.graph.initializers
+    onnx.checker.check_model(ir.to_proto(out), full_check=True)
+    assert [v.name for v in out.graph.inputs] == ["x"]
+    assert_same_outputs(ref, out, {"x": RNG.standard_normal(2).astype(np.float32)})
+
+
+def test_ir3_model_without_new_initializers_keeps_its_ir_version():
+    model = model_from_text("""
+    <ir_version: 3, opset_import: ["" : 8]>
+    g (float[2] x) => (float[2] y) {
+      y = Relu(x)
+    }""")
+    out, _ = apply("constant-folding", model)
+    assert out.ir_version == 3

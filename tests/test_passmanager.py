@@ -195,3 +195,18 @@ g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) {
     with pytest.raises(InputModelError, match="did not run.*--dim") as info:
         PassManager([make_pass("identity")], verify=True)(model_from_text(text))
     assert info.value.exit_code == 2
+
+
+def test_end_only_verification_restarts_from_the_original_when_a_pass_crashes():
+    model = model_from_text(TEXT)
+    result = PassManager([make_pass("identity"), Crashes()], verify=True, rollback=True,
+                         verify_options=VerifyOptions(each_pass=False))(model)
+    assert [s.name for s in result.rolled_back] == ["crashes"]
+    assert "Identity" not in [n.op_type for n in result.model.graph]
+
+
+def test_fp16_outputs_are_held_to_their_resolution_not_below_it():
+    from qcompile.passmanager import output_bound
+
+    assert output_bound(1e-5, "float16") == 1e-3 and output_bound(1e-5, "float32") == 1e-5
+    assert output_bound(1e-2, "float16") == 1e-2  # a looser stated bound still applies
