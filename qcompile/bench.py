@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -14,7 +15,12 @@ from qcompile.feedsearch import fitting_feeds
 from qcompile.metrics import Comparison
 from qcompile.progress import bar
 from qcompile.runtimes import RuntimeOptions, TimingResult, time_side_by_side
-from qcompile.runtimes.timing import ratios
+from qcompile.runtimes.timing import ratios, summarize
+
+#: A speed guard's ``"auto"`` number of timed runs per model: at least GUARD_MIN_RUNS, at most
+#: GUARD_MAX_RUNS, stopping once they add up to GUARD_SECONDS (a large model's guard costs two of
+#: its runs; a small one's gets twenty).
+GUARD_MIN_RUNS, GUARD_MAX_RUNS, GUARD_SECONDS = 2, 20, 0.5
 
 
 @dataclass(frozen=True)
@@ -85,3 +91,38 @@ def compare_models(
                 comparison.add(ref_rt.run(feed), cand_rt.run(feed))
                 advance()
     return comparison
+
+
+def time_runs(name: str, fn, runs: int | str, *, warmup: int = 0, items_per_run: int = 1,
+              done: Sequence[float] = ()) -> TimingResult:
+    """Time ``fn(i)`` (run i), which its caller has already run ``warmup`` times: ``runs`` runs, or
+    ``"auto"`` (see GUARD_MIN_RUNS); ``done``: seconds of runs the caller timed already."""
+    samples: list[float] = list(done)
+
+    def enough() -> bool:
+        if runs == "auto":
+            return len(samples) >= GUARD_MAX_RUNS or (len(samples) >= GUARD_MIN_RUNS and sum(samples) >= GUARD_SECONDS)
+        return len(samples) >= int(runs)
+
+    while not enough():
+        started = time.perf_counter()
+        fn(len(samples))
+        samples.append(time.perf_counter() - started)
+    return summarize(name, samples, warmup, items_per_run)
+
+
+def guard_report(fp32: TimingResult, quantized: TimingResult, feed: Mapping[str, np.ndarray], target: str) -> dict:
+    """A speed guard's figures, shaped like :func:`bench_models`'s report (baseline: FP32). The two
+    models were timed in turn, not interleaved (``"interleaved": False``), so the speed-up is the
+    ratio of their fastest runs (``"statistic": "min"``): load from other processes only ever adds
+    time, and the fastest run of each is the one it disturbed least."""
+    return {
+        "target": target,
+        "threads": None,
+        "interleaved": False,
+        "statistic": "min",
+        "feed_shapes": {name: list(np.shape(array)) for name, array in feed.items()},
+        "baseline": "fp32",
+        "results": [{**t.to_json(), "speedup_vs_baseline": fp32.min_ms / t.min_ms if t.min_ms > 0 else float("inf")}
+                    for t in (fp32, quantized)],
+    }
