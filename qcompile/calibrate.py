@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from qcompile import execute, memory, modelio, specs
 from qcompile.calibration import CalibrationReader, iter_feeds
-from qcompile.errors import InputSpecError
+from qcompile.errors import InputSpecError, InternalError
 from qcompile.observers import Method, make_observer
 from qcompile.progress import bar
 from qcompile.runtimes import Runtime, RuntimeOptions
@@ -60,12 +60,13 @@ def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu", *,
     Memory-mapped weights are kept non-resident while the runtime pre-packs them."""
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
+    values.update(model.graph.initializers)  # a constant can be a graph output too
     outputs_before = list(model.graph.outputs)
     tapped_values = []
     for name in dict.fromkeys([*names, *(v.name for v in outputs_before if keep_outputs)]):
         value = values.get(name)
         if value is None:
-            raise InputSpecError(f"tensor {name!r} to observe is not in the graph", fix="report this as a bug")
+            raise InternalError(f"tensor {name!r} to observe is not in the graph", stage="calibration")
         if value.type is None:
             value.dtype = ir.DataType.FLOAT
         tapped_values.append(value)
