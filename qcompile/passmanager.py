@@ -144,20 +144,23 @@ def run_feeds(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], target
         return execute.run_all(runtime, feeds)
 
 
+def choose_feeds(model: ir.Model, options: VerifyOptions, runtime) -> tuple[list[dict], str]:
+    """The verification feeds — given, or sized so that the original (loaded in ``runtime``) runs —
+    and how they were chosen."""
+    if options.feeds is not None:
+        return [dict(f) for f in options.feeds], "given data"
+    return fitting_feeds(specs.input_specs(model), lambda feed: execute.run_all(runtime, [feed]),
+                         samples=options.samples, seed=options.seed, dims=options.dims, batch=options.batch,
+                         seq=options.seq)
+
+
 def reference_run(model: ir.Model, options: VerifyOptions) -> tuple[list[dict], list[dict], str]:
     """Feeds, the original model's outputs on them, and how they were chosen.
 
     Everything that fails here is the input's fault: the original model is what was given."""
     try:
         with execute.loaded(model, options.target, VERIFY_RUNTIME) as runtime:
-            if options.feeds is not None:
-                feeds, how = [dict(f) for f in options.feeds], "given data"
-            else:
-                feeds, how = fitting_feeds(
-                    specs.input_specs(model), lambda feed: execute.run_all(runtime, [feed]),
-                    samples=options.samples, seed=options.seed, dims=options.dims, batch=options.batch,
-                    seq=options.seq,
-                )
+            feeds, how = choose_feeds(model, options, runtime)
             try:
                 outputs = execute.run_all(runtime, feeds)
             except BackendFailedError as exc:

@@ -24,7 +24,6 @@ from qcompile.bench import guard_report, time_runs
 from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
 from qcompile.calibration import fit_reader, CalibrationReader, IterableReader, describe, iter_feeds
 from qcompile.errors import BackendFailedError, QCompileError, UnknownNameError, VerificationError
-from qcompile.feedsearch import fitting_feeds
 from qcompile.memory import PhaseClock
 from qcompile.models.base import cache_root
 from qcompile.observers import Method
@@ -35,7 +34,7 @@ from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, WeightDType, pl
 from qcompile.errors import InputModelError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
-from qcompile.passmanager import PassManager, VerifyOptions, snapshot
+from qcompile.passmanager import choose_feeds, PassManager, VerifyOptions, snapshot
 from qcompile.pipeline import optimize_with_stats, prepare_float_model
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
 from qcompile.sensitivity import MAX_ROW_BYTES, SensitivitySampler
@@ -384,12 +383,7 @@ def _session(model: ir.Model, target: str, *, prepack: bool = True) -> Iterator[
 def _reference(runtime: Runtime, model: ir.Model, options: VerifyOptions) -> tuple[list[dict], list[dict], list[float]]:
     """The verification feeds (given, or sized so that the original runs), the original model's
     outputs on them and the seconds of each run; a failure here is the input's."""
-    if options.feeds is not None:
-        feeds, how = [dict(f) for f in options.feeds], "given data"
-    else:
-        feeds, how = fitting_feeds(specs.input_specs(model), lambda feed: execute.run_all(runtime, [feed]),
-                                   samples=options.samples, seed=options.seed, dims=options.dims,
-                                   batch=options.batch, seq=options.seq)
+    feeds, how = choose_feeds(model, options, runtime)
     try:
         return feeds, *_run_all(runtime, feeds)
     except BackendFailedError as exc:
