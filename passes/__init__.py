@@ -10,7 +10,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
-from qcompile.passes.cleanup import (
+from qcompile.passes.graph.cleanup import (
     cse,
     dead_code,
     dedup_initializers,
@@ -20,12 +20,12 @@ from qcompile.passes.cleanup import (
     no_op,
     topo_sort,
 )
-from qcompile.passes.folding import constant_folding
-from qcompile.passes.fuse_batchnorm import fuse_batchnorm
-from qcompile.passes.fuse_gelu import fuse_gelu
-from qcompile.passes.fuse_gemm import fuse_gemm
-from qcompile.passes.fuse_layernorm import fuse_layernorm
-from qcompile.passes.shapes import clear_shapes, shape_inference
+from qcompile.passes.graph.folding import constant_folding
+from qcompile.passes.graph.fuse_batchnorm import fuse_batchnorm
+from qcompile.passes.graph.fuse_gelu import fuse_gelu
+from qcompile.passes.graph.fuse_gemm import fuse_gemm
+from qcompile.passes.graph.fuse_layernorm import fuse_layernorm
+from qcompile.passes.graph.shapes import clear_shapes, shape_inference
 
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "default-attributes": default_attributes,

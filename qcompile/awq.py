@@ -29,12 +29,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibrate import tapped
-from qcompile.passes._graph import weight_kn
-from qcompile.passes.smoothquant import SmoothQuantPass, find_groups
-from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, candidates, rtn
+from qcompile.passes.irutil import weight_kn
+from qcompile.passes.quant.smooth_fold import SmoothQuantPass, find_groups
+from qcompile.passes.quant.nbits import BlockQuant, WeightOnlyConfig, candidates, rtn
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.progress import bar
-from qcompile.observers import finite_rows
+from qcompile.quant.observers import finite_rows
 
 ALPHA_GRID = tuple(float(a) for a in np.linspace(0.0, 1.0, 9))
 SEARCH_FEEDS = 4

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from qcompile import execute, memory, modelio, specs
 from qcompile.calibration import CalibrationReader, iter_feeds
 from qcompile.errors import InputSpecError, InternalError
-from qcompile.observers import Method, make_observer
+from qcompile.quant.observers import Method, make_observer
 from qcompile.progress import bar
 from qcompile.runtimes import Runtime, RuntimeOptions
 

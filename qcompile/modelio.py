@@ -27,7 +27,7 @@ from qcompile.errors import (
     OutputPathError,
 )
 from qcompile import opaque
-from qcompile.passes._graph import drop_resident
+from qcompile.passes.irutil import drop_resident
 from qcompile.runtimes import SharedWeightsModel
 from qcompile.wire import WireFormatError, map_inline_weights
 
@@ -367,7 +367,7 @@ def has_external_data(model: ir.Model) -> bool:
 
 def drop_resident_weights(model: ir.Model) -> None:
     """Drop the resident pages of the model's memory-mapped initializers (see
-    :func:`~qcompile.passes._graph.drop_resident`): they are read back from the file when needed."""
+    :func:`~qcompile.passes.irutil.drop_resident`): they are read back from the file when needed."""
     for value in model.graph.initializers.values():
         drop_resident(value.const_value)
 

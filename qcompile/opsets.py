@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from qcompile.passes.opset import OpsetConversionPass
+from qcompile.passes.graph.opset import OpsetConversionPass
 from qcompile.passmanager import PassManager, VerifyOptions
 
 QDQ_PER_TENSOR = 10

@@ -26,18 +26,18 @@ from qcompile.calibration import fit_reader, CalibrationReader, IterableReader, 
 from qcompile.errors import BackendFailedError, QCompileError, UnknownNameError, VerificationError
 from qcompile.memory import PhaseClock
 from qcompile.models.base import cache_root
-from qcompile.observers import Method
+from qcompile.quant.observers import Method
 from qcompile.passes import make_pass
-from qcompile.passes.qdq import QDQLoweringPass
-from qcompile.passes.quant_math import QParams, activation_qparams
-from qcompile.passes.quant_policy import QuantPlan, QuantPolicy, WeightDType, plan_quantization
+from qcompile.passes.quant.qdq import QDQLoweringPass
+from qcompile.quant.qparams import QParams, activation_qparams
+from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, plan_quantization
 from qcompile.errors import InputModelError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import choose_feeds, PassManager, VerifyOptions, snapshot
 from qcompile.pipeline import optimize_with_stats, prepare_float_model
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
-from qcompile.sensitivity import MAX_ROW_BYTES, SensitivitySampler
+from qcompile.quant.algorithms.sensitivity import MAX_ROW_BYTES, SensitivitySampler
 from qcompile.smoothing import smooth
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ TARGETS = ("ort-cpu",)
 #: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative error).
 DEFAULT_MIN_SQNR_DB = 28.0
 #: Calibration feeds whose rows are kept to measure that SQNR, in at most 1/32 of the model's weight
-#: bytes (but at least this much: a small model keeps every row) and qcompile.sensitivity's cap.
+#: bytes (but at least this much: a small model keeps every row) and qcompile.quant.algorithms.sensitivity's cap.
 SENSITIVITY_FEEDS = 4
 SENSITIVITY_MIN_ROW_BYTES = 32 * 1024 * 1024
 #: The sessions that check the float and the quantized model run them as they will be run (graph
@@ -66,12 +66,12 @@ def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable
         raise UnknownNameError(f"unknown quantization target {target!r}", fix=f"choose from: {', '.join(TARGETS)}")
     ratios: dict = {}
     if keep_float is None:
-        from qcompile.kernel_probe import probe, slower_classes
+        from qcompile.targets.ort_cpu.kernel_probe import probe, slower_classes
 
         ratios = probe(cache_dir=cache_root() / "probe")
         keep_float = slower_classes(ratios)
     if weight_dtype is None:
-        from qcompile.kernel_probe import policy_weight_dtype
+        from qcompile.targets.ort_cpu.kernel_probe import policy_weight_dtype
 
         weight_dtype = policy_weight_dtype(cache_dir=cache_root() / "probe")
     policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float), weight_dtype=weight_dtype)

@@ -160,7 +160,7 @@ def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", e
                         exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
                         smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
                         verify_options=verify_options)
-    from qcompile.passes.weight_only import WeightOnlyConfig
+    from qcompile.passes.quant.nbits import WeightOnlyConfig
     from qcompile.weight_only import quantize_weights
 
     config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,

@@ -19,10 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.calibrate import tapped
-from qcompile.observers import Method, MinMaxObserver, finite_rows, make_observer
-from qcompile.passes._graph import weight_kn
-from qcompile.passes.quant_math import activation_qparams, fake_quantize, quantize_weight
-from qcompile.passes.smoothquant import SmoothGroup, SmoothQuantPass, find_groups, smoothing_scales, weight_row_absmax
+from qcompile.quant.observers import Method, MinMaxObserver, finite_rows, make_observer
+from qcompile.passes.irutil import weight_kn
+from qcompile.quant.qparams import activation_qparams, fake_quantize, quantize_weight
+from qcompile.passes.quant.smooth_fold import SmoothGroup, SmoothQuantPass, find_groups, smoothing_scales, weight_row_absmax
 from qcompile.passmanager import PassManager, VerifyOptions
 
 Alpha = float | Literal["auto"]

@@ -19,15 +19,15 @@ from qcompile import modelio, specs
 from qcompile.calibrate import tapped
 from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
-from qcompile.passes.gptq import gptq
-from qcompile.passes.weight_only import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
+from qcompile.quant.algorithms.gptq import gptq
+from qcompile.passes.quant.nbits import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
 from qcompile.errors import InputModelError, InputSpecError, UnknownNameError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import PassManager, checked_outputs
 from qcompile.pipeline import prepare_float_model
 from qcompile.progress import bar
-from qcompile.observers import finite_rows
+from qcompile.quant.observers import finite_rows
 
 Algorithm = Literal["rtn", "gptq", "awq"]
 
@@ -89,7 +89,7 @@ def quantize_weights(
     """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
 
     ``config.accuracy_level`` None (MatMulNBits): the level that decodes faster on this CPU, measured
-    once by :func:`qcompile.kernel_probe.probe_nbits`.
+    once by :func:`qcompile.targets.ort_cpu.kernel_probe.probe_nbits`.
     """
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     seconds = {}
@@ -98,7 +98,7 @@ def quantize_weights(
     fit_reader(reader, verify_feeds)
     seconds["optimize"] = time.perf_counter() - started
     if config.format == "matmulnbits" and config.accuracy_level is None:
-        from qcompile.kernel_probe import fastest_accuracy_level
+        from qcompile.targets.ort_cpu.kernel_probe import fastest_accuracy_level
         from qcompile.models.base import cache_root
 
         level = fastest_accuracy_level(config.bits, config.block_size, cache_root() / "probe")

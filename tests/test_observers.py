@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcompile.observers import BINS, HistogramObserver, MinMaxObserver, make_observer
-from qcompile.passes.quant_math import activation_qparams, fake_quantize
+from qcompile.quant.observers import BINS, HistogramObserver, MinMaxObserver, make_observer
+from qcompile.quant.qparams import activation_qparams, fake_quantize
 
 RNG = np.random.default_rng(0)
 

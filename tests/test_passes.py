@@ -139,7 +139,7 @@ def test_dedup_initializers():
 
 def test_dedup_compares_whole_tensors_not_just_the_sampled_bytes():
     """Large tensors equal in their sampled start/middle/end bytes but not elsewhere stay apart."""
-    from qcompile.passes.cleanup import DeduplicateInitializersPass
+    from qcompile.passes.graph.cleanup import DeduplicateInitializersPass
 
     size = 8 * DeduplicateInitializersPass.SAMPLE_BYTES  # float32: 32 KB each
     base = RNG.standard_normal(size).astype(np.float32)

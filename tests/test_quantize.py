@@ -10,8 +10,8 @@ from conftest import floats, model_from_text, op_types, run_ort
 import qcompile
 from qcompile.calibration import IterableReader, iter_feeds, resolve_reader
 from qcompile.errors import InputSpecError
-from qcompile.passes.quant_math import fake_quantize, quantize_weight
-from qcompile.passes.quant_policy import QuantPolicy, plan_quantization
+from qcompile.quant.qparams import fake_quantize, quantize_weight
+from qcompile.passes.quant.annotate import QuantPolicy, plan_quantization
 from qcompile.quantize import quantize
 from qcompile.specs import input_specs
 
@@ -91,7 +91,7 @@ def test_quantize_weight_reference():
 
 def test_u8s8_saturation_probe_and_u8_weight_storage():
     """Where ORT's u8 x s8 kernels saturate (measured), the policy stores weights as u8 (exact)."""
-    from qcompile.kernel_probe import _saturation_case, u8s8_saturates
+    from qcompile.targets.ort_cpu.kernel_probe import _saturation_case, u8s8_saturates
     from qcompile.quantize import target_policy
     from qcompile.runtimes import OrtRuntime
 
@@ -281,9 +281,9 @@ def test_attention_matmuls_stay_float_unless_asked(minilm_path, tmp_path):
 def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     """The sampler's SQNR equals 10 log10(|xW|^2 / |xW - fq(x) fq(W)|^2) on the rows it kept; with a
     multiply-add budget for half the columns, on every other output column."""
-    from qcompile.passes._graph import weight_kn
+    from qcompile.passes.irutil import weight_kn
     from qcompile.quantize import shared_qparams, target_policy
-    from qcompile.sensitivity import SensitivitySampler
+    from qcompile.quant.algorithms.sensitivity import SensitivitySampler
 
     inp, out, inits, body, w_shape, bias_n, _ = CASES[case]
     inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")

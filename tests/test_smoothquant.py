@@ -9,7 +9,7 @@ import pytest
 from conftest import floats, model_from_text, op_types, run_ort
 
 from qcompile.calibration import IterableReader
-from qcompile.passes.smoothquant import find_groups, smoothing_scales
+from qcompile.passes.quant.smooth_fold import find_groups, smoothing_scales
 from qcompile.quantize import quantize
 from qcompile.smoothing import smooth
 

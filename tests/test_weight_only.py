@@ -10,8 +10,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qcompile.passes.gptq import gptq
-from qcompile.passes.weight_only import WeightOnlyConfig, WeightOnlyPass, pack, rtn
+from qcompile.quant.algorithms.gptq import gptq
+from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, pack, rtn
 from qcompile.weight_only import quantize_weights
 
 K, N = 96, 48
@@ -130,7 +130,7 @@ def test_quantize_weights_pipeline_rtn():
     result = quantize_weights(model(17), WeightOnlyConfig(bits=4, block_size=32), optimize=False)
     assert result.quantized and result.to_json()["quantized_matmuls"] == 1
     # no accuracy level given: the one measured faster on this CPU is chosen and emitted
-    from qcompile.kernel_probe import fastest_accuracy_level
+    from qcompile.targets.ort_cpu.kernel_probe import fastest_accuracy_level
     from qcompile.models.base import cache_root
 
     level = fastest_accuracy_level(4, 32, cache_root() / "probe")

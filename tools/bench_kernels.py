@@ -5,7 +5,7 @@
 Each case is a one-op model, FP32 against its static QDQ form (u8 activations, s8 per-channel
 weights), with the output left float (ORT can only fuse DQ -> MatMul into MatMulIntegerToFloat;
 a Conv then runs in float on dequantized data) and with Q/DQ on the output too (ORT fuses
-DQ -> op -> Q into QLinearConv / QLinearMatMul). Timed interleaved. `qcompile.kernel_probe` runs the
+DQ -> op -> Q into QLinearConv / QLinearMatMul). Timed interleaved. `qcompile.targets.ort_cpu.kernel_probe` runs the
 same measurement (one shape per class) to decide what the `ort-cpu` policy keeps float.
 Both weight storages are timed: s8, and u8 with zero point 128 (the same codes), which the policy
 uses where the u8 x s8 kernels saturate (measured here too, as the relative error of a MatMul with
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from qcompile.kernel_probe import NBITS_K, NBITS_N, PROBE_CASES, KernelCase, _saturation_case, cpu_signature, probe_nbits, time_case
+from qcompile.targets.ort_cpu.kernel_probe import NBITS_K, NBITS_N, PROBE_CASES, KernelCase, _saturation_case, cpu_signature, probe_nbits, time_case
 from qcompile.runtimes import OrtRuntime
 
 EXTRA = (

@@ -328,7 +328,7 @@ def main() -> None:
     if rows:
         report(rows, markdown, None)
     else:
-        from qcompile.kernel_probe import cpu_signature
+        from qcompile.targets.ort_cpu.kernel_probe import cpu_signature
 
         print(f"\n{cpu_signature()}")
     print("\n" + cost_markdown(cost))

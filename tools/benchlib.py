@@ -82,7 +82,7 @@ def metric_cell(row: dict) -> str:
 
 def report(rows: list[dict], markdown: Callable[[list[dict]], str], json_out: Path | None) -> None:
     """Print the CPU signature and the full table; write the rows as JSON if asked."""
-    from qcompile.kernel_probe import cpu_signature
+    from qcompile.targets.ort_cpu.kernel_probe import cpu_signature
 
     print(f"\n{cpu_signature()}\n")
     print(markdown(rows))

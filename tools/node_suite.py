@@ -357,7 +357,7 @@ def freeze_weights(proto: onnx.ModelProto, feed: dict[str, Any]) -> tuple[onnx.M
 def weight_dtype() -> str:
     """INT8 weight storage as qcompile's kernel probe measures it for this CPU (uint8 with zero point
     128 where ORT's u8 x s8 kernels saturate, as on AVX2 without VNNI; int8 elsewhere)."""
-    from qcompile.kernel_probe import policy_weight_dtype
+    from qcompile.targets.ort_cpu.kernel_probe import policy_weight_dtype
     from qcompile.models.base import cache_root
 
     return policy_weight_dtype(cache_dir=cache_root() / "probe")

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm
 
-from qcompile.passes._rewrite import RuleSetPass
+from qcompile.passes.graph.rewrite import RuleSetPass
 
 
 class _LayerNormAxesAttribute(_layer_norm.LayerNormFusion):

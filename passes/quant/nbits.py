@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from qcompile.passes._graph import add_initializer
+from qcompile.passes.irutil import add_initializer
 
 Format = Literal["matmulnbits", "dq"]
 

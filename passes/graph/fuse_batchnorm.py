@@ -13,7 +13,7 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
-from qcompile.passes._rewrite import RuleSetPass
+from qcompile.passes.graph.rewrite import RuleSetPass
 
 
 def fuse_batchnorm() -> ir.passes.PassBase:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.passes.quant_math import quantize_weight
+from qcompile.quant.qparams import quantize_weight
 from qcompile.runtimes import OrtRuntime, RuntimeOptions, time_side_by_side
 
 
@@ -159,7 +159,7 @@ NBITS_K, NBITS_N = 1024, 4096
 
 def nbits_model(bits: int, block_size: int, accuracy_level: int, w: np.ndarray) -> bytes:
     """x [1, K] -> MatMulNBits(w, symmetric RTN) -> y, at ``accuracy_level``."""
-    from qcompile.passes.weight_only import pack, rtn
+    from qcompile.passes.quant.nbits import pack, rtn
 
     bq = rtn(w, bits, block_size, symmetric=True)
     n, k_blocks, _ = bq.codes.shape

@@ -13,7 +13,7 @@ import logging
 import onnx_ir as ir
 from onnxscript.optimizer import _constant_folding
 
-from qcompile.passes._rewrite import allow_initializers
+from qcompile.passes.graph.rewrite import allow_initializers
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes._graph import drop_resident, weight_kn
-from qcompile.passes.quant_math import QParams, fake_quantize, quantize_weight
-from qcompile.passes.quant_policy import QuantPlan
-from qcompile.observers import finite_rows
+from qcompile.passes.irutil import drop_resident, weight_kn
+from qcompile.quant.qparams import QParams, fake_quantize, quantize_weight
+from qcompile.passes.quant.annotate import QuantPlan
+from qcompile.quant.observers import finite_rows
 
 
 #: Multiply-adds spent on the estimate over all nodes: beyond it, evenly spaced output columns are used

@@ -18,10 +18,10 @@ from typing import Mapping, MutableMapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes._graph import add_initializer, drop_resident
-from qcompile.passes._rewrite import allow_initializers
-from qcompile.passes.quant_math import QParams, quantize_bias, quantize_weight, weight_storage
-from qcompile.passes.quant_policy import QuantPlan
+from qcompile.passes.irutil import add_initializer, drop_resident
+from qcompile.passes.graph.rewrite import allow_initializers
+from qcompile.quant.qparams import QParams, quantize_bias, quantize_weight, weight_storage
+from qcompile.passes.quant.annotate import QuantPlan
 
 
 class QDQLoweringPass(ir.passes.InPlacePass):

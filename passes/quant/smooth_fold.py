@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from qcompile.passes._graph import add_initializer, weight_kn
+from qcompile.passes.irutil import add_initializer, weight_kn
 
 _MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
 

@@ -29,7 +29,7 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRule
 from onnxscript.rewriter.rules.common import _basic_rules, _no_op
 
-from qcompile.passes._rewrite import RuleSetPass, allow_initializers
+from qcompile.passes.graph.rewrite import RuleSetPass, allow_initializers
 
 
 class DeadCodeEliminationPass(ir.passes.InPlacePass):

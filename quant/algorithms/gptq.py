@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompile.passes.weight_only import BlockQuant, block_params, quantize_codes, searched_block_params
+from qcompile.passes.quant.nbits import BlockQuant, block_params, quantize_codes, searched_block_params
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool,

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _matmul_add_to_gemm as _gemm
 
-from qcompile.passes._rewrite import RuleSetPass
+from qcompile.passes.graph.rewrite import RuleSetPass
 
 _GEMM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.ort_fusions import erfgelu, gelu
 
-from qcompile.passes._rewrite import RuleSetPass
+from qcompile.passes.graph.rewrite import RuleSetPass
 
 _ERF_PATTERNS = (gelu.GeluErfFusion().pattern, erfgelu.erf_gelu_pattern_1, erfgelu.erf_gelu_pattern_2)
 _TANH_PATTERN = gelu.GeluTanhFusion().pattern

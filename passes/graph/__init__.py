@@ -1,0 +1,1 @@
+"""Graph passes: clean-up, constant folding, fusions, shape inference, opset conversion."""

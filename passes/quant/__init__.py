@@ -1,0 +1,1 @@
+"""Quantization passes: annotate values with specs, fold smoothing scales, lower to Q/DQ, MatMulNBits or blocked DQ."""

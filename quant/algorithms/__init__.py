@@ -1,0 +1,1 @@
+"""Quantization algorithms on arrays: SmoothQuant and AWQ scales, GPTQ, RTN blocks, sensitivity, grid search."""

@@ -1,0 +1,1 @@
+"""qcompile.targets — one module per deployment target, and the registry."""
