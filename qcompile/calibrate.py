@@ -1,8 +1,10 @@
-"""Streaming calibration: one pass over the data, observing only the tensors that will be quantized.
+"""Streaming calibration: one loop over the data feeds every statistic (:func:`collect`).
 
-The model is copied with those tensors added as outputs, run on ONNX Runtime CPU feed by feed, and
-each requested output is handed to its observer and dropped: memory does not grow with the number
-of samples, and no other intermediate tensor is ever materialised.
+The observed tensors are made graph outputs, the model runs on ONNX Runtime CPU feed by feed
+(whatever the target: calibration is arithmetic, not deployment), and each tensor is handed to its
+statistics (ranges, per-channel |X| max, moments, Hessians, row samples: qcompile.quant) and
+dropped: memory does not grow with the number of samples, and no other intermediate tensor is ever
+materialised.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -19,11 +21,14 @@ import onnx_ir as ir
 from qcompile import execute, memory, modelio, specs
 from qcompile.calibration import CalibrationReader, iter_feeds
 from qcompile.errors import InputSpecError, InternalError
-from qcompile.quant.observers import Method, make_observer
+from qcompile.quant.observers import HistogramObserver, Method, MinMaxObserver, make_observer
 from qcompile.progress import bar
 from qcompile.runtimes import Runtime, RuntimeOptions
 
 log = logging.getLogger(__name__)
+
+#: Every target calibrates on ONNX Runtime CPU (qcompile.targets: ``calibration_runtime``).
+CALIBRATION_RUNTIME = "ort-cpu"
 
 
 @dataclass
@@ -50,8 +55,7 @@ class CalibrationResult:
 
 
 @contextlib.contextmanager
-def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu", *,
-           keep_outputs: bool = False) -> Iterator[Runtime]:
+def tapped(model: ir.Model, names: list[str], *, keep_outputs: bool = False) -> Iterator[Runtime]:
     """A runtime on ``model`` whose outputs are ``names`` (the graph is restored after).
 
     Only the nodes those tensors depend on are loaded: a language model's head, say, is not run
@@ -75,7 +79,7 @@ def tapped(model: ir.Model, names: list[str], target: str = "ort-cpu", *,
     try:
         with contextlib.ExitStack() as stack:
             with memory.shedding(model):  # pre-packing reads each weight once; the packed copies are used
-                runtime = stack.enter_context(execute.loaded(model, target, _tap_options(model)))
+                runtime = stack.enter_context(execute.loaded(model, CALIBRATION_RUNTIME, _tap_options(model)))
             yield runtime
     finally:
         model.graph.outputs.clear()
@@ -91,6 +95,83 @@ def _tap_options(model: ir.Model) -> RuntimeOptions:
     return RuntimeOptions()
 
 
+Statistic = Any  # anything with ``update(x: np.ndarray)``: qcompile.quant.observers / qcompile.quant.statistics
+
+
+@dataclass
+class Collected:
+    """What one calibration loop saw: samples, seconds, and the model's own outputs on ``check_feeds``."""
+
+    samples: int = 0
+    seconds: float = 0.0
+    check_outputs: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+
+
+def collect(
+    model: ir.Model,
+    statistics: Mapping[str, Sequence[Statistic]],
+    reader: CalibrationReader,
+    *,
+    samples: int | None = None,
+    runtime: Runtime | None = None,
+    check_feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    check_outputs: Sequence[str] = (),
+    label: str = "calibrating",
+) -> Collected:
+    """THE calibration loop: run the model feed by feed on ORT CPU and hand each observed tensor to
+    every statistic that wants it, then drop it (memory independent of the number of samples).
+
+    ``statistics``: tensor name -> statistics updated with it. ``runtime``: an open :func:`tapped`
+    runtime exposing those names (else one is opened here). ``check_feeds``: feeds on which the
+    model's own outputs ``check_outputs`` are wanted too (the runtime then keeps them: :func:`tapped`
+    with ``keep_outputs``), returned in order; a calibration feed equal to one of them computes both
+    in one run, the others run once more after the last calibration feed. A tensor whose range
+    observers saw only inf/NaN is the data's fault (InputSpecError).
+    """
+    names = list(statistics)
+    if not names and not check_feeds:
+        return Collected()  # nothing to observe (no MatMul for GPTQ, say): the data is not read
+    input_specs = specs.input_specs(model)
+    observers = {name: [s for s in stats if isinstance(s, (MinMaxObserver, HistogramObserver))]
+                 for name, stats in statistics.items()}
+    unseen = {name for name in names if observers[name]}  # range tensors yet to show a finite value
+    started = time.perf_counter()
+    count = 0
+    checked: dict[int, dict[str, np.ndarray]] = {}
+    both = list(dict.fromkeys([*names, *check_outputs]))
+    with contextlib.ExitStack() as stack:
+        if runtime is None:
+            runtime = stack.enter_context(tapped(model, names, keep_outputs=bool(check_feeds)))
+        with bar(f"{label} {len(names)} tensors", total=samples) as advance:
+            for feed in iter_feeds(reader, input_specs, samples):
+                match = next((i for i, f in enumerate(check_feeds) if i not in checked and _same_feed(feed, f)), None)
+                arrays = runtime.run(feed, outputs=names if match is None else both)
+                if match is not None:
+                    checked[match] = {name: arrays[name] for name in check_outputs}
+                for name in names:
+                    array = arrays[name]
+                    skipped = [o.nonfinite for o in observers[name]]
+                    for statistic in statistics[name]:
+                        statistic.update(array)
+                    if name in unseen and any(o.nonfinite - k < np.size(array) for o, k in zip(observers[name], skipped)):
+                        unseen.discard(name)  # some value of this feed was finite
+                del arrays
+                count += 1
+                elapsed = time.perf_counter() - started
+                advance(description=f"{label} {len(names)} tensors — {count / max(elapsed, 1e-9):.1f} samples/s")
+            for i, feed in enumerate(check_feeds):
+                if i not in checked:
+                    checked[i] = runtime.run(feed, outputs=list(check_outputs))
+    hopeless = [name for name in names if name in unseen and any(o.nonfinite for o in observers[name])]
+    if hopeless:
+        shown = ", ".join(repr(name) for name in hopeless[:3]) + (f" and {len(hopeless) - 3} more" if len(hopeless) > 3 else "")
+        raise InputSpecError(
+            f"{'tensor' if len(hopeless) == 1 else 'tensors'} {shown} saw no finite value in {count} calibration samples (only inf/NaN): "
+            "no quantization range exists", fix="check the calibration data (inputs all ±inf?), or --exclude the node that reads it; "
+            "nothing was written")
+    return Collected(count, time.perf_counter() - started, [checked[i] for i in range(len(check_feeds))])
+
+
 def collect_ranges(
     model: ir.Model,
     names: list[str],
@@ -100,61 +181,20 @@ def collect_ranges(
     samples: int | None = None,
     percentile: float = 99.999,
     symmetric: bool = False,
-    target: str = "ort-cpu",
     runtime: Runtime | None = None,
-    on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+    extra: Mapping[str, Sequence[Statistic]] | None = None,
     check_feeds: Sequence[Mapping[str, np.ndarray]] = (),
     check_outputs: Sequence[str] = (),
 ) -> CalibrationResult:
-    """Observe ``names`` over the reader's feeds; returns per-tensor (lo, hi).
-
-    ``runtime``: an open :func:`tapped` runtime exposing ``names`` (else one is opened here).
-    ``on_outputs`` sees each feed's observed tensors too (e.g. to keep a sample of them).
-    ``symmetric``: the activations' quantizer is symmetric (int8) rather than u8 with a zero point.
-    ``check_feeds``: feeds on which the model's own outputs ``check_outputs`` are wanted too (the
-    runtime then keeps them: :func:`tapped` with ``keep_outputs``), returned in the result's
-    ``check_outputs``, in order. A calibration feed equal to one of them computes both in one run;
-    the others run once more after the last calibration feed.
-    """
-    input_specs = specs.input_specs(model)
+    """Per-tensor (lo, hi) of ``names`` by ``method``, from :func:`collect`; ``extra`` statistics
+    (e.g. the rows sensitivity is measured on) are fed in the same loop.
+    ``symmetric``: the activations' quantizer is symmetric (int8) rather than u8 with a zero point."""
     observers = {name: make_observer(method, percentile=percentile, symmetric=symmetric) for name in names}
-    unseen = set(names)  # tensors that have not yet shown a finite value
-    started = time.perf_counter()
-    count = 0
-    checked: dict[int, dict[str, np.ndarray]] = {}
-    both = list(dict.fromkeys([*names, *check_outputs]))
-    with contextlib.ExitStack() as stack:
-        if runtime is None:
-            runtime = stack.enter_context(tapped(model, names, target, keep_outputs=bool(check_feeds)))
-        with bar(f"calibrating {len(names)} tensors ({method})", total=samples) as advance:
-            for feed in iter_feeds(reader, input_specs, samples):
-                match = next((i for i, f in enumerate(check_feeds) if i not in checked and _same_feed(feed, f)), None)
-                arrays = runtime.run(feed, outputs=names if match is None else both)
-                if match is not None:
-                    checked[match] = {name: arrays[name] for name in check_outputs}
-                for name in names:
-                    observer, array = observers[name], arrays[name]
-                    skipped = observer.nonfinite
-                    observer.update(array)
-                    if name in unseen and observer.nonfinite - skipped < np.size(array):
-                        unseen.discard(name)  # some value of this feed was finite
-                if on_outputs is not None:
-                    on_outputs(arrays)
-                del arrays
-                count += 1
-                elapsed = time.perf_counter() - started
-                advance(description=f"calibrating {len(names)} tensors ({method}) — {count / max(elapsed, 1e-9):.1f} samples/s")
-            for i, feed in enumerate(check_feeds):
-                if i not in checked:
-                    checked[i] = runtime.run(feed, outputs=list(check_outputs))
-    seconds = time.perf_counter() - started
-    hopeless = [name for name in names if name in unseen and observers[name].nonfinite]
-    if hopeless:
-        shown = ", ".join(repr(name) for name in hopeless[:3]) + (f" and {len(hopeless) - 3} more" if len(hopeless) > 3 else "")
-        raise InputSpecError(
-            f"{'tensor' if len(hopeless) == 1 else 'tensors'} {shown} saw no finite value in {count} calibration samples (only inf/NaN): "
-            "no quantization range exists", fix="check the calibration data (inputs all ±inf?), or --exclude the node that reads it; "
-            "nothing was written")
+    statistics: dict[str, list[Statistic]] = {name: [observer] for name, observer in observers.items()}
+    for name, more in (extra or {}).items():
+        statistics.setdefault(name, []).extend(more)
+    collected = collect(model, statistics, reader, samples=samples, runtime=runtime, check_feeds=check_feeds,
+                        check_outputs=check_outputs, label=f"calibrating ({method})")
     ranges = {}
     nonfinite = {}
     for name, observer in observers.items():
@@ -164,7 +204,7 @@ def collect_ranges(
             nonfinite[name] = observer.nonfinite
     if nonfinite:
         log.warning("non-finite values skipped while calibrating %d tensors (%d values)", len(nonfinite), sum(nonfinite.values()))
-    return CalibrationResult(ranges, nonfinite, count, seconds, [checked[i] for i in range(len(check_feeds))])
+    return CalibrationResult(ranges, nonfinite, collected.samples, collected.seconds, collected.check_outputs)
 
 
 def _same_feed(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

@@ -1,10 +1,15 @@
-"""An instrumented pass manager over onnx-ir passes, with numeric verification and rollback.
+"""qcompile's pass manager: onnx-ir's own, each pass instrumented, verified and, on failure, undone.
 
-For every pass it records wall time, node count and initializer bytes before and after, and whether
-the pass changed the model. In verify mode the *original* model is run first on the verification
-feeds (the user's, or seeded random feeds sized so that the original runs: qcompile/feedsearch.py);
-a failure there is the input's (exit 2). Then, after every pass that changed the model, the ONNX
-checker runs and the outputs are compared with those of the model before that pass:
+Every pass runs wrapped in an :class:`InstrumentedPass`, and onnx-ir's ``PassManager`` runs the
+wrapped passes: ``steps`` sweeps, stopping early at a fixed point; then the ``finalize`` passes once.
+The wrapper records each pass's wall time, node count and initializer bytes before and after, and
+whether it changed the model; optionally writes the model it produced to ``dump_dir`` (or
+$QCOMPILE_DUMP_DIR; off by default); verifies it; and undoes it when that fails.
+
+In verify mode the *original* model is run first on the verification feeds (the user's, or seeded
+random feeds sized so that the original runs: qcompile/feedsearch.py); a failure there is the
+input's (exit 2). Then, after every pass that changed the model, the ONNX checker runs and the
+outputs are compared with those of the model before that pass:
 
     rel_l2(before, after) = ||y_before - y_after|| / ||y_before||  <=  the pass's bound
 
@@ -20,8 +25,11 @@ in later sweeps, and the result lists it — so one bad rewrite does not cost th
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 DEFAULT_REL_L2 = 1e-5
 #: Runtime options for verification runs: a few feeds, so pre-packing would only copy every weight.
 VERIFY_RUNTIME = RuntimeOptions(optimization="disable", extra={"session.disable_prepacking": "1"})
+#: A folder to write the model into after every pass that changes it, where ``dump_dir`` is not given.
+DUMP_DIR_ENV = "QCOMPILE_DUMP_DIR"
 
 
 @dataclass(frozen=True)
@@ -175,8 +185,10 @@ def reference_run(model: ir.Model, options: VerifyOptions) -> tuple[list[dict], 
 
 
 class PassManager:
-    """Runs onnx-ir passes in order (``steps`` sweeps, stopping early at a fixed point), then the
-    ``finalize`` passes once; verifies each (``verify``) and undoes a failing one (``rollback``)."""
+    """Runs onnx-ir passes, each in an :class:`InstrumentedPass`, with onnx-ir's ``PassManager``
+    (``steps`` sweeps, stopping early at a fixed point), then the ``finalize`` passes once; verifies
+    each (``verify``) and undoes a failing one (``rollback``). ``dump_dir`` (default
+    $QCOMPILE_DUMP_DIR, else none) receives ``NN-name.onnx`` after each pass that changed the model."""
 
     def __init__(
         self,
@@ -188,6 +200,7 @@ class PassManager:
         finalize: Sequence[ir.passes.PassBase] = (),
         on_pass: Callable[[PassStats], None] | None = None,
         rollback: bool = False,
+        dump_dir: str | os.PathLike | None = None,
     ) -> None:
         self.passes = list(passes)
         self.finalize = list(finalize)
@@ -196,6 +209,9 @@ class PassManager:
         self.steps = max(1, steps)
         self.on_pass = on_pass
         self.rollback = rollback
+        if dump_dir is None:
+            dump_dir = os.environ.get(DUMP_DIR_ENV) or None
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
 
     def __call__(self, model: ir.Model) -> PassManagerResult:
         feeds: list[dict[str, np.ndarray]] = []
@@ -226,7 +242,7 @@ class PassManager:
                     raise
                 log.warning("the optimized model fails its check; finding the pass by verifying each")
                 each = PassManager(self.passes, verify=True, steps=self.steps, finalize=self.finalize,
-                                   on_pass=self.on_pass, rollback=True,
+                                   on_pass=self.on_pass, rollback=True, dump_dir=self.dump_dir,
                                    verify_options=replace(self.verify_options, feeds=feeds, each_pass=True))
                 result = each(original)
                 result.feeds = how
@@ -277,7 +293,8 @@ def _check_within(comparison: Comparison, bound: float, stage: str) -> None:
 
 
 class _Run:
-    """The state of one run of a PassManager: stats, the last verified outputs, passes disabled."""
+    """The state of one run of a PassManager, shared by its wrapped passes: stats, the last verified
+    outputs, the passes disabled after a rollback."""
 
     def __init__(self, manager: PassManager, feeds: list[dict], reference: list[dict] | None) -> None:
         self.manager = manager
@@ -292,49 +309,25 @@ class _Run:
         self.per_pass_rollback = manager.rollback and (reference is not None or not manager.verify)
 
     def all_sweeps(self, model: ir.Model) -> ir.Model:
-        for _ in range(self.manager.steps):
-            model, changed = self.sweep(self.manager.passes, model)
-            if not changed:
-                break
-        model, _ = self.sweep(self.manager.finalize, model)
-        return model
+        model = self.sweeps(self.manager.passes, model, self.manager.steps)
+        return self.sweeps(self.manager.finalize, model, 1)
 
-    def sweep(self, passes: Sequence[ir.passes.PassBase], model: ir.Model) -> tuple[ir.Model, bool]:
-        changed = False
-        for p in passes:
-            name = pass_name(p)
-            if name in self.disabled:
-                continue
-            before = snapshot(model) if self.per_pass_rollback else None
-            try:
-                model, stat = self.run_one(p, model)
-            except InternalError as exc:
-                if before is None:
-                    raise
-                model, stat = before, self.rolled_back(name, before, exc)
-            self.stats.append(stat)
-            if self.manager.on_pass:
-                self.manager.on_pass(stat)
-            changed |= stat.modified
-        return model, changed
+    def sweeps(self, passes: Sequence[ir.passes.PassBase], model: ir.Model, steps: int) -> ir.Model:
+        """``passes``, each wrapped, run by onnx-ir's PassManager: at most ``steps`` sweeps, fewer
+        where a sweep changes nothing. What a pass raised reaches the caller as it was raised."""
+        if not passes:
+            return model  # onnx-ir's PassManager takes at least one pass
+        manager = ir.passes.PassManager([InstrumentedPass(p, self) for p in passes], steps=steps, early_stop=True)
+        try:
+            return manager(model).model
+        except ir.passes.PassError as exc:
+            error = _unwrapped(exc)
+        raise error
 
-    def run_one(self, p: ir.passes.PassBase, model: ir.Model) -> tuple[ir.Model, PassStats]:
-        model, stat = _run_pass(p, model)
-        if stat.modified:
-            self.modified = True
-            if p not in self.modified_passes:
-                self.modified_passes.append(p)
-            if self.outputs is not None:
-                bound = self.manager.verify_options.bound(p)
-                stat.bound = bound
-                outputs = self.manager._outputs_or_fail(model, self.feeds, stat.name)
-                comparison = compare_outputs(zip(self.outputs, outputs))
-                worst = comparison.worst()
-                stat.rel_l2, stat.max_abs = worst.rel_l2, worst.max_abs
-                _check_within(comparison, bound, stat.name)
-                stat.verified = True
-                self.outputs = outputs
-        return model, stat
+    def record(self, stat: PassStats) -> None:
+        self.stats.append(stat)
+        if self.manager.on_pass:
+            self.manager.on_pass(stat)
 
     def rolled_back(self, name: str, before: ir.Model, exc: InternalError) -> PassStats:
         log.warning("pass %r rolled back: %s", name, exc.what)
@@ -344,31 +337,122 @@ class _Run:
                          error=exc.what)
 
 
-def _run_pass(p: ir.passes.PassBase, model: ir.Model) -> tuple[ir.Model, PassStats]:
-    """Run one pass and measure it; an exception inside it is qcompile's bug, named."""
-    name = pass_name(p)
-    nodes_before, bytes_before = count_nodes(model), modelio.initializer_bytes(model)
-    start = time.perf_counter()
-    try:
-        result = p(model)
-    except QCompileError:
-        raise
-    except Exception as exc:
-        cause = exc.__cause__ or exc
-        message = str(cause).splitlines()[0] if str(cause) else ""
-        raise PassFailedError(f"pass {name!r} crashed: {type(cause).__name__}: {message}", stage=name) from exc
-    seconds = time.perf_counter() - start
-    new_model = result.model
-    if new_model is not model:
-        for key, value in model.meta.items():
-            if key.startswith("qcompile.") and key not in new_model.meta:
-                new_model.meta[key] = value
-    return new_model, PassStats(
-        name=name,
-        seconds=seconds,
-        nodes_before=nodes_before,
-        nodes_after=count_nodes(new_model),
-        initializer_bytes_before=bytes_before,
-        initializer_bytes_after=modelio.initializer_bytes(new_model),
-        modified=bool(result.modified),
-    )
+class InstrumentedPass(ir.passes.PassBase):
+    """One pass as qcompile runs it inside onnx-ir's PassManager: timed, its nodes and initializer
+    bytes counted before and after, the model it produced dumped (``dump_dir``) and verified, and,
+    with rollback, undone when it crashes or fails its check. One :class:`PassStats` per execution
+    goes to the run; a pass disabled by an earlier rollback is skipped (not modified, no stats).
+
+    In place exactly when ``inner`` is: a rollback restores an in-place pass's model into the same
+    object, and a skipped functional pass returns a copy, so onnx-ir's contract checks hold."""
+
+    def __init__(self, inner: ir.passes.PassBase, run: _Run) -> None:
+        self.inner = inner
+        self.run = run
+        self.name = pass_name(inner)
+
+    @property
+    def in_place(self) -> bool:
+        return self.inner.in_place
+
+    @property
+    def changes_input(self) -> bool:
+        return self.inner.changes_input
+
+    def __repr__(self) -> str:
+        return f"InstrumentedPass({self.name!r})"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        run = self.run
+        if self.name in run.disabled:
+            return ir.passes.PassResult(model if self.in_place else snapshot(model), False)
+        before = snapshot(model) if run.per_pass_rollback else None
+        try:
+            new_model, stat = self.measured(model)
+            self.dump(new_model, stat)
+            self.verify(new_model, stat)
+        except InternalError as exc:
+            if before is None:
+                raise
+            stat = run.rolled_back(self.name, before, exc)
+            new_model = _restore(model, before) if self.in_place else before
+        run.record(stat)
+        return ir.passes.PassResult(new_model, stat.modified)
+
+    def measured(self, model: ir.Model) -> tuple[ir.Model, PassStats]:
+        """Run the inner pass and measure it; an exception inside it is qcompile's bug, named."""
+        name = self.name
+        nodes_before, bytes_before = count_nodes(model), modelio.initializer_bytes(model)
+        start = time.perf_counter()
+        try:
+            result = self.inner(model)
+        except QCompileError:
+            raise
+        except Exception as exc:
+            cause = exc.__cause__ or exc
+            message = str(cause).splitlines()[0] if str(cause) else ""
+            raise PassFailedError(f"pass {name!r} crashed: {type(cause).__name__}: {message}", stage=name) from exc
+        seconds = time.perf_counter() - start
+        new_model = result.model
+        if new_model is not model:
+            for key, value in model.meta.items():
+                if key.startswith("qcompile.") and key not in new_model.meta:
+                    new_model.meta[key] = value
+        return new_model, PassStats(
+            name=name,
+            seconds=seconds,
+            nodes_before=nodes_before,
+            nodes_after=count_nodes(new_model),
+            initializer_bytes_before=bytes_before,
+            initializer_bytes_after=modelio.initializer_bytes(new_model),
+            modified=bool(result.modified),
+        )
+
+    def dump(self, model: ir.Model, stat: PassStats) -> None:
+        """Write the model a pass produced, before its check (a failing pass leaves the model that
+        failed), to ``dump_dir/NN-name.onnx``: NN is the pass's position in ``stats``. A dump that
+        cannot be written is logged, not fatal."""
+        folder = self.run.manager.dump_dir
+        if folder is None or not stat.modified:
+            return
+        path = folder / f"{len(self.run.stats):02d}-{re.sub(r'[^A-Za-z0-9._-]', '_', stat.name)}.onnx"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            modelio.save(model, path)
+        except Exception as exc:
+            log.warning("could not dump the model after pass %r to %s: %s", stat.name, path, exc)
+
+    def verify(self, model: ir.Model, stat: PassStats) -> None:
+        """The ONNX checker, then the outputs against the last verified ones, within the pass's bound."""
+        run = self.run
+        if not stat.modified:
+            return
+        run.modified = True
+        if self.inner not in run.modified_passes:
+            run.modified_passes.append(self.inner)
+        if run.outputs is None:
+            return
+        bound = run.manager.verify_options.bound(self.inner)
+        stat.bound = bound
+        outputs = run.manager._outputs_or_fail(model, run.feeds, stat.name)
+        comparison = compare_outputs(zip(run.outputs, outputs))
+        worst = comparison.worst()
+        stat.rel_l2, stat.max_abs = worst.rel_l2, worst.max_abs
+        _check_within(comparison, bound, stat.name)
+        stat.verified = True
+        run.outputs = outputs
+
+
+def _restore(model: ir.Model, saved: ir.Model) -> ir.Model:
+    """``model`` (the same object, as an in-place pass's result must be) with ``saved``'s contents."""
+    for slot in ir.Model.__slots__:
+        setattr(model, slot, getattr(saved, slot))
+    return model
+
+
+def _unwrapped(error: BaseException) -> BaseException:
+    """What a pass raised, out of the PassErrors that onnx-ir's PassManager wraps it in (one for the
+    sweep, one for the step); an InstrumentedPass lets no PassError of its own out."""
+    while isinstance(error, ir.passes.PassError) and error.__cause__ is not None:
+        error = error.__cause__
+    return error

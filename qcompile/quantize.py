@@ -37,7 +37,7 @@ from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure
 from qcompile.passmanager import choose_feeds, PassManager, VerifyOptions, snapshot
 from qcompile.pipeline import optimize_with_stats, prepare_float_model
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
-from qcompile.quant.algorithms.sensitivity import MAX_ROW_BYTES, SensitivitySampler
+from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
 
 log = logging.getLogger(__name__)
@@ -298,23 +298,23 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
         accuracy, latency = _check_result(model, float_model, "the quantize pipeline", target, guard_runs, clock)
         return QuantizeResult(model, plan, CalibrationResult({}), policy, ratios, method, {}, clock.seconds,
                               clock.peak_rss_mb, smoothing_json, opset, accuracy, notes, verify_feeds, latency)
-    sampler = SensitivitySampler(model, plan, SENSITIVITY_FEEDS) if min_sqnr_db is not None else None
-    if sampler is not None:  # the rows kept for it are resident with the calibration session's weights
-        budget = max(SENSITIVITY_MIN_ROW_BYTES, modelio.initializer_bytes(model) // 32)
-        if budget < MAX_ROW_BYTES:
-            rows = max(1, sampler.rows_per_feed * budget // MAX_ROW_BYTES)
-            # fewer rows: the same share of output columns (its multiply-add budget scales with them)
-            sampler.max_macs = max(1, sampler.max_macs * rows // sampler.rows_per_feed)
-            sampler.rows_per_feed = rows
+    sampler = None
+    if min_sqnr_db is not None:  # the rows kept for it are resident with the calibration session's weights
+        observed, quantized = set(plan.activations), set(plan.quantized_nodes)
+        nodes = [n for n in model.graph if n.name in quantized and n.inputs[0].name in observed]
+        sampler = SensitivitySampler(model, nodes, {name: spec.axis for name, spec in plan.weights.items()},
+                                     SENSITIVITY_FEEDS, row_bytes=max(SENSITIVITY_MIN_ROW_BYTES,
+                                                                      modelio.initializer_bytes(model) // 32))
     memory.trim()
     check_feeds = verify_feeds if float_model.bound is not None else []
     kept: list[dict] = []  # the feeds read, should the optimized model fail its check
     if check_feeds:
         reader = recording = _Recording(reader, iter_feeds(reader, specs.input_specs(model), samples), kept)
     outputs = [v.name for v in model.graph.outputs]
-    with tapped(model, plan.activations, target, keep_outputs=bool(check_feeds)) as runtime:
+    with tapped(model, plan.activations, keep_outputs=bool(check_feeds)) as runtime:
         calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
-                                     symmetric=policy.activation_symmetric, runtime=runtime, on_outputs=sampler,
+                                     symmetric=policy.activation_symmetric, runtime=runtime,
+                                     extra=sampler.statistics() if sampler is not None else None,
                                      check_feeds=check_feeds, check_outputs=outputs)
     modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
     if check_feeds:

@@ -1,13 +1,8 @@
-"""SmoothQuant driven by calibration data: statistics, alpha search, then the folding pass.
+"""The smooth stage: SmoothQuant scales from calibration data, folded into the FP32 model.
 
-Per smoothable activation X (passes/smoothquant.py finds them) the per-channel max|X_j| is
-observed over the calibration feeds. alpha is global, or "auto": per group, the alpha in
-{0.3, 0.4, ..., 0.8} that minimises the group's INT8 output error on the first feeds,
-
-    sum_i || X W_i - fq(X / s) fq(diag(s) W_i) ||^2
-
-with fq the target's quantization (per-tensor activations over the range the calibration method
-would pick for X / s, per-channel s8 weights).
+Per smoothable activation X (passes/quant/smooth_fold.py finds the groups) one calibration loop
+observes max|X_j| per channel and, for alpha "auto", samples rows of the first feeds; the scales and
+the alpha search are qcompile.quant.algorithms.smoothquant; the fold is verified FP32-equivalent.
 """
 
 from __future__ import annotations
@@ -18,15 +13,17 @@ from typing import Literal, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.calibrate import tapped
-from qcompile.quant.observers import Method, MinMaxObserver, finite_rows, make_observer
+from qcompile.calibrate import collect
+from qcompile.calibration import IterableReader
 from qcompile.passes.irutil import weight_kn
-from qcompile.quant.qparams import activation_qparams, fake_quantize, quantize_weight
-from qcompile.passes.quant.smooth_fold import SmoothGroup, SmoothQuantPass, find_groups, smoothing_scales, weight_row_absmax
+from qcompile.passes.quant.smooth_fold import SmoothGroup, SmoothQuantPass, find_groups, weight_row_absmax
 from qcompile.passmanager import PassManager, VerifyOptions
+from qcompile.quant.algorithms.smoothquant import ALPHA_GRID, search_alpha, smoothing_scales
+from qcompile.quant.observers import Method
+from qcompile.quant.statistics import ChannelAbsMax, RowSample
 
 Alpha = float | Literal["auto"]
-ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: Calibration feeds whose rows the alpha search scores each alpha on.
 SEARCH_FEEDS = 4
 
 
@@ -38,22 +35,6 @@ class SmoothingResult:
 
     def to_json(self) -> dict:
         return {"groups": self.groups, "alphas": {k: round(v, 2) for k, v in self.alphas.items()}}
-
-
-def _group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray, method: Method, dtype: str,
-                 symmetric: bool) -> float:
-    xs = x / s
-    observer = make_observer(method, symmetric=symmetric)
-    observer.update(xs)
-    lo, hi = observer.range()
-    qp = activation_qparams(float(lo), float(hi), dtype, symmetric)
-    xq = fake_quantize(xs, qp)
-    err = 0.0
-    for w in weights:
-        ws = w * s[:, None]
-        _, wqp = quantize_weight(ws, axis=1)
-        err += float(np.sum((x @ w - xq @ fake_quantize(ws, wqp)) ** 2))
-    return err
 
 
 def smooth(
@@ -68,28 +49,19 @@ def smooth(
     groups = find_groups(model)
     if not groups:
         return SmoothingResult(model)
-    names = [g.activation for g in groups]
-    observers = {name: MinMaxObserver(axis=-1) for name in names}
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    with tapped(model, names) as runtime:
-        for i, feed in enumerate(feeds):
-            arrays = runtime.run(feed, outputs=names)
-            for name in names:
-                observers[name].update(arrays[name])
-                if alpha == "auto" and i < SEARCH_FEEDS:
-                    samples[name].append(finite_rows(arrays[name]))
+    absmax = {g.activation: ChannelAbsMax() for g in groups}
+    rows = {g.activation: RowSample(SEARCH_FEEDS) for g in groups} if alpha == "auto" else {}
+    statistics = {name: [stat, *([rows[name]] if name in rows else [])] for name, stat in absmax.items()}
+    collect(model, statistics, IterableReader(feeds), label="smoothing statistics of")
     nodes = {n.name: n for n in model.graph}
     scales, alphas = {}, {}
     for group in groups:
-        lo, hi = observers[group.activation].range()
-        act_max = np.maximum(np.abs(lo), np.abs(hi))
+        act_max = absmax[group.activation].absmax()
         w_max = weight_row_absmax(model, group)
         if alpha == "auto":
-            x = np.concatenate(samples[group.activation]).astype(np.float32)
+            x = rows[group.activation].rows().astype(np.float32)
             ws = [weight_kn(nodes[c]).astype(np.float32) for c in group.consumers]
-            errors = {a: _group_error(x, ws, smoothing_scales(act_max, w_max, a), method,
-                                    activation_dtype, symmetric) for a in ALPHA_GRID}
-            chosen = min(errors, key=errors.get)
+            chosen = search_alpha(x, ws, act_max, w_max, method, activation_dtype, symmetric)
         else:
             chosen = float(alpha)
         alphas[group.activation] = chosen

@@ -16,18 +16,20 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import modelio, specs
-from qcompile.calibrate import tapped
+from qcompile.calibrate import collect
 from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
 from qcompile.quant.algorithms.gptq import gptq
-from qcompile.passes.quant.nbits import BlockQuant, WeightOnlyConfig, WeightOnlyPass, candidates
+from qcompile.quant.algorithms.rtn import block_codes
+from qcompile.quant.spec import BlockCodes
+from qcompile.quant.statistics import Hessian
+from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, candidates
 from qcompile.errors import InputModelError, InputSpecError, UnknownNameError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import PassManager, checked_outputs
 from qcompile.pipeline import prepare_float_model
 from qcompile.progress import bar
-from qcompile.quant.observers import finite_rows
 
 Algorithm = Literal["rtn", "gptq", "awq"]
 
@@ -62,18 +64,10 @@ class WeightOnlyResult:
 
 def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
                      samples: int | None = None) -> dict[str, np.ndarray]:
-    """H = sum X^T X per distinct MatMul input, streamed over the calibration feeds."""
-    names = sorted({n.inputs[0].name for n in nodes})
-    hessians: dict[str, np.ndarray] = {}
-    with tapped(model, names) as runtime, bar("collecting Hessians", total=samples) as advance:
-        for feed in iter_feeds(reader, specs.input_specs(model), samples):
-            arrays = runtime.run(feed, outputs=names)
-            for name in names:
-                x = finite_rows(arrays[name]).astype(np.float32)
-                h = x.T @ x
-                hessians[name] = hessians[name] + h if name in hessians else h
-            advance()
-    return hessians
+    """H = sum X^T X per distinct MatMul input, from the one calibration loop."""
+    hessians = {name: Hessian() for name in sorted({n.inputs[0].name for n in nodes})}
+    collect(model, {name: [h] for name, h in hessians.items()}, reader, samples=samples, label="Hessians of")
+    return {name: h.h for name, h in hessians.items()}
 
 
 def quantize_weights(
@@ -111,7 +105,7 @@ def quantize_weights(
                                   f"{opset.reason}", fix="use --format matmulnbits, or re-export at opset 21")
         if opset.action == "upgraded":
             notes.append(f"opset {opset.before} -> {opset.after} (verified): {opset.reason}")
-    precomputed: dict[str, BlockQuant] = {}
+    precomputed: dict[str, BlockCodes] = {}
     awq_report = None
     if algorithm == "gptq":
         if reader is None:
@@ -141,7 +135,7 @@ def quantize_weights(
         seconds["awq"] = time.perf_counter() - t
     elif algorithm != "rtn":
         raise UnknownNameError(f"unknown weight-only algorithm {algorithm!r}", fix="use rtn, gptq or awq")
-    lowering = WeightOnlyPass(config, precomputed)
+    lowering = WeightOnlyPass(config, block_codes(config.bits, config.block_size, config.symmetric, precomputed))
     t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model
     if not lowering.quantized and not lowering.embeddings:

@@ -23,8 +23,6 @@ from typing import Literal
 
 import numpy as np
 
-from qcompile.errors import UnknownNameError
-
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
@@ -257,7 +255,7 @@ def make_observer(method: Method, axis: int | None = None, percentile: float = 9
         return MinMaxObserver(axis=axis)
     if method in ("percentile", "entropy", "mse"):
         return HistogramObserver(method=method, axis=axis, percentile=percentile, symmetric=symmetric)
-    raise UnknownNameError(f"unknown calibration method {method!r}", fix=f"use one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown calibration method {method!r} (one of {', '.join(METHODS)})")
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:

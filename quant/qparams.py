@@ -10,28 +10,18 @@ Bias:       s_b = s_x * s_w (per output channel), z_b = 0, stored as int32
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-_LIMITS = {"uint8": (0, 255), "int8": (-128, 127)}
+from qcompile.quant.dtypes import limits
+from qcompile.quant.spec import QParams
+
 _EPS = np.float32(1e-12)
-
-
-@dataclass(frozen=True)
-class QParams:
-    """Scale and zero point (scalars, or per-channel arrays along ``axis``)."""
-
-    scale: np.ndarray
-    zero_point: np.ndarray
-    dtype: str
-    axis: int | None = None
 
 
 def activation_qparams(lo: float, hi: float, dtype: str = "uint8", symmetric: bool = False) -> QParams:
     """Per-tensor parameters for an activation range [lo, hi] (which is widened to contain 0)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    qmin, qmax = _LIMITS[dtype]
+    qmin, qmax = limits(dtype)
     if symmetric:
         bound = max(abs(lo), abs(hi))
         if dtype == "uint8":
@@ -110,7 +100,7 @@ def quantize_bias(b: np.ndarray, activation_scale: np.ndarray, weight_scale: np.
 
 def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     """x -> dequantize(quantize(x)) with ``qp`` (numpy reference of Q/DQ)."""
-    qmin, qmax = {"uint8": (0, 255), "int8": (-128, 127), "int32": (-(2**31), 2**31 - 1)}[qp.dtype]
+    qmin, qmax = limits(qp.dtype)
     scale, zero = qp.scale.astype(np.float32), qp.zero_point.astype(np.float64)
     if qp.axis is not None:
         shape = [1] * x.ndim

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
-from conftest import ReluToSigmoid, model_from_text
+from conftest import ReluToSigmoid, model_from_text, op_types
 
 from qcompile import PassManager, VerificationError, VerifyOptions
 from qcompile.errors import PassFailedError
+from qcompile.passmanager import DUMP_DIR_ENV, InstrumentedPass
 from qcompile.passes import make_pass
 
 TEXT = """
@@ -210,3 +212,100 @@ def test_fp16_outputs_are_held_to_their_resolution_not_below_it():
 
     assert output_bound(1e-5, "float16") == 1e-3 and output_bound(1e-5, "float32") == 1e-5
     assert output_bound(1e-2, "float16") == 1e-2  # a looser stated bound still applies
+
+
+def test_passes_run_wrapped_in_onnx_irs_own_pass_manager(monkeypatch):
+    seen = []
+    call = ir.passes.PassManager.call
+
+    def spy(self, model):
+        seen.append((self.steps, self.early_stop, list(self.passes)))
+        return call(self, model)
+
+    monkeypatch.setattr(ir.passes.PassManager, "call", spy)
+    passes, final = [make_pass("identity"), make_pass("dead-code")], [make_pass("clear-shapes")]
+    result = PassManager(passes, steps=3, finalize=final)(model_from_text(TEXT))
+    (steps, early_stop, sweep), (once, _, last) = seen  # the sweeps, then the finalize passes
+    assert (steps, early_stop, once) == (3, True, 1)
+    assert all(isinstance(p, InstrumentedPass) for p in sweep + last)
+    assert [p.inner for p in sweep] == passes and [p.inner for p in last] == final
+    assert all(p.in_place == p.inner.in_place and p.changes_input == p.inner.changes_input for p in sweep + last)
+    assert [s.name for s in result.stats] == ["identity", "dead-code", "identity", "dead-code", "clear-shapes"]
+
+
+class ChangesTwice(ir.passes.InPlacePass):
+    """Reports a change on its first two runs and none after: the third sweep finds the fixed point."""
+
+    name = "changes-twice"
+
+    def __init__(self):
+        self.calls = 0
+
+    def call(self, model):
+        self.calls += 1
+        return ir.passes.PassResult(model, self.calls <= 2)
+
+
+def test_early_stop_at_a_fixed_point_counts_the_sweeps(monkeypatch):
+    sweeps = []
+    sweep = ir.passes.Sequential.call  # onnx-ir's PassManager runs one sweep per call of it
+    monkeypatch.setattr(ir.passes.Sequential, "call", lambda self, model: sweeps.append(self) or sweep(self, model))
+    counter = ChangesTwice()
+    result = PassManager([counter], steps=5)(model_from_text(TEXT))
+    assert counter.calls == 3 and len(sweeps) == 3
+    assert [s.modified for s in result.stats] == [True, True, False] and result.modified
+    bounded = ChangesTwice()
+    result = PassManager([bounded], steps=2)(model_from_text(TEXT))  # steps bound the sweeps
+    assert bounded.calls == 2 and [s.modified for s in result.stats] == [True, True]
+
+
+def test_dump_dir_gets_one_loadable_file_per_pass_that_changed_the_model(tmp_path):
+    passes = [make_pass("identity"), make_pass("constant-folding"), make_pass("dead-code")]
+    result = PassManager(passes, steps=2, dump_dir=tmp_path / "dumps")(model_from_text(TEXT))
+    changed = [(i, s) for i, s in enumerate(result.stats) if s.modified]
+    assert len(changed) >= 2 and len(result.stats) > len(changed)
+    assert sorted(p.name for p in (tmp_path / "dumps").iterdir()) == [f"{i:02d}-{s.name}.onnx" for i, s in changed]
+    for i, s in changed:
+        proto = onnx.load(tmp_path / "dumps" / f"{i:02d}-{s.name}.onnx")
+        onnx.checker.check_model(proto, full_check=True)
+        assert len(proto.graph.node) == s.nodes_after
+
+
+def test_dump_dir_from_the_environment_and_off_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv(DUMP_DIR_ENV, raising=False)
+    assert PassManager([make_pass("identity")]).dump_dir is None
+    monkeypatch.setenv(DUMP_DIR_ENV, str(tmp_path))
+    PassManager([make_pass("identity")])(model_from_text(TEXT))
+    assert [p.name for p in tmp_path.iterdir()] == ["00-identity.onnx"]
+
+
+def test_errors_reach_the_caller_as_raised_not_wrapped_in_onnx_irs_pass_error():
+    with pytest.raises(PassFailedError) as info:
+        PassManager([make_pass("identity"), Crashes()], steps=3)(model_from_text(TEXT))
+    assert not isinstance(info.value, ir.passes.PassError)
+    assert info.value.what == "pass 'crashes' crashed: ValueError: boom" and info.value.stage == "crashes"
+
+
+def test_rollback_of_an_in_place_pass_restores_the_same_model_object():
+    model = model_from_text(TEXT)
+    result = PassManager([ReluToSigmoid(), make_pass("identity")], verify=True, rollback=True)(model)
+    assert result.model is model  # onnx-ir's in-place contract holds through the rollback
+    assert "Relu" in op_types(model) and "Sigmoid" not in op_types(model) and "Identity" not in op_types(model)
+
+
+class FunctionalReluToSigmoid(ir.passes.FunctionalPass):
+    name = "functional-relu-to-sigmoid"
+
+    def call(self, model):
+        return ReluToSigmoid().call(model.clone())
+
+
+def test_functional_passes_keep_meta_and_are_rolled_back_and_skipped():
+    model = model_from_text(TEXT)
+    model.meta["qcompile.test"] = "kept"
+    passes = [FunctionalReluToSigmoid(), ir.passes.functionalize(make_pass("identity"))]
+    result = PassManager(passes, verify=True, rollback=True, steps=2)(model)
+    assert [s.name for s in result.rolled_back] == ["functional-relu-to-sigmoid"]  # skipped in sweep 2
+    assert [s.modified for s in result.stats] == [False, True, False]
+    assert result.model is not model and result.model.meta["qcompile.test"] == "kept"
+    assert "Relu" in op_types(result.model) and "Identity" not in op_types(result.model)

@@ -283,7 +283,7 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     multiply-add budget for half the columns, on every other output column."""
     from qcompile.passes.irutil import weight_kn
     from qcompile.quantize import shared_qparams, target_policy
-    from qcompile.quant.algorithms.sensitivity import SensitivitySampler
+    from qcompile.sensitivity import SensitivitySampler
 
     inp, out, inits, body, w_shape, bias_n, _ = CASES[case]
     inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
@@ -292,12 +292,13 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     plan = plan_quantization(model, policy, frozenset())
     node = next(iter(model.graph))
     w = weight_kn(node)
-    sampler = SensitivitySampler(model, plan, feeds=2)
-    sampler.rows_per_feed = 1  # as if memory allowed one row per feed
+    sampler = SensitivitySampler(model, [node], {"w": plan.weights["w"].axis}, feeds=2)
     x_name = node.inputs[0].name
+    sampler.samples[x_name].rows_per_feed = 1  # as if memory allowed one row per feed
     xs = [RNG.standard_normal((4, w.shape[0])).astype(np.float32) for _ in range(3)]
-    for x in xs:
-        sampler({x_name: x})
+    for x in xs:  # as the calibration loop feeds them
+        for statistic in sampler.statistics()[x_name]:
+            statistic.update(x)
     ranges = {x_name: (float(min(x.min() for x in xs)), float(max(x.max() for x in xs)))}
     qparams = shared_qparams(plan, ranges, policy)
     got = sampler.sqnr(qparams)[node.name]

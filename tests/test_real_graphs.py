@@ -236,7 +236,7 @@ def test_model_with_nothing_to_quantize_says_so_and_writes_the_float_model(tmp_p
 
 
 def test_quantized_output_that_fails_to_run_is_exit_3_naming_the_lowering(tmp_path, monkeypatch):
-    from qcompile.passes import qdq
+    from qcompile.passes.quant import qdq
 
     original = qdq.QDQLoweringPass.call
 

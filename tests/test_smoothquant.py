@@ -9,7 +9,8 @@ import pytest
 from conftest import floats, model_from_text, op_types, run_ort
 
 from qcompile.calibration import IterableReader
-from qcompile.passes.quant.smooth_fold import find_groups, smoothing_scales
+from qcompile.passes.quant.smooth_fold import find_groups
+from qcompile.quant.algorithms.smoothquant import smoothing_scales
 from qcompile.quantize import quantize
 from qcompile.smoothing import smooth
 

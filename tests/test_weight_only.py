@@ -11,7 +11,9 @@ import onnxruntime as ort
 import pytest
 
 from qcompile.quant.algorithms.gptq import gptq
-from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, pack, rtn
+from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass
+from qcompile.quant.algorithms.rtn import block_codes, rtn
+from qcompile.quant.dtypes import pack
 from qcompile.weight_only import quantize_weights
 
 K, N = 96, 48
@@ -40,6 +42,10 @@ def run(m: ir.Model, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
+def _lowering(cfg: WeightOnlyConfig) -> WeightOnlyPass:
+    return WeightOnlyPass(cfg, block_codes(cfg.bits, cfg.block_size, cfg.symmetric))
+
+
 @pytest.mark.parametrize("fmt, opset", [("matmulnbits", 17), ("dq", 21)])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -47,7 +53,7 @@ def run(m: ir.Model, x: np.ndarray) -> np.ndarray:
 def test_outputs_match_numpy_dequantised_reference(fmt, opset, bits, symmetric, block):
     m = model(opset)
     cfg = WeightOnlyConfig(bits=bits, block_size=block, symmetric=symmetric, format=fmt)
-    lowering = WeightOnlyPass(cfg)
+    lowering = _lowering(cfg)
     lowering(m)
     ir.passes.common.RemoveUnusedNodesPass()(m)
     assert len(lowering.quantized) == 1  # the LM head (feeds the graph output) is skipped by default
@@ -62,7 +68,7 @@ def test_outputs_match_numpy_dequantised_reference(fmt, opset, bits, symmetric, 
 
 def test_lm_head_included_when_asked():
     m = model(17)
-    lowering = WeightOnlyPass(WeightOnlyConfig(include_lm_head=True, block_size=32))
+    lowering = _lowering(WeightOnlyConfig(include_lm_head=True, block_size=32))
     lowering(m)
     assert len(lowering.quantized) == 2
     assert m.graph.outputs[0].name == "logits"
@@ -90,7 +96,7 @@ def embedding_model(opset: int) -> ir.Model:
 @pytest.mark.parametrize("block", [32, 64])
 def test_embedding_rows_match_numpy_dequantised_reference(fmt, opset, bits, block):
     m = embedding_model(opset)
-    lowering = WeightOnlyPass(WeightOnlyConfig(bits=bits, block_size=block, format=fmt, include_embeddings=True))
+    lowering = _lowering(WeightOnlyConfig(bits=bits, block_size=block, format=fmt, include_embeddings=True))
     lowering(m)
     ir.passes.common.RemoveUnusedNodesPass()(m)
     assert len(lowering.embeddings) == 1
@@ -106,7 +112,7 @@ def test_embedding_rows_match_numpy_dequantised_reference(fmt, opset, bits, bloc
 
 def test_embeddings_left_alone_by_default():
     m = embedding_model(17)
-    lowering = WeightOnlyPass(WeightOnlyConfig())
+    lowering = _lowering(WeightOnlyConfig())
     assert not lowering(m).modified and [n.op_type for n in m.graph] == ["Gather", "Relu"]
 
 
@@ -167,7 +173,7 @@ def test_gptq_beats_rtn_on_real_calibration_activations(minilm_path):
 def test_awq_beats_rtn_on_real_calibration_activations(minilm_path):
     """AWQ's alpha, chosen on half of MiniLM's real FFN inputs, lowers the other half's output error."""
     import qcompile
-    from qcompile.awq import ALPHA_GRID, awq_scales, group_error
+    from qcompile.quant.algorithms.awq import ALPHA_GRID, awq_scales, group_error
     from qcompile.calibrate import tapped
     from qcompile.models import minilm
 
@@ -181,12 +187,11 @@ def test_awq_beats_rtn_on_real_calibration_activations(minilm_path):
     x = np.concatenate(xs).astype(np.float32)
     calib, held_out = x[: len(x) // 2], x[len(x) // 2 :]
     mean_abs = np.abs(calib).mean(axis=0)
-    config = WeightOnlyConfig(bits=4, block_size=128)
-    errors = {a: group_error(calib, [w], awq_scales(mean_abs, a), config) for a in ALPHA_GRID}
+    errors = {a: group_error(calib, [w], awq_scales(mean_abs, a), 4, 128, True) for a in ALPHA_GRID}
     alpha = min(errors, key=errors.get)
     assert alpha > 0
-    e_rtn = group_error(held_out, [w], awq_scales(mean_abs, 0.0), config)
-    e_awq = group_error(held_out, [w], awq_scales(mean_abs, alpha), config)
+    e_rtn = group_error(held_out, [w], awq_scales(mean_abs, 0.0), 4, 128, True)
+    e_awq = group_error(held_out, [w], awq_scales(mean_abs, alpha), 4, 128, True)
     assert e_awq < 0.9 * e_rtn, (alpha, e_awq / e_rtn)
 
 

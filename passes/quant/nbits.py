@@ -11,7 +11,7 @@ For W [K, N] (MatMul's B) cut into blocks of ``block_size`` rows along K, per ou
 Lowered either as ORT's ``com.microsoft.MatMulNBits`` (B packed [N, K/block, block*b/8] low bits
 first, scales [N * K/block], zero points packed likewise) or as a standard blocked
 ``DequantizeLinear`` (opset 21, int4/uint4 or int8/uint8 along axis 0, ``block_size``) feeding MatMul.
-Codes are computed by RTN here, or handed in precomputed (GPTQ, from the core's calibration).
+Codes come from the caller, one weight at a time (qcompile.quant.algorithms: RTN, GPTQ, AWQ).
 
 Embeddings (``include_embeddings``): a Gather from a constant table E [V, D] is quantized the same
 way, in blocks along D per row (symmetric), and lowered as ORT's ``com.microsoft.GatherBlockQuantized``
@@ -22,15 +22,18 @@ blocked ``DequantizeLinear`` (axis 1) feeding the Gather.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Callable, Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile.passes.irutil import add_initializer
+from qcompile.quant.dtypes import pack
+from qcompile.quant.spec import BlockCodes
 
 Format = Literal["matmulnbits", "dq"]
+CodesFn = Callable[[str, str, np.ndarray], BlockCodes]
 
 
 @dataclass(frozen=True)
@@ -43,96 +46,6 @@ class WeightOnlyConfig:
     include_embeddings: bool = False  # Gather tables, always symmetric
     accuracy_level: int | None = None  # MatMulNBits: 0 float compute, 4 int8 compute of A; None: 0 here,
                                        # the fastest on the CPU in qcompile.weight_only.quantize_weights
-
-
-@dataclass
-class BlockQuant:
-    """codes [N, k_blocks, block] (unsigned), scales [N, k_blocks], zero points [N, k_blocks]."""
-
-    codes: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray
-    k: int
-    bits: int
-    symmetric: bool
-
-    def dequantize(self) -> np.ndarray:
-        """W [K, N] as the runtime reconstructs it (numpy reference)."""
-        w = (self.codes.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
-        return w.reshape(w.shape[0], -1)[:, : self.k].T.copy()
-
-
-def block_params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero point) per block; ``blocks`` is [..., block]."""
-    half = 2 ** (bits - 1)
-    if symmetric:
-        idx = np.argmax(np.abs(blocks), axis=-1)
-        extreme = np.take_along_axis(blocks, idx[..., None], axis=-1)[..., 0]
-        scale = extreme / -half
-        zero = np.full(scale.shape, half, dtype=np.float32)
-    else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0)
-        hi = np.maximum(blocks.max(axis=-1), 0.0)
-        scale = (hi - lo) / (2**bits - 1)
-        safe = np.where(scale == 0, 1.0, scale)
-        zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1).astype(np.float32)
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    return scale, zero
-
-
-def quantize_codes(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 2**bits - 1).astype(np.uint8)
-
-
-#: Range shrink factors tried by :func:`searched_block_params` (1.0 is plain RTN's range).
-SHRINK_GRID = tuple(np.round(np.arange(1.0, 0.59, -0.025), 3))
-
-
-def searched_block_params(blocks: np.ndarray, bits: int, symmetric: bool,
-                          importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Block parameters whose range is shrunk (clipping outliers) where that lowers the block's
-    squared rounding error, weighted per element by ``importance`` (e.g. diag(H), [block])."""
-    weight = np.ones(blocks.shape[-1]) if importance is None else importance
-    best_scale, best_zero = block_params(blocks, bits, symmetric)
-    best_err = np.full(best_scale.shape, np.inf)
-    for p in SHRINK_GRID:
-        scale, zero = block_params(blocks * np.float32(p), bits, symmetric)
-        deq = (quantize_codes(blocks, scale, zero, bits).astype(np.float32) - zero[..., None]) * scale[..., None]
-        err = ((blocks - deq) ** 2 * weight).sum(axis=-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
-    return best_scale.astype(np.float32), best_zero.astype(np.float32)
-
-
-def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool, importance: np.ndarray | None = None) -> BlockQuant:
-    """Round-to-nearest block quantization of W [K, N]. With ``importance`` ([K], e.g. E[x_k^2] of
-    the input), each block's range is searched (:func:`searched_block_params`) to minimise the
-    importance-weighted rounding and clipping error instead of spanning the block's extremes."""
-    k, n = w.shape
-    blocks_k = -(-k // block_size)
-    padded = np.zeros((blocks_k * block_size, n), dtype=np.float32)
-    padded[:k] = w
-    blocks = padded.T.reshape(n, blocks_k, block_size)
-    if importance is None:
-        scale, zero = block_params(blocks, bits, symmetric)
-    else:
-        weight = np.zeros(blocks_k * block_size)
-        weight[:k] = importance
-        scale, zero = searched_block_params(blocks, bits, symmetric, weight.reshape(blocks_k, block_size))
-    return BlockQuant(quantize_codes(blocks, scale, zero, bits), scale, zero.astype(np.uint8), k, bits, symmetric)
-
-
-def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes along the last axis, low bits first (bits in {2, 4, 8})."""
-    if bits == 8:
-        return codes.astype(np.uint8)
-    per_byte = 8 // bits
-    c = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint16)
-    out = np.zeros(c.shape[:-1], dtype=np.uint16)
-    for i in range(per_byte):
-        out |= c[..., i] << (bits * i)
-    return out.astype(np.uint8)
 
 
 def is_lm_head(node: ir.Node) -> bool:
@@ -174,14 +87,17 @@ def embedding_candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.N
 
 
 class WeightOnlyPass(ir.passes.InPlacePass):
-    """Replace MatMul weights by block-quantized ones (RTN unless codes are given per weight)."""
+    """Replace MatMul weights (and Gather tables) by block-quantized ones, codes from ``codes``."""
 
     name = "weight-only"
 
-    def __init__(self, config: WeightOnlyConfig, precomputed: Mapping[str, BlockQuant] | None = None) -> None:
+    def __init__(self, config: WeightOnlyConfig, codes: CodesFn) -> None:
+        """``codes(kind, name, w)``: the block codes of weight ``name`` (``kind`` "matmul": W [K, N];
+        "embedding": a table seen as [D, V], symmetric blocks along D), computed by the caller
+        (qcompile.quant: RTN, GPTQ or AWQ) one weight at a time."""
         super().__init__()
         self.config = config
-        self.precomputed = precomputed or {}
+        self.codes = codes
         self.quantized: list[str] = []  # MatMul nodes
         self.embeddings: list[str] = []  # Gather nodes
 
@@ -203,15 +119,13 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, bool(self.quantized or self.embeddings))
 
-    def _matmul_codes(self, weight: ir.Value) -> BlockQuant:
-        cfg = self.config
-        return self.precomputed.get(weight.name) or rtn(weight.const_value.numpy(), cfg.bits, cfg.block_size, cfg.symmetric)
+    def _matmul_codes(self, weight: ir.Value) -> BlockCodes:
+        return self.codes("matmul", weight.name, weight.const_value.numpy())
 
-    def _row_codes(self, table: ir.Value) -> BlockQuant:
-        """An embedding table [V, D] in symmetric blocks along D per row (as W [K=D, N=V])."""
-        return rtn(table.const_value.numpy().T, self.config.bits, self.config.block_size, symmetric=True)
+    def _row_codes(self, table: ir.Value) -> BlockCodes:
+        return self.codes("embedding", table.name, table.const_value.numpy().T)
 
-    def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+    def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
         n, k_blocks, _ = bq.codes.shape
         b = add_initializer(graph, f"{base}_q{cfg.bits}", pack(bq.codes, cfg.bits))
@@ -233,7 +147,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         # the new output takes the old one's name, type and shape (it may be a graph output)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
 
-    def _to_blocked_dq(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+    def _to_blocked_dq(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
         n, k_blocks, block = bq.codes.shape
         codes = bq.codes.reshape(n, k_blocks * block)[:, : bq.k].T  # [K, N]
@@ -255,7 +169,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
 
-    def _to_gather_block_quantized(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+    def _to_gather_block_quantized(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
         rows, k_blocks, block = bq.codes.shape
         codes = bq.codes.reshape(rows, k_blocks * block)[:, : bq.k]  # [V, D], zero point 2^(b-1): ORT's default
@@ -268,7 +182,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         )
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
 
-    def _to_blocked_dq_gather(self, graph: ir.Graph, node: ir.Node, bq: BlockQuant, base: str) -> None:
+    def _to_blocked_dq_gather(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
         rows, k_blocks, block = bq.codes.shape
         signed = (bq.codes.reshape(rows, k_blocks * block)[:, : bq.k].astype(np.int16) - 2 ** (cfg.bits - 1)).astype(np.int8)

@@ -28,9 +28,6 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile.passes.irutil import add_initializer, weight_kn
 
-_MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
-
-
 @dataclass
 class SmoothGroup:
     """One activation, the node that produces it, and the MatMul/Gemm nodes that consume it."""
@@ -90,16 +87,6 @@ def weight_row_absmax(model: ir.Model, group: SmoothGroup) -> np.ndarray:
     """max_i max_n |W_i[j, n]| over the group's consumers, per input channel j."""
     nodes = {n.name: n for n in model.graph}
     return np.max([np.abs(weight_kn(nodes[c])).max(axis=1) for c in group.consumers], axis=0)
-
-
-def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), clipped to a safe range (1 where a channel is all zero)."""
-    a = np.maximum(np.asarray(act_absmax, dtype=np.float64), 0.0)
-    w = np.maximum(np.asarray(weight_absmax, dtype=np.float64), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = np.power(a, alpha) / np.power(w, 1.0 - alpha)
-    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
-    return np.clip(s, _MIN_SCALE, _MAX_SCALE).astype(np.float32)
 
 
 def _set_const(value: ir.Value, array: np.ndarray) -> None:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompile.passes.quant.nbits import BlockQuant, block_params, quantize_codes, searched_block_params
+from qcompile.quant.algorithms.rtn import block_params, quantize_codes, searched_block_params
+from qcompile.quant.spec import BlockCodes
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool,
-         damp: float = 0.01, act_order: bool = True, search: bool = True) -> BlockQuant:
+         damp: float = 0.01, act_order: bool = True, search: bool = True) -> BlockCodes:
     """GPTQ codes for W [K, N] given H [K, K] (K a multiple of block_size is not required)."""
     k, n = w.shape
     blocks_k = -(-k // block_size)
@@ -71,4 +72,4 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetr
             errors[i - start] = err
             weights[i + 1 : end] -= np.outer(u[i, i + 1 : end], err)
         weights[end:] -= u[start:end, end:].T @ errors
-    return BlockQuant(codes, scales, zeros.astype(np.uint8), k, bits, symmetric)
+    return BlockCodes(codes, scales, zeros.astype(np.uint8), k, bits, symmetric)
