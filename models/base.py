@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from qcompile.cache import cache_root
 from qcompile.errors import DependencyError, UnknownNameError
 
 Feed = dict[str, np.ndarray]
@@ -61,12 +62,6 @@ class ZooEntry:
             "task": self.task,
             "options": dict(self.default_options),
         }
-
-
-def cache_root() -> Path:
-    """$QCOMPILE_CACHE, else ~/.cache/qcompile."""
-    root = os.environ.get("QCOMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qcompile")
-    return Path(root)
 
 
 def _options_key(options: Mapping[str, Any]) -> str:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from rich.console import Console
 from rich.table import Table
 
-from qcompile import interrupts, modelio, specs
+from qcompile import interrupts, modelio, specs, targets
 from qcompile.errors import InputSpecError, QCompileError, UnknownNameError
 from qcompile.progress import bar, stderr
 
@@ -339,7 +339,8 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized model.")
-@click.option("--target", default="ort-cpu", show_default=True, help="Runtime the policy targets.")
+@click.option("--target", type=click.Choice(targets.names()), default="ort-cpu", show_default=True,
+              help="Where the model will run (qcompile.targets): what is quantized, how, and what it is verified on.")
 @click.option("--recipe", "recipe_name", default="int8", show_default=True,
               help="int8 | w8a8-smoothquant | w8-weight-only | w4-weight-only")
 @click.option("--recipe-file", type=click.Path(dir_okay=False), default=None, help="Load the recipe from TOML.")

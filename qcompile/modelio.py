@@ -320,9 +320,9 @@ def _externals_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
+def _run_checker(proto: onnx.ModelProto, path: Path, full: bool = False) -> None:
     try:
-        onnx.checker.check_model(_externals_as_inputs(proto), full_check=False)
+        onnx.checker.check_model(_externals_as_inputs(proto), full_check=full)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "checker failed")
         raise InvalidModelError(
@@ -331,11 +331,20 @@ def _run_checker(proto: onnx.ModelProto, path: Path) -> None:
         ) from None
 
 
-def check(model: ir.Model) -> None:
-    """Run the ONNX checker on an in-memory model (large tensors are not copied into the proto)."""
+def check(model: ir.Model, *, full: bool = False, standard_only: bool = False) -> None:
+    """Run the ONNX checker on an in-memory model (large tensors are not copied into the proto).
+
+    ``full``: the checker's strictest mode (strict shape inference too); ``standard_only``: every
+    node in the ONNX standard's domain (no com.microsoft or custom ops)."""
     with _inlined(model, share=True):
         proto = ir.serde.serialize_model(model)
-    _run_checker(proto, Path(model.meta.get("qcompile.source_path") or "<in-memory model>"))
+    where = Path(model.meta.get("qcompile.source_path") or "<in-memory model>")
+    _run_checker(proto, where, full=full)
+    if standard_only:
+        domains = sorted({n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)} - {"", "ai.onnx"})
+        if domains:
+            raise InvalidModelError(f"model uses non-standard operator domains {domains}", where=str(where),
+                                    fix="this target accepts only the ONNX standard's operators")
 
 
 def initializer_bytes(model: ir.Model) -> int:

@@ -38,16 +38,18 @@ def optimize_with_stats(
     steps: int = 3,
     on_pass: Callable[[PassStats], None] | None = None,
     strict: bool = False,
+    pipeline: Sequence[str] | None = None,
 ) -> PassManagerResult:
     """Optimize a model (in place when given an ir.Model) and return it with per-pass stats.
 
-    ``passes`` None runs the default pipeline to a fixed point (at most ``steps`` sweeps), then
-    the final clean-up passes; a list of names runs exactly those passes, sweep by sweep.
+    ``passes`` None runs ``pipeline`` (default: the FP32 pipeline; a target's own list of passes,
+    qcompile.targets) to a fixed point (at most ``steps`` sweeps), then the final clean-up passes; a
+    list of names runs exactly those passes, sweep by sweep.
     A pass that crashes or fails verification is rolled back and listed in the result
     (``result.rolled_back``); ``strict`` raises :class:`~qcompile.errors.InternalError` instead.
     """
     model = _as_model(model_or_path)
-    pass_list = resolve_passes(passes)
+    pass_list = resolve_passes(passes if passes is not None else pipeline)
     final = resolve_passes(FINAL_PASSES) if passes is None else []
     if target_opset is not None:
         modelio.convert_opset(model, target_opset)
@@ -72,14 +74,14 @@ def optimize(
     return optimize_with_stats(model_or_path, passes, verify=verify, **kwargs).model
 
 
-def prepare_float_model(model: ir.Model, optimize: bool, verify_options: VerifyOptions | None
-                        ) -> tuple[ir.Model, list[dict], list[dict], list[str]]:
+def prepare_float_model(model: ir.Model, optimize: bool, verify_options: VerifyOptions | None,
+                        pipeline: Sequence[str] | None = None) -> tuple[ir.Model, list[dict], list[dict], list[str]]:
     """The float model to quantize (optimized and verified when ``optimize``), the verification feeds,
     the float model's outputs on them (what the quantized model is compared with), and notes."""
     verify_options = verify_options or VerifyOptions(each_pass=False)
     notes: list[str] = []
     if optimize:
-        result = optimize_with_stats(model, verify=True, verify_options=verify_options)
+        result = optimize_with_stats(model, verify=True, verify_options=verify_options, pipeline=pipeline)
         model, feeds, outputs = result.model, result.verification_feeds, result.reference_outputs
         notes += result.warnings()
         modelio.drop_resident_weights(model)

@@ -1,6 +1,6 @@
 """Static INT8 post-training quantization: optimize -> plan -> calibrate -> lower -> clean up.
 
-    plan       the target's policy decides what runs in INT8 (passes/quant_policy.py)
+    plan       the target's annotators decide what runs in INT8 (qcompile.targets, passes/quant/annotate.py)
     calibrate  one streaming pass over the reader's feeds observes only the planned tensors
     lower      INT8 per-channel weights, INT32 biases, Q/DQ on activations (passes/qdq.py)
 
@@ -23,13 +23,14 @@ from qcompile import execute, memory, modelio, specs
 from qcompile.bench import guard_report, time_runs
 from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
 from qcompile.calibration import fit_reader, CalibrationReader, IterableReader, describe, iter_feeds
-from qcompile.errors import BackendFailedError, QCompileError, UnknownNameError, VerificationError
+from qcompile.errors import BackendFailedError, QCompileError, VerificationError
 from qcompile.memory import PhaseClock
-from qcompile.models.base import cache_root
+from qcompile import targets
+from qcompile.cache import cache_root
 from qcompile.quant.observers import Method
 from qcompile.passes import make_pass
 from qcompile.passes.quant.qdq import QDQLoweringPass
-from qcompile.quant.qparams import QParams, activation_qparams
+from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, weight_codes
 from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, plan_quantization
 from qcompile.errors import InputModelError
 from qcompile.metrics import Comparison, compare_outputs
@@ -42,7 +43,6 @@ from qcompile.smoothing import smooth
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("ort-cpu",)
 #: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative error).
 DEFAULT_MIN_SQNR_DB = 28.0
 #: Calibration feeds whose rows are kept to measure that SQNR, in at most 1/32 of the model's weight
@@ -59,23 +59,20 @@ KEEP_FEED_BYTES = 64 * 1024 * 1024
 
 def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable[str] | None = None,
                   weight_dtype: WeightDType | None = None) -> tuple[QuantPolicy, dict]:
-    """The policy for ``target`` on this machine, and the kernel measurements behind it.
+    """The policy of registered ``target`` on this machine, and the measurements behind it
+    (qcompile.targets: ``keep_float`` and ``weight_dtype`` default to what the target measures)."""
+    return targets.get(target).policy(per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype,
+                                      cache_dir=cache_root())
 
-    ``keep_float`` and ``weight_dtype`` default to what the kernel probe measures here."""
-    if target != "ort-cpu":
-        raise UnknownNameError(f"unknown quantization target {target!r}", fix=f"choose from: {', '.join(TARGETS)}")
-    ratios: dict = {}
-    if keep_float is None:
-        from qcompile.targets.ort_cpu.kernel_probe import probe, slower_classes
 
-        ratios = probe(cache_dir=cache_root() / "probe")
-        keep_float = slower_classes(ratios)
-    if weight_dtype is None:
-        from qcompile.targets.ort_cpu.kernel_probe import policy_weight_dtype
-
-        weight_dtype = policy_weight_dtype(cache_dir=cache_root() / "probe")
-    policy = QuantPolicy(name=target, per_channel=per_channel, keep_float=frozenset(keep_float), weight_dtype=weight_dtype)
-    return policy, ratios
+def require_domains(model: ir.Model, target: targets.Target) -> None:
+    """A target that takes only standard ONNX refuses a model with other domains (the user's input)."""
+    if target.contrib_ops:
+        return
+    domains = sorted({n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)} - {"", "ai.onnx"})
+    if domains:
+        raise InputModelError(f"target {target.name!r} takes standard ONNX only; the model uses {', '.join(domains)}",
+                              fix="choose another --target, or export the model without custom operators")
 
 
 @dataclass
@@ -192,7 +189,9 @@ def quantize(
     so the two are timed in turn, not interleaved.
     """
     clock = PhaseClock()
+    target_spec = targets.get(target)  # an unknown target fails before anything is loaded
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
+    require_domains(model, target_spec)
     clock.lap("load")
     verify_options = verify_options or VerifyOptions(each_pass=False)
     try:
@@ -211,10 +210,11 @@ def quantize(
     float_model = _FloatModel(model, verify_feeds, float_outputs, [], None, fp32_time)
     if optimize:
         original = snapshot(model)  # shares the weights: cheap
-        result = optimize_with_stats(model, verify=False)  # checked end to end below; a pass that crashes is rolled back
+        # checked end to end below; a pass that crashes is rolled back
+        result = optimize_with_stats(model, verify=False, pipeline=target_spec.passes)
         float_model.model, float_model.notes = result.model, result.warnings()
         if result.modified:
-            _check(float_model.model, "all passes")
+            check_output(float_model.model, "all passes")
             float_model.bound = sum(verify_options.bound(make_pass(name)) for name in
                                     dict.fromkeys(s.name for s in result.stats if s.modified))
         modelio.drop_resident_weights(float_model.model)
@@ -229,7 +229,8 @@ def quantize(
         # The optimized model is off: find the pass as `qcompile optimize` would (each pass verified, a
         # failing one rolled back), then quantize the model that passes. Rare: it means a qcompile bug.
         log.warning("the optimized model fails its check (%s); verifying each pass", exc)
-        model, _, _, notes = prepare_float_model(original, True, replace(verify_options, feeds=verify_feeds))
+        model, _, _, notes = prepare_float_model(original, True, replace(verify_options, feeds=verify_feeds),
+                                                 pipeline=target_spec.passes)
         float_model = _FloatModel(model, verify_feeds, float_outputs, notes, None, fp32_time)
         return _quantize_float(float_model, reader if exc.feeds is None else IterableReader(exc.feeds), clock, **args)
 
@@ -263,7 +264,8 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
                     guard_runs: int | str | None) -> QuantizeResult:
     """Plan, calibrate, lower and check (see :func:`quantize`)."""
     model, verify_feeds, notes = float_model.model, float_model.feeds, float_model.notes
-    minimum = QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR
+    target_spec = targets.get(target)
+    minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset)
     if float_model.bound is not None and (smoothquant is not None or opset_of(model) < minimum):
         _check_optimized(float_model, _outputs(model, verify_feeds, "all passes", target))  # not the model calibrated
     model, opset = ensure_opset(model, minimum, verify_feeds,
@@ -339,7 +341,8 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
         qparams = shared_qparams(plan, ranges, policy)
     codes = sampler.codes if sampler is not None else None
     sampler = None
-    lowering = [QDQLoweringPass(plan, qparams, codes), make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")]
+    lowering = [QDQLoweringPass(plan, qparams, weight_codes(codes), quantize_bias), make_pass("dead-code"),
+                make_pass("topo-sort"), make_pass("clear-shapes")]
     model = PassManager(lowering)(model).model
     memory.trim()
     clock.lap("lower")
@@ -376,7 +379,7 @@ def _session(model: ir.Model, target: str, *, prepack: bool = True) -> Iterator[
     options = CHECK_RUNTIME if prepack else replace(CHECK_RUNTIME, extra={"session.disable_prepacking": "1"})
     with contextlib.ExitStack() as stack:
         with memory.shedding(model):
-            runtime = stack.enter_context(execute.loaded(model, target, options))
+            runtime = stack.enter_context(execute.loaded(model, targets.get(target).runtime, options))
         yield runtime
 
 
@@ -422,10 +425,12 @@ def _stage(name: str) -> str:
     return name if " " in name else f"pass {name!r}"
 
 
-def _check(model: ir.Model, stage: str) -> None:
-    """The ONNX checker on a model qcompile produced: a failure is qcompile's bug."""
+def check_output(model: ir.Model, stage: str, target: str = "ort-cpu") -> None:
+    """The ONNX checker on a model qcompile produced (in the target's strictest terms): a failure is
+    qcompile's bug."""
+    spec = targets.get(target)
     try:
-        modelio.check(model)
+        modelio.check(model, full=spec.strict_check, standard_only=not spec.contrib_ops)
     except QCompileError as exc:
         raise VerificationError(f"{_stage(stage)} produced an invalid model: {exc.what}", stage=stage) from None
 
@@ -440,7 +445,7 @@ def _run(runtime: Runtime, feeds: list[dict], stage: str) -> tuple[list[dict], l
 
 def _outputs(model: ir.Model, feeds: list[dict], stage: str, target: str) -> list[dict]:
     """The outputs of a model qcompile produced, after the checker (see :func:`_check_result`)."""
-    _check(model, stage)
+    check_output(model, stage, target)
     try:
         with _session(model, target) as runtime:
             return _run(runtime, feeds, stage)[0]
@@ -464,7 +469,7 @@ def _check_result(model: ir.Model, float_model: _FloatModel, stage: str, target:
     """The result passes the checker, runs, and is compared with the original's outputs; then the
     speed guard times it in the same session. Where the optimized model is still unchecked (nothing
     was calibrated), that comparison checks it."""
-    _check(model, stage)
+    check_output(model, stage, target)
     try:
         with _session(model, target) as runtime:
             outputs, seconds = _run(runtime, float_model.feeds, stage)

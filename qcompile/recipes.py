@@ -167,4 +167,4 @@ def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", e
                               format=recipe.format, include_lm_head=recipe.include_lm_head,
                               include_embeddings=recipe.include_embeddings, accuracy_level=recipe.accuracy_level)
     return quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader, samples=recipe.samples,
-                            verify_options=verify_options)
+                            verify_options=verify_options, target=target)

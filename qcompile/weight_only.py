@@ -15,7 +15,9 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import modelio, specs
+from qcompile import modelio, specs, targets
+from qcompile.cache import cache_root
+from qcompile.quantize import check_output, require_domains
 from qcompile.calibrate import collect
 from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
@@ -79,24 +81,30 @@ def quantize_weights(
     samples: int | None = None,
     optimize: bool = True,
     verify_options=None,
+    target: str = "ort-cpu",
 ) -> WeightOnlyResult:
     """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
 
     ``config.accuracy_level`` None (MatMulNBits): the level that decodes faster on this CPU, measured
     once by :func:`qcompile.targets.ort_cpu.kernel_probe.probe_nbits`.
     """
+    target_spec = targets.get(target)
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
+    require_domains(model, target_spec)
     seconds = {}
     started = time.perf_counter()
-    model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options)
+    model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options,
+                                                                    pipeline=target_spec.passes)
+    if config.format == "matmulnbits" and not target_spec.accepts("matmulnbits"):
+        config = dataclasses.replace(config, format="dq", accuracy_level=None)
+        notes.append(f"target {target_spec.name} takes no MatMulNBits: weights lowered as blocked DequantizeLinear")
     fit_reader(reader, verify_feeds)
     seconds["optimize"] = time.perf_counter() - started
     if config.format == "matmulnbits" and config.accuracy_level is None:
-        from qcompile.targets.ort_cpu.kernel_probe import fastest_accuracy_level
-        from qcompile.models.base import cache_root
+        from qcompile.targets.ort_cpu import fastest_accuracy_level
 
-        level = fastest_accuracy_level(config.bits, config.block_size, cache_root() / "probe")
-        config = dataclasses.replace(config, accuracy_level=level)
+        config = dataclasses.replace(config, accuracy_level=fastest_accuracy_level(config.bits, config.block_size,
+                                                                                   cache_root()))
     opset = OpsetChange(opset_of(model), opset_of(model), "kept")
     if config.format == "dq":
         model, opset = ensure_opset(model, QDQ_BLOCKED, verify_feeds, "blocked DequantizeLinear needs opset 21")
@@ -141,7 +149,9 @@ def quantize_weights(
     if not lowering.quantized and not lowering.embeddings:
         notes.append("nothing to quantize: no MatMul with a constant weight fits the weight-only recipe; the "
                      "optimized float model is the result")
-    accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "weight-only lowering")))
+    check_output(model, "weight-only lowering", target)  # in the target's strictest terms
+    accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "weight-only lowering",
+                                                                  target_spec.runtime)))
     seconds["lower"] = time.perf_counter() - t
     return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings, awq_report,
                             opset, accuracy, notes, verify_feeds)

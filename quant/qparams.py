@@ -108,3 +108,18 @@ def fake_quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     q = np.clip(np.round(x / scale) + zero, qmin, qmax)
     return ((q - zero) * scale).astype(np.float32)
+
+
+def weight_codes(cached: dict[str, tuple[np.ndarray, QParams]] | None = None):
+    """A ``weight_codes(name, w, axis, dtype)`` function for the Q/DQ lowering: codes computed while
+    measuring sensitivity (``cached``, int8, each handed out once) where their axis matches, else
+    computed here."""
+    cached = {} if cached is None else cached
+
+    def codes(name: str, w: np.ndarray, axis: int | None, dtype: str) -> tuple[np.ndarray, QParams]:
+        hit = cached.pop(name, None)
+        if hit is not None and hit[1].dtype == "int8" and hit[1].axis == axis:
+            return weight_storage(*hit, dtype)
+        return quantize_weight(w, axis, dtype)
+
+    return codes

@@ -20,10 +20,6 @@ import onnx_ir.passes.common as common_passes
 ActivationDType = Literal["uint8", "int8"]
 WeightDType = Literal["int8", "uint8"]
 
-#: Op classes a policy can keep float; `op_class` maps a node to one of these.
-OP_CLASSES = ("MatMul", "Gemm", "Conv", "Conv1x1", "ConvDepthwise", "ConvTranspose")
-
-
 @dataclass(frozen=True)
 class QuantPolicy:
     """What a target runs in INT8. Frozen: a policy never changes while a model is quantized."""
@@ -47,6 +43,39 @@ class QuantPolicy:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+#: The per-pattern annotators a target chooses from, and what each puts under Q/DQ:
+#:     linear        MatMul / Gemm with a constant weight: the activation input and the weight
+#:     conv          Conv / ConvTranspose likewise
+#:     conv-output   a Conv's output (after a sole Relu/Clip), so the runtime fuses DQ -> Conv -> Q
+#:     passthrough   ops that only move values (pooling, Reshape, Transpose, ...): in and out share a scale
+#:     concat        all of Concat's inputs and its output share one scale
+#:     residual-add  the output of an Add whose two inputs are quantized
+#:     attention     activation x activation MatMuls (Q·Kᵀ, scores·V), both inputs per tensor
+ANNOTATORS: dict[str, dict] = {
+    "linear": {"compute_ops": {"MatMul", "Gemm"}},
+    "conv": {"compute_ops": {"Conv", "ConvTranspose"}},
+    "conv-output": {"quantize_outputs_of": {"Conv"}},
+    "passthrough": {"passthrough_ops": {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}},
+    "concat": {"shared_scale_ops": {"Concat"}},
+    "residual-add": {"residual_add": True},
+    "attention": {"activation_by_activation_matmul": True},
+}
+
+
+def policy_for(name: str, annotators: tuple[str, ...], **fields) -> QuantPolicy:
+    """A target's policy from its annotator names (:data:`ANNOTATORS`) and its dtype fields."""
+    sets: dict[str, set] = {"compute_ops": set(), "quantize_outputs_of": set(), "passthrough_ops": set(),
+                            "shared_scale_ops": set()}
+    flags: dict[str, bool] = {}
+    for annotator in annotators:
+        for key, value in ANNOTATORS[annotator].items():
+            if isinstance(value, set):
+                sets[key] |= value
+            else:
+                flags[key] = value
+    return QuantPolicy(name=name, **{k: frozenset(v) for k, v in sets.items()}, **flags, **fields)
 
 
 def op_class(node: ir.Node) -> str:

@@ -8,20 +8,26 @@ Activations:
 
 The runtime sees ``DQ -> op -> Q`` and fuses it into an integer kernel. Graph outputs keep their
 float values. The pass makes no decisions: the plan (quant_policy.py) and the activation
-parameters (computed by the core from calibration) say everything.
+parameters (computed by the core from calibration) say everything; the codes come from qcompile.quant
+through the caller.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, MutableMapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.passes.irutil import add_initializer, drop_resident
 from qcompile.passes.graph.rewrite import allow_initializers
-from qcompile.quant.qparams import QParams, quantize_bias, quantize_weight, weight_storage
+from qcompile.passes.irutil import add_initializer, drop_resident
 from qcompile.passes.quant.annotate import QuantPlan
+from qcompile.quant.spec import QParams
+
+#: (weight name, W, axis, storage dtype) -> (codes as stored, parameters)
+WeightCodesFn = Callable[[str, np.ndarray, "int | None", str], "tuple[np.ndarray, QParams]"]
+#: (b, s_x, s_w) -> (int32 codes, parameters)
+BiasCodesFn = Callable[[np.ndarray, np.ndarray, np.ndarray], "tuple[np.ndarray, QParams]"]
 
 
 class QDQLoweringPass(ir.passes.InPlacePass):
@@ -29,15 +35,15 @@ class QDQLoweringPass(ir.passes.InPlacePass):
 
     name = "qdq-lowering"
 
-    def __init__(self, plan: QuantPlan, activation_qparams: Mapping[str, QParams],
-                 weight_codes: MutableMapping[str, tuple[np.ndarray, QParams]] | None = None) -> None:
-        """``weight_codes``: int8 codes already computed by :func:`quantize_weight` per weight name
-        (e.g. while measuring sensitivity), used where their axis matches the plan's; each entry is
-        removed as it is used, so the codes are not held twice."""
+    def __init__(self, plan: QuantPlan, activation_qparams: Mapping[str, QParams], weight_codes: WeightCodesFn,
+                 bias_codes: BiasCodesFn) -> None:
+        """``weight_codes`` and ``bias_codes`` compute the stored codes (qcompile.quant), one weight at
+        a time, so no second copy of the weights is held."""
         super().__init__()
         self.plan = plan
         self.activation_qparams = activation_qparams
-        self.weight_codes = weight_codes if weight_codes is not None else {}
+        self.weight_codes = weight_codes
+        self.bias_codes = bias_codes
         self.weight_qparams: dict[str, QParams] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -71,11 +77,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         modified = False
         for spec in self.plan.weights.values():
             weight = values[spec.value]
-            cached = self.weight_codes.pop(spec.value, None)
-            if cached is not None and cached[1].dtype == "int8" and cached[1].axis == spec.axis:
-                q, qp = weight_storage(*cached, spec.dtype)
-            else:
-                q, qp = quantize_weight(weight.const_value.numpy(), spec.axis, spec.dtype)
+            q, qp = self.weight_codes(spec.value, weight.const_value.numpy(), spec.axis, spec.dtype)
             drop_resident(weight.const_value)  # read once; a large model's pages need not stay resident
             self.weight_qparams[spec.value] = qp
             first = nodes[spec.consumers[0][0]]
@@ -93,7 +95,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
             if act is None or wqp is None:
                 continue
             bias = values[spec.value].const_value.numpy()
-            q, qp = quantize_bias(bias, act.scale, wqp.scale)
+            q, qp = self.bias_codes(bias, act.scale, wqp.scale)
             node = nodes[spec.consumer[0]]
             dq = self._dq(graph, f"{spec.value}_{spec.consumer[0]}", q, qp, node)
             node.replace_input_with(spec.consumer[1], dq)
