@@ -339,8 +339,9 @@ def compare(reference, candidate, data, samples, target, batch, seq, dims, max_r
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized model.")
-@click.option("--target", type=click.Choice(targets.names()), default="ort-cpu", show_default=True,
-              help="Where the model will run (qcompile.targets): what is quantized, how, and what it is verified on.")
+@click.option("--target", type=click.Choice(targets.names()), default=None,
+              help="Where the model will run (qcompile.targets): what is quantized, how, and what it is verified "
+                   "on. [default: the recipe's, ort-cpu]")
 @click.option("--recipe", "recipe_name", default="int8", show_default=True,
               help="int8 | w8a8-smoothquant | w8-weight-only | w4-weight-only")
 @click.option("--recipe-file", type=click.Path(dir_okay=False), default=None, help="Load the recipe from TOML.")
@@ -383,7 +384,7 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
     from qcompile.errors import CheckFailedError
     from qcompile.memory import PhaseClock, peak_rss_mb, process_seconds
     from qcompile.passmanager import VerifyOptions
-    from qcompile.recipes import Recipe, preset, run_recipe
+    from qcompile.recipes import Recipe, preset
 
     clock = PhaseClock()  # the command's own phases; the quantizer reports its own in between
     startup = {"startup": process_seconds()}, {"startup": peak_rss_mb()}  # interpreter, imports, arguments
@@ -394,8 +395,10 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
         include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
-        quantize_attention=True if quantize_attention else None,
+        quantize_attention=True if quantize_attention else None, target=target,
+        exclude=tuple(dict.fromkeys([*base.exclude, *exclude])) if exclude else None,
     )
+    target = recipe.target
     if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
         recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)
     recipe.validate()
@@ -411,19 +414,11 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
     verify_feeds = data_feeds(data, source, limit=4) or _calibration_samples(calib, input_specs, 2, shape)
     verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
     clock.lap("read")
-    if recipe.kind == "static-int8":  # run_recipe's static branch, with the speed guard timed in the check sessions
-        from qcompile.quantize import quantize as quantize_static
+    from qcompile.pipeline import Pipeline
 
-        result = quantize_static(source, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
-                                 exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
-                                 smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
-                                 verify_options=verify_options, guard_runs=runs or "auto")
-        timing = result.latency
-        clock.skip()  # the quantizer's own phases account for that
-    else:
-        result = run_recipe(source, recipe, reader, target=target, exclude=exclude, verify_options=verify_options)
-        timing = None
-        clock.lap("quantize")  # its own breakdown: the report's weight_only_phase_seconds
+    result = Pipeline(recipe).run(source, reader, verify_options=verify_options, guard_runs=runs or "auto")
+    timing = result.latency
+    clock.skip()  # the pipeline's own phases account for that
     for note in result.notes:
         stderr.print(f"note: {note}")
     with contextlib.ExitStack() as stack:
@@ -471,10 +466,9 @@ def _phases(startup: tuple[dict, dict], result, clock) -> dict:
         if name != "read":
             seconds[name] = seconds.get(name, 0.0) + value
             peaks[name] = max(peaks.get(name, 0.0), clock.peak_rss_mb[name])
-    extra = {"weight_only_phase_seconds": result.seconds} if hasattr(result, "seconds") else {}
     return {"phase_seconds": {k: round(v, 3) for k, v in seconds.items()},
             "phase_peak_rss_mb": {k: round(v) for k, v in peaks.items()},
-            "seconds": round(sum(seconds.values()), 3), **extra}
+            "seconds": round(sum(seconds.values()), 3)}
 
 
 def _output_temp_dir(out: Path):
@@ -516,6 +510,7 @@ def _calibration_samples(calib: str | None, input_specs, count: int, shape: dict
 
 
 def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> None:
+    result = result.details  # the recipe kind's own record
     if recipe.kind == "weight-only":
         stdout.print(f"{recipe.name}: {len(result.quantized)} MatMul weights to INT{recipe.bits} "
                      f"(block {recipe.block_size}, {recipe.algorithm}, {recipe.format})")

@@ -1,9 +1,11 @@
-"""The optimize pipeline: load -> (opset conversion) -> passes under the PassManager -> model."""
+"""The pipelines: optimize (load -> opset conversion -> passes under the PassManager) and
+:class:`Pipeline` (a recipe for a target: optimize -> smooth -> annotate -> observe -> lower -> check)."""
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import onnx_ir as ir
 
@@ -11,6 +13,9 @@ from qcompile import modelio
 from qcompile.errors import UnknownNameError
 from qcompile.passes import DEFAULT_PIPELINE, FINAL_PASSES, PASSES, make_pass
 from qcompile.passmanager import PassManager, PassManagerResult, PassStats, VerifyOptions, reference_run
+
+if TYPE_CHECKING:
+    from qcompile.recipes import Recipe
 
 
 def resolve_passes(names: Sequence[str] | None) -> list[ir.passes.PassBase]:
@@ -88,3 +93,122 @@ def prepare_float_model(model: ir.Model, optimize: bool, verify_options: VerifyO
     else:
         feeds, outputs, _ = reference_run(model, verify_options)
     return model, feeds, outputs, notes
+
+
+# --------------------------------------------------------------------------------------------------
+# The quantization pipeline: one orchestrator for every recipe and target.
+
+
+@dataclass
+class Result:
+    """What a Pipeline run produced: the model, and every figure on the way (one type for every recipe).
+
+    ``details`` is the recipe kind's own record (static: plan, calibration ranges, per-node SQNR;
+    weight-only: quantized MatMuls, AWQ alphas); the phases, accuracy, notes and speed guard are
+    common to all."""
+
+    model: ir.Model
+    recipe: "Recipe"
+    target: str
+    details: Any
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    phase_peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.recipe.kind
+
+    @property
+    def plan(self):
+        return getattr(self.details, "plan", None)
+
+    @property
+    def accuracy(self):
+        return self.details.accuracy
+
+    @property
+    def notes(self) -> list[str]:
+        return self.details.notes
+
+    @property
+    def latency(self) -> dict | None:
+        return self.details.latency
+
+    @property
+    def verification_feeds(self) -> list:
+        return self.details.verification_feeds
+
+    @property
+    def timing_feed(self) -> dict | None:
+        return self.details.timing_feed
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "target": self.target, **self.details.to_json(),
+                "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+                "phase_peak_rss_mb": {k: round(v) for k, v in self.phase_peak_rss_mb.items()}}
+
+
+class Pipeline:
+    """``Pipeline(recipe, target).run(model, reader) -> Result`` — the one orchestrator.
+
+    Stages, each timed on one phase clock (``Result.phase_seconds``):
+
+        load → reference (the original runs on the verification feeds; the speed guard times it)
+        → optimize (canonicalize + the target's fusions, checked) → opset (raised where the format needs it)
+        → smooth (SmoothQuant / AWQ scales folded, verified FP32-equivalent)
+        → annotate (the target's annotators write specs on values) → observe (one calibration loop)
+        → lower (Q/DQ, MatMulNBits, blocked DQ) → check (checker in the target's terms, run, compared)
+        → speed_guard (original and result timed in turn in their check sessions)
+
+    Static recipes (int8, w8a8-smoothquant) run the static stages of qcompile.quantize; weight-only
+    recipes those of qcompile.weight_only; both read the target from the registry.
+    """
+
+    def __init__(self, recipe: "Recipe", target: str | None = None) -> None:
+        from qcompile import targets
+
+        recipe = recipe.validate()
+        self.recipe = recipe
+        self.target = targets.get(target or recipe.target)
+
+    def run(self, model: ir.Model | str | os.PathLike, reader=None, *, verify_options: VerifyOptions | None = None,
+            guard_runs: int | str | None = None, keep_float=None, weight_dtype=None) -> Result:
+        """Quantize ``model`` (in place when an ir.Model) with calibration data from ``reader``.
+
+        ``guard_runs`` (a number or "auto"): time the original and the result in turn (``latency``);
+        ``keep_float`` / ``weight_dtype``: override what the target measures (static recipes)."""
+        from qcompile.errors import InputSpecError
+        from qcompile.memory import PhaseClock
+
+        recipe, target = self.recipe, self.target.name
+        if recipe.needs_calibration and reader is None:
+            raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
+        clock = PhaseClock()
+        if recipe.kind == "static-int8":
+            from qcompile.quantize import quantize
+
+            details = quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
+                               exclude=recipe.exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
+                               smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
+                               verify_options=verify_options, guard_runs=guard_runs, keep_float=keep_float,
+                               weight_dtype=weight_dtype, clock=clock)
+        else:
+            from qcompile.quantize import time_in_turn
+            from qcompile.passes.quant.nbits import WeightOnlyConfig
+            from qcompile.passmanager import snapshot
+            from qcompile.weight_only import quantize_weights
+
+            source = model if isinstance(model, ir.Model) else modelio.load(model)
+            original = snapshot(source) if guard_runs else None  # shares the weights: cheap
+            clock.lap("load")
+            config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
+                                      format=recipe.format, include_lm_head=recipe.include_lm_head,
+                                      include_embeddings=recipe.include_embeddings,
+                                      accuracy_level=recipe.accuracy_level)
+            details = quantize_weights(source, config, algorithm=recipe.algorithm, reader=reader,
+                                       samples=recipe.samples, verify_options=verify_options, target=target,
+                                       clock=clock)
+            if original is not None:
+                details.latency = time_in_turn(original, details.model, details.verification_feeds, target,
+                                               guard_runs, clock)
+        return Result(details.model, recipe, target, details, clock.seconds, clock.peak_rss_mb)

@@ -30,8 +30,8 @@ from qcompile.cache import cache_root
 from qcompile.quant.observers import Method
 from qcompile.passes import make_pass
 from qcompile.passes.quant.qdq import QDQLoweringPass
-from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, weight_codes
-from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, plan_quantization
+from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, union_ranges, weight_codes
+from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_spec, annotate
 from qcompile.errors import InputModelError
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
@@ -122,29 +122,15 @@ class QuantizeResult:
         }
 
 
-def shared_qparams(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], policy: QuantPolicy) -> dict[str, QParams]:
-    """Activation parameters; tensors that must share a scale get the union of their ranges."""
-    parent = {name: name for name in ranges}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for group in plan.shared:
-        members = [m for m in group if m in parent]
-        for other in members[1:]:
-            parent[find(other)] = find(members[0])
-    union: dict[str, tuple[float, float]] = {}
-    for name, (lo, hi) in ranges.items():
-        root = find(name)
-        u = union.get(root, (lo, hi))
-        union[root] = (min(u[0], lo), max(u[1], hi))
-    return {
-        name: activation_qparams(*union[find(name)], dtype=policy.activation_dtype, symmetric=policy.activation_symmetric)
-        for name in ranges
-    }
+def shared_qparams(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> dict[str, QParams]:
+    """Activation parameters from each value's own spec (dtype, symmetry: annotate.py); values that
+    share a scale get the union of their ranges."""
+    union = union_ranges(plan.shared, ranges)
+    params = {}
+    for name in ranges:
+        spec = activation_spec(model, name)
+        params[name] = activation_qparams(*union[name], dtype=spec.dtype, symmetric=spec.symmetric)
+    return params
 
 
 def quantize(
@@ -164,6 +150,7 @@ def quantize(
     weight_dtype: WeightDType | None = None,
     quantize_attention: bool = False,
     guard_runs: int | Literal["auto"] | None = None,
+    clock: PhaseClock | None = None,
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
@@ -188,7 +175,7 @@ def quantize(
     check's own runs included (``latency``): one float copy of the weights is resident at a time,
     so the two are timed in turn, not interleaved.
     """
-    clock = PhaseClock()
+    clock = clock or PhaseClock()
     target_spec = targets.get(target)  # an unknown target fails before anything is loaded
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     require_domains(model, target_spec)
@@ -290,7 +277,7 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
         reader = IterableReader(feeds)
         clock.lap("smoothquant")
     model = make_pass("shape-inference")(model).model
-    plan = plan_quantization(model, policy, frozenset(exclude))
+    plan = annotate(model, policy, frozenset(exclude))
     clock.lap("plan")
     smoothing_json = smoothing.to_json() if smoothing else None
     if not plan.quantized_nodes:
@@ -328,20 +315,20 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
                                         fix="run `qcompile optimize` on the model to find the pass") from None
             raise _OptimizedModelChanged(str(exc), kept) from None
     clock.lap("calibrate")
-    qparams = shared_qparams(plan, calibration.ranges, policy)
+    qparams = shared_qparams(model, plan, calibration.ranges)
     sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
     if sampler is not None:
         clock.lap("sensitivity")
     fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
     if fragile:
-        plan = plan_quantization(model, policy, frozenset(exclude) | frozenset(fragile))
-        for name, db in fragile.items():
-            plan.kept_float[name] = f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
+        reasons = {name: f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
+                   for name, db in fragile.items()}
+        plan = annotate(model, policy, frozenset(exclude), float_reasons=reasons)
         ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
-        qparams = shared_qparams(plan, ranges, policy)
+        qparams = shared_qparams(model, plan, ranges)
     codes = sampler.codes if sampler is not None else None
     sampler = None
-    lowering = [QDQLoweringPass(plan, qparams, weight_codes(codes), quantize_bias), make_pass("dead-code"),
+    lowering = [QDQLoweringPass(qparams, weight_codes(codes), quantize_bias), make_pass("dead-code"),
                 make_pass("topo-sort"), make_pass("clear-shapes")]
     model = PassManager(lowering)(model).model
     memory.trim()
@@ -419,6 +406,23 @@ def _time(label: str, runtime: Runtime, feeds: list[dict], seconds: list[float],
     items = first.shape[0] if first is not None and np.ndim(first) else 1
     return time_runs(label, lambda i: runtime.run(feeds[timed[i % len(timed)]]), runs, warmup=1,
                      items_per_run=items, done=[seconds[i] for i in timed if i > 0])
+
+
+def time_in_turn(original: ir.Model, quantized: ir.Model, feeds: list[dict], target: str,
+                 runs: int | str | None, clock: PhaseClock) -> dict | None:
+    """The speed guard for a result whose original was not timed in a check session (weight-only):
+    each model timed in its own session, in turn (one float copy of the weights resident at a time)."""
+    if not runs or not feeds:
+        return None
+    timings = []
+    for label, model in (("fp32", original), ("quantized", quantized)):
+        prepack = label == "quantized" or modelio.in_memory_weight_bytes(model) <= modelio.AUTO_EXTERNAL_BYTES
+        with _session(model, target, prepack=prepack) as runtime:
+            _, seconds = _run(runtime, feeds, "the speed guard")
+            timings.append(_time(label, runtime, feeds, seconds, runs))
+        memory.trim()
+    clock.lap("speed_guard")
+    return guard_report(timings[0], timings[1], feeds[0], target)
 
 
 def _stage(name: str) -> str:

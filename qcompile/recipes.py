@@ -52,6 +52,8 @@ class Recipe:
     accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
     # both
     samples: int = 64
+    target: str = "ort-cpu"  # qcompile.targets
+    exclude: tuple[str, ...] = ()  # node names, op types or name patterns kept float
 
     def with_(self, **changes: Any) -> "Recipe":
         """A copy with the non-None ``changes`` applied."""
@@ -76,6 +78,10 @@ class Recipe:
         sq = self.smoothquant
         if sq is not None and sq != "auto" and not (isinstance(sq, (int, float)) and 0 <= sq <= 1):
             problems.append(f"smoothquant {sq!r} (alpha in [0, 1] or 'auto')")
+        from qcompile import targets
+
+        if self.target not in targets.names():
+            problems.append(f"target {self.target!r} ({' | '.join(targets.names())})")
         if problems:
             raise InputSpecError(f"invalid recipe {self.name!r}: " + "; ".join(problems), fix="fix the recipe file or flags")
         return self
@@ -92,10 +98,12 @@ class Recipe:
                 continue  # TOML has no null: absent means None
             if isinstance(value, bool):
                 text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = "[" + ", ".join(_toml_string(v) for v in value) + "]"
             elif isinstance(value, (int, float)):
                 text = repr(value)
             else:
-                text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+                text = _toml_string(value)
             lines.append(f"{f.name} = {text}")
         return "\n".join(lines) + "\n"
 
@@ -110,6 +118,11 @@ class Recipe:
         if unknown:
             raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where, fix=f"keys: {', '.join(sorted(known))}")
         defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant", "accuracy_level")}
+        if "exclude" in data:
+            if not isinstance(data["exclude"], list) or not all(isinstance(x, str) for x in data["exclude"]):
+                raise InputSpecError("recipe key 'exclude' must be a list of strings", where=where,
+                                     fix='write exclude = ["NodeName", "Softmax"]')
+            data["exclude"] = tuple(data["exclude"])
         return cls(**{**defaults, **data}).validate()
 
     def save(self, path: str | Path) -> None:
@@ -145,26 +158,18 @@ def preset(name: str) -> Recipe:
         raise UnknownNameError(f"unknown recipe {name!r}", fix=f"choose from: {', '.join(PRESETS)}") from None
 
 
-def run_recipe(model, recipe: Recipe, reader=None, *, target: str = "ort-cpu", exclude=(), verify_options=None):
-    """Run ``recipe`` on ``model`` (path or ir.Model); returns the quantize or weight-only result.
+def _toml_string(value: object) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    ``verify_options`` (a VerifyOptions): the feeds the float model is verified on and the quantized
-    model compared with it on."""
-    recipe.validate()
-    if recipe.needs_calibration and reader is None:
-        raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
-    if recipe.kind == "static-int8":
-        from qcompile.quantize import quantize
 
-        return quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
-                        exclude=exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
-                        smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
-                        verify_options=verify_options)
-    from qcompile.passes.quant.nbits import WeightOnlyConfig
-    from qcompile.weight_only import quantize_weights
+def run_recipe(model, recipe: Recipe, reader=None, *, target: str | None = None, exclude=(), verify_options=None,
+               guard_runs=None):
+    """Run ``recipe`` on ``model`` (path or ir.Model) through :class:`qcompile.pipeline.Pipeline`.
 
-    config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
-                              format=recipe.format, include_lm_head=recipe.include_lm_head,
-                              include_embeddings=recipe.include_embeddings, accuracy_level=recipe.accuracy_level)
-    return quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader, samples=recipe.samples,
-                            verify_options=verify_options, target=target)
+    ``target`` and ``exclude`` override (extend) the recipe's; ``verify_options`` (a VerifyOptions):
+    the feeds the float model is verified on and the quantized model compared with it on."""
+    from qcompile.pipeline import Pipeline
+
+    if exclude:
+        recipe = dataclasses.replace(recipe, exclude=tuple(dict.fromkeys([*recipe.exclude, *exclude])))
+    return Pipeline(recipe, target).run(model, reader, verify_options=verify_options, guard_runs=guard_runs)

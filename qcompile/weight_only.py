@@ -31,6 +31,7 @@ from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import PassManager, checked_outputs
 from qcompile.pipeline import prepare_float_model
+from qcompile.memory import PhaseClock
 from qcompile.progress import bar
 
 Algorithm = Literal["rtn", "gptq", "awq"]
@@ -42,13 +43,15 @@ class WeightOnlyResult:
     config: WeightOnlyConfig
     algorithm: str
     quantized: list[str] = field(default_factory=list)  # MatMul nodes
-    seconds: dict[str, float] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     embeddings: list[str] = field(default_factory=list)  # Gather nodes
     awq: dict | None = None  # AWQ's groups and chosen alphas
     opset: OpsetChange | None = None
     accuracy: Comparison | None = None  # the quantized model vs the float one, on the verification feeds
     notes: list[str] = field(default_factory=list)
     verification_feeds: list = field(default_factory=list, repr=False)
+    phase_peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    latency: dict | None = None  # the speed guard: qcompile.bench.guard_report
 
     @property
     def timing_feed(self) -> dict | None:
@@ -60,7 +63,7 @@ class WeightOnlyResult:
                 "include_lm_head": c.include_lm_head, "include_embeddings": c.include_embeddings,
                 "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
                 "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "awq": self.awq,
-                "phase_seconds": self.seconds, "opset": self.opset.to_json() if self.opset else None,
+                "opset": self.opset.to_json() if self.opset else None,
                 "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None, "notes": list(self.notes)}
 
 
@@ -82,24 +85,25 @@ def quantize_weights(
     optimize: bool = True,
     verify_options=None,
     target: str = "ort-cpu",
+    clock: PhaseClock | None = None,
 ) -> WeightOnlyResult:
     """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
 
     ``config.accuracy_level`` None (MatMulNBits): the level that decodes faster on this CPU, measured
     once by :func:`qcompile.targets.ort_cpu.kernel_probe.probe_nbits`.
     """
+    clock = clock or PhaseClock()
     target_spec = targets.get(target)
     model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
     require_domains(model, target_spec)
-    seconds = {}
-    started = time.perf_counter()
+    clock.lap("load")
     model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options,
                                                                     pipeline=target_spec.passes)
     if config.format == "matmulnbits" and not target_spec.accepts("matmulnbits"):
         config = dataclasses.replace(config, format="dq", accuracy_level=None)
         notes.append(f"target {target_spec.name} takes no MatMulNBits: weights lowered as blocked DequantizeLinear")
     fit_reader(reader, verify_feeds)
-    seconds["optimize"] = time.perf_counter() - started
+    clock.lap("optimize")
     if config.format == "matmulnbits" and config.accuracy_level is None:
         from qcompile.targets.ort_cpu import fastest_accuracy_level
 
@@ -113,6 +117,7 @@ def quantize_weights(
                                   f"{opset.reason}", fix="use --format matmulnbits, or re-export at opset 21")
         if opset.action == "upgraded":
             notes.append(f"opset {opset.before} -> {opset.after} (verified): {opset.reason}")
+    clock.lap("opset")
     precomputed: dict[str, BlockCodes] = {}
     awq_report = None
     if algorithm == "gptq":
@@ -120,38 +125,36 @@ def quantize_weights(
             raise InputSpecError("GPTQ needs calibration data", fix="pass --calib SPEC (a reader from Python)")
         model = make_pass("shape-inference")(model).model
         nodes = candidates(model, config)
-        t = time.perf_counter()
+        clock.lap("annotate")
         hessians = collect_hessians(model, nodes, reader, samples)
-        seconds["hessians"] = time.perf_counter() - t
-        t = time.perf_counter()
+        clock.lap("observe")
         with bar("GPTQ", total=len(nodes)) as advance:
             for node in nodes:
                 w = node.inputs[1]
                 precomputed[w.name] = gptq(w.const_value.numpy(), hessians[node.inputs[0].name],
                                            config.bits, config.block_size, config.symmetric)
                 advance()
-        seconds["gptq"] = time.perf_counter() - t
+        clock.lap("gptq")
     elif algorithm == "awq":
         if reader is None:
             raise InputSpecError("AWQ needs calibration data", fix="pass --calib SPEC (a reader from Python)")
         from qcompile.awq import awq
 
-        t = time.perf_counter()
         feeds = list(iter_feeds(reader, specs.input_specs(model), samples))
         scaled = awq(model, feeds, config)
         model, precomputed, awq_report = scaled.model, scaled.codes, scaled.to_json()
-        seconds["awq"] = time.perf_counter() - t
+        clock.lap("awq")
     elif algorithm != "rtn":
         raise UnknownNameError(f"unknown weight-only algorithm {algorithm!r}", fix="use rtn, gptq or awq")
     lowering = WeightOnlyPass(config, block_codes(config.bits, config.block_size, config.symmetric, precomputed))
-    t = time.perf_counter()
     model = PassManager([lowering, make_pass("dead-code"), make_pass("clear-shapes")])(model).model
     if not lowering.quantized and not lowering.embeddings:
         notes.append("nothing to quantize: no MatMul with a constant weight fits the weight-only recipe; the "
                      "optimized float model is the result")
+    clock.lap("lower")
     check_output(model, "weight-only lowering", target)  # in the target's strictest terms
     accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "weight-only lowering",
                                                                   target_spec.runtime)))
-    seconds["lower"] = time.perf_counter() - t
-    return WeightOnlyResult(model, config, algorithm, lowering.quantized, seconds, lowering.embeddings, awq_report,
-                            opset, accuracy, notes, verify_feeds)
+    clock.lap("check")
+    return WeightOnlyResult(model, config, algorithm, lowering.quantized, clock.seconds, lowering.embeddings, awq_report,
+                            opset, accuracy, notes, verify_feeds, clock.peak_rss_mb)

@@ -123,3 +123,26 @@ def weight_codes(cached: dict[str, tuple[np.ndarray, QParams]] | None = None):
         return quantize_weight(w, axis, dtype)
 
     return codes
+
+
+def union_ranges(groups: list[list[str]], ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Per tensor, the union [min lo, max hi] over the scale group it belongs to (groups may overlap:
+    they are merged transitively); a tensor in no group keeps its own range."""
+    parent = {name: name for name in ranges}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for group in groups:
+        members = [m for m in group if m in parent]
+        for other in members[1:]:
+            parent[find(other)] = find(members[0])
+    union: dict[str, tuple[float, float]] = {}
+    for name, (lo, hi) in ranges.items():
+        root = find(name)
+        u = union.get(root, (lo, hi))
+        union[root] = (min(u[0], lo), max(u[1], hi))
+    return {name: union[find(name)] for name in ranges}

@@ -11,7 +11,7 @@ import qcompile
 from qcompile.calibration import IterableReader, iter_feeds, resolve_reader
 from qcompile.errors import InputSpecError
 from qcompile.quant.qparams import fake_quantize, quantize_weight
-from qcompile.passes.quant.annotate import QuantPolicy, plan_quantization
+from qcompile.passes.quant.annotate import QuantPolicy, annotate, plan_quantization
 from qcompile.quantize import quantize
 from qcompile.specs import input_specs
 
@@ -289,7 +289,7 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
     model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g ({inp}) => ({out}) <{inits}> {{ {body} }}')
     policy, _ = target_policy("ort-cpu", keep_float=(), weight_dtype="int8")
-    plan = plan_quantization(model, policy, frozenset())
+    plan = annotate(model, policy, frozenset())
     node = next(iter(model.graph))
     w = weight_kn(node)
     sampler = SensitivitySampler(model, [node], {"w": plan.weights["w"].axis}, feeds=2)
@@ -300,7 +300,7 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
         for statistic in sampler.statistics()[x_name]:
             statistic.update(x)
     ranges = {x_name: (float(min(x.min() for x in xs)), float(max(x.max() for x in xs)))}
-    qparams = shared_qparams(plan, ranges, policy)
+    qparams = shared_qparams(model, plan, ranges)
     got = sampler.sqnr(qparams)[node.name]
     rows = np.stack([xs[0][0], xs[1][0]])  # first row of each of the first two feeds (1 evenly spaced row of 4)
     axis = plan.weights["w"].axis if node.op_type == "MatMul" else 1

@@ -1,11 +1,20 @@
-"""Target quantization policies (WHERE to quantize) and the plan they produce for a model.
+"""Annotate: WHERE to quantize, written on the values themselves (``value.meta``, qcompile.quant.spec).
 
-A policy is data: which ops run in INT8, which of their outputs get Q/DQ so the runtime can fuse
-``DQ -> op -> Q`` into one integer kernel, which ops pass a quantized tensor through unchanged
-(sharing its scale), which tensors must share a scale (Concat), and which op classes stay float
-(measured slower in INT8 on the running CPU, or numerically fragile: Softmax, normalisations,
-masks). ``plan_quantization`` applies a policy to a graph and says, node by node, what happens and
-why; the lowering passes (weights.py, qdq.py) then execute the plan without further decisions.
+A target's policy is data built from its per-pattern annotators (:data:`ANNOTATORS`): which ops
+run quantized, which of their outputs get Q/DQ so the runtime can fuse ``DQ -> op -> Q`` into one
+integer kernel, which ops pass a quantized tensor through unchanged (sharing its scale), which
+tensors must share a scale (Concat), and which op classes stay float (measured slower in INT8 on
+the running CPU, or numerically fragile: Softmax, normalisations, masks).
+
+:func:`annotate` applies a policy to a graph and writes, per value, a frozen spec:
+
+    activation   QuantSpec(dtype, symmetric)              or SharedSpec(root) inside a scale group
+    weight       QuantSpec(weight dtype, symmetric, axis)  (per channel along axis, or per tensor)
+    bias         DerivedSpec(x, w, consumer)               s_b = s_x * s_w, int32
+
+and, per node, whether it runs quantized or why it stays float. Each value carries its own dtype,
+so one model can mix INT8, FP8, INT4 weights and float. :func:`read_plan` is the ordered view the
+observe and lower stages read (annotation order fixes where new initializers go: deterministic).
 """
 
 from __future__ import annotations
@@ -16,6 +25,17 @@ from typing import Literal
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+
+from qcompile.quant.spec import (
+    BIAS_KEY,
+    FLOAT_REASON_KEY,
+    ORDER_KEY,
+    QUANTIZED_KEY,
+    SPEC_KEY,
+    DerivedSpec,
+    QuantSpec,
+    SharedSpec,
+)
 
 ActivationDType = Literal["uint8", "int8"]
 WeightDType = Literal["int8", "uint8"]
@@ -179,8 +199,126 @@ def _excluded(node: ir.Node, exclude: frozenset[str]) -> bool:
     return node.op_type in exclude or any(fnmatch.fnmatchcase(node.name, pattern) for pattern in exclude)
 
 
+def annotate(model: ir.Model, policy: QuantPolicy, exclude: frozenset[str] = frozenset(),
+             float_reasons: dict[str, str] | None = None) -> QuantPlan:
+    """Write the policy's specs on ``model``'s values and nodes (replacing earlier annotations) and
+    return :func:`read_plan`'s view. ``float_reasons``: nodes kept float by a measurement, with why
+    (they are excluded and carry that reason)."""
+    float_reasons = float_reasons or {}
+    plan = plan_quantization(model, policy, exclude | frozenset(float_reasons))
+    plan.kept_float.update({name: reason for name, reason in float_reasons.items() if name in plan.kept_float})
+    _write(model, plan, policy)
+    return read_plan(model)
+
+
+def _clear(graph: ir.Graph) -> None:
+    for node in graph:
+        for key in (QUANTIZED_KEY, FLOAT_REASON_KEY):
+            node.meta.pop(key, None)
+        for value in (*node.inputs, *node.outputs):
+            if value is not None:
+                for key in (SPEC_KEY, ORDER_KEY, BIAS_KEY):
+                    value.meta.pop(key, None)
+    for value in (*graph.inputs, *graph.initializers.values()):
+        for key in (SPEC_KEY, ORDER_KEY, BIAS_KEY):
+            value.meta.pop(key, None)
+
+
+def _write(model: ir.Model, plan: QuantPlan, policy: QuantPolicy) -> None:
+    """The plan as annotations: specs on values, decisions on nodes."""
+    graph = model.graph
+    _clear(graph)
+    values = {v.name: v for node in graph for v in node.outputs}
+    values.update({v.name: v for v in graph.inputs})
+    values.update(graph.initializers)
+    roots = _scale_roots(plan)
+    order = 0
+    for name in plan.activations:
+        root = roots.get(name, name)
+        values[name].meta[SPEC_KEY] = (SharedSpec(root) if root != name else
+                                       QuantSpec(policy.activation_dtype, policy.activation_symmetric))
+        values[name].meta[ORDER_KEY] = order = order + 1
+    for spec in plan.weights.values():
+        values[spec.value].meta[SPEC_KEY] = QuantSpec(spec.dtype, True, spec.axis, role="weight")
+        values[spec.value].meta[ORDER_KEY] = order = order + 1
+    for bias in plan.biases.values():
+        value = values[bias.value]
+        derived = DerivedSpec(bias.activation, bias.weight, bias.consumer[0], bias.consumer[1])
+        value.meta[BIAS_KEY] = (*value.meta.get(BIAS_KEY, ()), (order := order + 1, derived))
+    quantized = set(plan.quantized_nodes)
+    for node in graph:
+        if node.name in quantized:
+            node.meta[QUANTIZED_KEY] = True
+        elif node.name in plan.kept_float:
+            node.meta[FLOAT_REASON_KEY] = plan.kept_float[node.name]
+
+
+def _scale_roots(plan: QuantPlan) -> dict[str, str]:
+    """Union-find over the plan's scale groups: member -> the group's first-annotated member."""
+    parent = {name: name for name in plan.activations}
+    rank = {name: i for i, name in enumerate(plan.activations)}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for group in plan.shared:
+        members = [m for m in group if m in parent]
+        for other in members[1:]:
+            a, b = find(members[0]), find(other)
+            if a != b:
+                first, second = (a, b) if rank[a] < rank[b] else (b, a)
+                parent[second] = first
+    return {name: find(name) for name in parent}
+
+
+def read_plan(model: ir.Model) -> QuantPlan:
+    """The annotations on ``model`` as an ordered plan (what observe and lower iterate over)."""
+    graph = model.graph
+    values = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for node in graph for v in node.outputs})
+    values.update(graph.initializers)
+    annotated = sorted(((v.meta[ORDER_KEY], v) for v in values.values() if SPEC_KEY in v.meta), key=lambda t: t[0])
+    position = {id(node): i for i, node in enumerate(graph)}
+    plan = QuantPlan()
+    groups: dict[str, list[str]] = {}
+    for _, value in annotated:
+        spec = value.meta[SPEC_KEY]
+        if isinstance(spec, QuantSpec) and spec.role == "weight":
+            consumers = [(node.name, index) for node, index in sorted(value.uses(), key=lambda u: position.get(id(u[0]), -1))
+                         if index == 1 and node.meta.get(QUANTIZED_KEY) and id(node) in position]
+            plan.weights[value.name] = WeightSpec(value.name, spec.axis, consumers, spec.dtype)
+        else:
+            plan.activations.append(value.name)
+            root = spec.value if isinstance(spec, SharedSpec) else value.name
+            groups.setdefault(root, []).append(value.name)
+    plan.shared = [members for members in groups.values() if len(members) > 1]
+    biases = sorted(((order, value, derived) for value in values.values()
+                     for order, derived in value.meta.get(BIAS_KEY, ())), key=lambda t: t[0])
+    for _, value, derived in biases:
+        plan.biases[value.name + "@" + derived.consumer] = BiasSpec(value.name, derived.activation, derived.weight,
+                                                                    (derived.consumer, derived.index))
+    for node in graph:
+        if node.meta.get(QUANTIZED_KEY):
+            plan.quantized_nodes.append(node.name)
+        elif FLOAT_REASON_KEY in node.meta:
+            plan.kept_float[node.name] = node.meta[FLOAT_REASON_KEY]
+    return plan
+
+
+def activation_spec(model: ir.Model, name: str) -> QuantSpec:
+    """The QuantSpec that decides ``name``'s parameters (its scale group's root's, when shared)."""
+    values = {v.name: v for v in model.graph.inputs}
+    values.update({v.name: v for node in model.graph for v in node.outputs})
+    spec = values[name].meta[SPEC_KEY]
+    return values[spec.value].meta[SPEC_KEY] if isinstance(spec, SharedSpec) else spec
+
+
 def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[str] = frozenset()) -> QuantPlan:
-    """Decide, for every node of the main graph, what the policy quantizes.
+    """Decide, for every node of the main graph, what the policy quantizes (the decisions
+    :func:`annotate` writes; nothing is written here).
 
     Unnamed or duplicate node names are fixed first: the plan refers to nodes by name.
     """

@@ -1,4 +1,4 @@
-"""Lowering a quantization plan to standard QDQ ONNX (opset 13+).
+"""Lowering the annotations (passes/quant/annotate.py) to standard QDQ ONNX (opset 13+).
 
 Weights (weights.py is folded in here, one plan, one lowering):
     W            -> DequantizeLinear(W_q: int8, s_w[C], 0, axis)           per channel (or tensor)
@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from qcompile.passes.graph.rewrite import allow_initializers
 from qcompile.passes.irutil import add_initializer, drop_resident
-from qcompile.passes.quant.annotate import QuantPlan
+from qcompile.passes.quant.annotate import QuantPlan, read_plan
 from qcompile.quant.spec import QParams
 
 #: (weight name, W, axis, storage dtype) -> (codes as stored, parameters)
@@ -35,18 +35,20 @@ class QDQLoweringPass(ir.passes.InPlacePass):
 
     name = "qdq-lowering"
 
-    def __init__(self, plan: QuantPlan, activation_qparams: Mapping[str, QParams], weight_codes: WeightCodesFn,
+    def __init__(self, activation_qparams: Mapping[str, QParams], weight_codes: WeightCodesFn,
                  bias_codes: BiasCodesFn) -> None:
-        """``weight_codes`` and ``bias_codes`` compute the stored codes (qcompile.quant), one weight at
-        a time, so no second copy of the weights is held."""
+        """Lowers the annotations on the model (passes/quant/annotate.py); ``activation_qparams``: the
+        parameters observed per annotated activation; ``weight_codes`` and ``bias_codes`` compute the
+        stored codes (qcompile.quant), one weight at a time, so no second copy of the weights is held."""
         super().__init__()
-        self.plan = plan
+        self.plan = QuantPlan()
         self.activation_qparams = activation_qparams
         self.weight_codes = weight_codes
         self.bias_codes = bias_codes
         self.weight_qparams: dict[str, QParams] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.plan = read_plan(model)
         graph = model.graph
         nodes = {node.name: node for node in graph}
         values = {v.name: v for node in graph for v in node.outputs}
