@@ -14,23 +14,16 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from qcompile.cache import cache_root
+from qcompile.calibration import Feed, IterableReader
 from qcompile.errors import DependencyError, UnknownNameError
 
-Feed = dict[str, np.ndarray]
 
 
-class FeedReader:
-    """A calibration data reader with ORT's ``get_next()`` protocol over an iterator of feeds."""
+class FeedReader(IterableReader):
+    """The zoo's calibration data: qcompile's own, so a failure while reading it is qcompile's (exit 3)."""
 
     def __init__(self, feeds: Iterator[Feed] | list[Feed]) -> None:
-        self._it = iter(feeds)
-
-    def get_next(self) -> Feed | None:
-        return next(self._it, None)
-
-    def __iter__(self) -> Iterator[Feed]:
-        while (feed := self.get_next()) is not None:
-            yield feed
+        super().__init__(feeds, "the zoo's data", user_code=False)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,10 @@ class IterableReader:
     def get_next(self) -> Feed | None:
         return next(self._it, None)
 
+    def __iter__(self) -> Iterator[Feed]:
+        while (feed := self.get_next()) is not None:
+            yield feed
+
 
 def describe(reader: CalibrationReader) -> str:
     """The reader as messages name it: its CLI spec, or its class."""

@@ -367,9 +367,12 @@ class InstrumentedPass(ir.passes.PassBase):
         if self.name in run.disabled:
             return ir.passes.PassResult(model if self.in_place else snapshot(model), False)
         before = snapshot(model) if run.per_pass_rollback else None
+        structure = _structure(model) if getattr(self.inner, "annotates_only", False) else None
         try:
             new_model, stat = self.measured(model)
             self.dump(new_model, stat)
+            if structure is not None:
+                self.verify_structure(structure, new_model, stat)
             self.verify(new_model, stat)
         except InternalError as exc:
             if before is None:
@@ -422,6 +425,14 @@ class InstrumentedPass(ir.passes.PassBase):
         except Exception as exc:
             log.warning("could not dump the model after pass %r to %s: %s", stat.name, path, exc)
 
+    def verify_structure(self, before: tuple, model: ir.Model, stat: PassStats) -> None:
+        """An annotation-only pass (shape inference, clearing shapes) verified exactly, without a run:
+        every node, attribute, connection and initializer is as before, so the function is too."""
+        if _structure(model) != before:
+            raise VerificationError(f"pass {stat.name!r} changed the graph's structure, not only its annotations",
+                                    stage=stat.name)
+        stat.verified, stat.bound, stat.rel_l2, stat.max_abs = True, 0.0, 0.0, 0.0  # exact by construction
+
     def verify(self, model: ir.Model, stat: PassStats) -> None:
         """The ONNX checker, then the outputs against the last verified ones, within the pass's bound."""
         run = self.run
@@ -441,6 +452,22 @@ class InstrumentedPass(ir.passes.PassBase):
         _check_within(comparison, bound, stat.name)
         stat.verified = True
         run.outputs = outputs
+
+
+_BY_IDENTITY = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS, ir.AttributeType.TENSOR,
+                          ir.AttributeType.TENSORS})
+
+
+def _structure(model: ir.Model) -> tuple:
+    """What a model computes, as a comparable value: every node (op, domain, attributes, input and
+    output names), every initializer (name and tensor identity) and the graph's inputs and outputs."""
+    graph = model.graph
+    nodes = tuple(
+        (n.op_type, n.domain, tuple(v.name if v is not None else "" for v in n.inputs), tuple(v.name for v in n.outputs),
+         tuple(sorted((k, id(a.value) if a.type in _BY_IDENTITY else repr(a.value)) for k, a in n.attributes.items())))
+        for n in ir.traversal.RecursiveGraphIterator(graph))
+    initializers = tuple(sorted((name, id(v.const_value)) for name, v in graph.initializers.items()))  # order is not semantics
+    return nodes, initializers, tuple(v.name for v in graph.inputs), tuple(v.name for v in graph.outputs)
 
 
 def _restore(model: ir.Model, saved: ir.Model) -> ir.Model:

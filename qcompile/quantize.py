@@ -38,6 +38,7 @@ from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure
 from qcompile.passmanager import choose_feeds, PassManager, VerifyOptions, snapshot
 from qcompile.pipeline import optimize_with_stats, prepare_float_model
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
+from qcompile.recipes import DEFAULT_MIN_SQNR_DB
 from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
 
@@ -276,7 +277,7 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
         model = smoothing.model
         reader = IterableReader(feeds)
         clock.lap("smoothquant")
-    model = make_pass("shape-inference")(model).model
+    model = PassManager([make_pass("shape-inference")])(model).model  # verified exactly (structure unchanged)
     plan = annotate(model, policy, frozenset(exclude))
     clock.lap("plan")
     smoothing_json = smoothing.to_json() if smoothing else None
@@ -334,6 +335,7 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
     memory.trim()
     clock.lap("lower")
     accuracy, latency = _check_result(model, float_model, "qdq-lowering", target, guard_runs, clock)
+    notes += check_lowering(accuracy, "qdq-lowering")
     return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
                           smoothing_json, opset, accuracy, notes, verify_feeds, latency)
 
@@ -406,6 +408,27 @@ def _time(label: str, runtime: Runtime, feeds: list[dict], seconds: list[float],
     items = first.shape[0] if first is not None and np.ndim(first) else 1
     return time_runs(label, lambda i: runtime.run(feeds[timed[i % len(timed)]]), runs, warmup=1,
                      items_per_run=items, done=[seconds[i] for i in timed if i > 0])
+
+
+#: The lowering's stated bound. A quantized output whose shape differs from the float one is a lowering
+#: bug (exit 3). Accuracy is the recipe's business, not a bug: below this SQNR, or with non-finite
+#: values where the float model has none, the result is written with a note naming the output.
+LOWERING_NOTE_SQNR_DB = 10.0
+
+
+def check_lowering(comparison: Comparison, stage: str) -> list[str]:
+    """Raise for a lowering that changed an output's shape; notes for outputs far from the float ones."""
+    notes = []
+    for out in comparison.outputs.values():
+        if out.shape_mismatch:
+            raise VerificationError(f"{_stage(stage)} changed output {out.name!r}: {out.shape_mismatch}", stage=stage)
+        if out.nonfinite_mismatch:
+            notes.append(f"output {out.name!r}: {out.nonfinite_mismatch} non-finite values where the float model "
+                         "has finite ones (exclude the node that computes it: --exclude)")
+        elif out.sqnr_db < LOWERING_NOTE_SQNR_DB:
+            notes.append(f"output {out.name!r} is {out.sqnr_db:.1f} dB SQNR from the float model's "
+                         f"(< {LOWERING_NOTE_SQNR_DB:g} dB): check the accuracy, or keep sensitive nodes float (--exclude)")
+    return notes
 
 
 def time_in_turn(original: ir.Model, quantized: ir.Model, feeds: list[dict], target: str,

@@ -17,9 +17,11 @@ import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from qcompile.errors import InputSpecError, UnknownNameError
+from qcompile.passes.quant.nbits import Format
+from qcompile.quant.observers import Method
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,6 +29,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Kind = Literal["static-int8", "weight-only"]
+Algorithm = Literal["rtn", "gptq", "awq"]
+Bits = Literal[4, 8]
+BlockSize = Literal[16, 32, 64, 128, 256]
+
+#: The option lists, one source each (the CLI's choices and the recipe's validation read these).
+KINDS: tuple[str, ...] = get_args(Kind)
+METHODS: tuple[str, ...] = get_args(Method)
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+FORMATS: tuple[str, ...] = get_args(Format)
+BITS: tuple[int, ...] = get_args(Bits)
+BLOCK_SIZES: tuple[int, ...] = get_args(BlockSize)
+#: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative L2 error).
+DEFAULT_MIN_SQNR_DB = 28.0
 
 
 @dataclass(frozen=True)
@@ -36,17 +51,17 @@ class Recipe:
     name: str = "int8"
     kind: Kind = "static-int8"
     # static INT8
-    method: str = "mse"
+    method: Method = "mse"
     per_channel: bool = True
     smoothquant: float | str | None = None  # alpha in [0, 1], "auto", or None
-    min_sqnr_db: float | None = 28.0
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB
     quantize_attention: bool = False  # activation x activation MatMuls (Q·Kᵀ, scores·V) in INT8 too
     # weight-only
-    bits: int = 8
-    block_size: int = 128
+    bits: Bits = 8
+    block_size: BlockSize = 128
     symmetric: bool = True
-    algorithm: str = "rtn"
-    format: str = "matmulnbits"
+    algorithm: Algorithm = "rtn"
+    format: Format = "matmulnbits"
     include_lm_head: bool = False
     include_embeddings: bool = False
     accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
@@ -61,20 +76,12 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         problems = []
-        if self.kind not in ("static-int8", "weight-only"):
-            problems.append(f"kind {self.kind!r} (static-int8 | weight-only)")
-        if self.bits not in (4, 8):
-            problems.append(f"bits {self.bits} (4 | 8)")
-        if self.block_size not in (16, 32, 64, 128, 256):
-            problems.append(f"block_size {self.block_size} (a power of two, 16..256)")
-        if self.algorithm not in ("rtn", "gptq", "awq"):
-            problems.append(f"algorithm {self.algorithm!r} (rtn | gptq | awq)")
-        if self.format not in ("matmulnbits", "dq"):
-            problems.append(f"format {self.format!r} (matmulnbits | dq)")
+        for key, allowed in (("kind", KINDS), ("bits", BITS), ("block_size", BLOCK_SIZES), ("algorithm", ALGORITHMS),
+                             ("format", FORMATS), ("method", METHODS)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             problems.append(f"accuracy_level {self.accuracy_level!r} (0..4)")
-        if self.method not in ("minmax", "percentile", "entropy", "mse"):
-            problems.append(f"method {self.method!r}")
         sq = self.smoothquant
         if sq is not None and sq != "auto" and not (isinstance(sq, (int, float)) and 0 <= sq <= 1):
             problems.append(f"smoothquant {sq!r} (alpha in [0, 1] or 'auto')")

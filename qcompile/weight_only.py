@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from qcompile import modelio, specs, targets
 from qcompile.cache import cache_root
-from qcompile.quantize import check_output, require_domains
+from qcompile.quantize import check_lowering, check_output, require_domains
 from qcompile.calibrate import collect
 from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
 from qcompile.passes import make_pass
@@ -32,9 +32,9 @@ from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passmanager import PassManager, checked_outputs
 from qcompile.pipeline import prepare_float_model
 from qcompile.memory import PhaseClock
+from qcompile.recipes import Algorithm
 from qcompile.progress import bar
 
-Algorithm = Literal["rtn", "gptq", "awq"]
 
 
 @dataclass
@@ -123,7 +123,7 @@ def quantize_weights(
     if algorithm == "gptq":
         if reader is None:
             raise InputSpecError("GPTQ needs calibration data", fix="pass --calib SPEC (a reader from Python)")
-        model = make_pass("shape-inference")(model).model
+        model = PassManager([make_pass("shape-inference")])(model).model  # verified exactly (structure unchanged)
         nodes = candidates(model, config)
         clock.lap("annotate")
         hessians = collect_hessians(model, nodes, reader, samples)
@@ -155,6 +155,7 @@ def quantize_weights(
     check_output(model, "weight-only lowering", target)  # in the target's strictest terms
     accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "weight-only lowering",
                                                                   target_spec.runtime)))
+    notes += check_lowering(accuracy, "weight-only lowering")
     clock.lap("check")
     return WeightOnlyResult(model, config, algorithm, lowering.quantized, clock.seconds, lowering.embeddings, awq_report,
                             opset, accuracy, notes, verify_feeds, clock.peak_rss_mb)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from qcompile.runtimes.base import Availability, BackendError, Runtime, RuntimeOptions, SharedWeightsModel
 from qcompile.runtimes.ort import OrtRuntime
-from qcompile.runtimes.timing import TimingResult, time_fn, time_side_by_side
+from qcompile.runtimes.timing import TimingResult, time_side_by_side
 
 _FACTORIES: dict[str, Callable[[], Runtime]] = {
     "ort-cpu": lambda: OrtRuntime("ort-cpu", "CPUExecutionProvider"),
@@ -37,6 +37,5 @@ __all__ = [
     "TimingResult",
     "get_runtime",
     "runtime_names",
-    "time_fn",
     "time_side_by_side",
 ]

@@ -85,16 +85,6 @@ def time_side_by_side(
     return {name: summarize(name, samples[name], warmup, items_per_run) for name in names}
 
 
-def time_fn(
-    fn: Callable[[], object], *, name: str = "run", runs: int = 20, warmup: int = 3, min_time_s: float = 0.0,
-    items_per_run: int = 1,
-) -> TimingResult:
-    """Time one callable (see :func:`time_side_by_side`)."""
-    return time_side_by_side(
-        {name: fn}, runs=runs, warmup=warmup, min_time_s=min_time_s, items_per_run=items_per_run
-    )[name]
-
-
 def ratios(results: Mapping[str, TimingResult], baseline: str) -> dict[str, float]:
     """Speed of each candidate relative to ``baseline`` (>1 means faster), by median latency."""
     base = results[baseline].median_ms

@@ -49,7 +49,7 @@ PACKAGE_DIRS: dict[str, str] = {
 
 GRAPH_AND_RUNTIME_LIBS = ("onnx", "onnx_ir", "onnxruntime", "onnxscript")
 #: models build and evaluate zoo entries: they may use the core's leaf utilities, never passes, quant or targets
-MODELS_MAY_IMPORT = ("qcompile.models", "qcompile.errors", "qcompile.execute", "qcompile.cache")
+MODELS_MAY_IMPORT = ("qcompile.models", "qcompile.errors", "qcompile.execute", "qcompile.cache", "qcompile.calibration")
 
 IO_ATTRIBUTE_CALLS = frozenset({"write_text", "write_bytes", "read_text", "read_bytes", "open"})
 IO_CALLS = frozenset(

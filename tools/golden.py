@@ -2,6 +2,10 @@
 
     python tools/golden.py record [--models digits_cnn,resnet18,minilm,smollm2] [--out tests/golden/snapshots.json]
     python tools/golden.py check  [--models ...]     # exit 1 listing every difference
+    python tools/golden.py accept --models M --recipes R --reason "why"   # a deliberate difference
+
+A deliberate difference is recorded beside the original snapshot (``changes``: the new snapshot and
+the reason); ``check`` then holds the output to the new one and says so.
 
 A snapshot is, per (model, recipe): the quantized file's SHA-256, its op histogram (``domain::Op`` →
 count) and the kept-float / quantized counts the report gives. It goes through ``qcompile quantize``
@@ -109,7 +113,8 @@ def compare(old: dict, new: dict, same_cpu: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("record", "check"))
+    parser.add_argument("action", choices=("record", "check", "accept"))
+    parser.add_argument("--reason", default="")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -122,17 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in recipes:
             key = f"{model}/{recipe}"
             new = snapshot(model, recipe)
+            if args.action == "accept":
+                if not args.reason:
+                    parser.error("accept needs --reason")
+                stored.setdefault("changes", {})[key] = {"reason": args.reason, "after": new}
+                print(f"{key}: accepted ({args.reason})", flush=True)
+                continue
             if args.action == "record":
                 stored["snapshots"][key] = new
                 print(f"{key}: {new.get('sha256', new.get('error'))[:16]} {sum(new.get('ops', {}).values())} nodes",
                       flush=True)
                 continue
-            old = stored["snapshots"].get(key)
+            change = stored.get("changes", {}).get(key)
+            old = change["after"] if change else stored["snapshots"].get(key)
             problems = ["not recorded"] if old is None else compare(old, new, stored.get("cpu") == cpu)
             failures += bool(problems)
-            print(f"{key}: {'ok' if not problems else '; '.join(problems)}", flush=True)
+            verdict = "; ".join(problems) or ("ok (deliberate change: " + change["reason"] + ")" if change else "ok")
+            print(f"{key}: {verdict}", flush=True)
     if args.action == "record":
         stored["cpu"] = cpu
+    if args.action in ("record", "accept"):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
     return 1 if failures else 0

@@ -308,6 +308,15 @@ def read_plan(model: ir.Model) -> QuantPlan:
     return plan
 
 
+def set_spec(model: ir.Model, value: ir.Value, spec: QuantSpec | SharedSpec) -> None:
+    """Annotate (or re-annotate) one value, after every value annotated so far."""
+    if ORDER_KEY not in value.meta:
+        last = max((v.meta.get(ORDER_KEY, 0) for n in model.graph for v in (*n.inputs, *n.outputs) if v is not None),
+                   default=0)
+        value.meta[ORDER_KEY] = last + 1
+    value.meta[SPEC_KEY] = spec
+
+
 def activation_spec(model: ir.Model, name: str) -> QuantSpec:
     """The QuantSpec that decides ``name``'s parameters (its scale group's root's, when shared)."""
     values = {v.name: v for v in model.graph.inputs}

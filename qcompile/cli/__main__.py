@@ -1,0 +1,5 @@
+"""`python -m qcompile.cli`, as when the CLI was one module."""
+
+from qcompile.cli import main
+
+main()

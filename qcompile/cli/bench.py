@@ -1,0 +1,42 @@
+"""`qcompile bench`: models timed side by side."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from qcompile import modelio, specs
+from qcompile.cli.common import (data_feeds, data_option, emit_json, handle_errors, resolve_model, stdout,
+                                 with_shape_options)
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--target", default="ort-cpu", show_default=True, help="Runtime to time on.")
+@with_shape_options
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@click.option("--min-time", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Keep timing at least this many seconds.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: runtime's).")
+@data_option
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
+@handle_errors
+def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, data, as_json):
+    """Time MODELS (paths or zoo:NAME) side by side on the same feed; ratios vs the first."""
+    from qcompile.bench import BenchSettings, bench_models
+
+    paths = [resolve_model(m) for m in models]
+    settings = BenchSettings(target=target, batch=batch, seq=seq, dims=specs.parse_dims(dims), runs=runs,
+                             warmup=warmup, min_time_s=min_time, threads=threads)
+    feeds = data_feeds(data, modelio.load(paths[0]), limit=1)
+    report = bench_models(paths, settings, labels=list(models), feed=feeds[0] if feeds else None)
+    if as_json:
+        emit_json(report)
+        return
+    table = Table("model", "median ms", "p90 ms", "min ms", "mean ± sd ms", "items/s", "speed vs first")
+    for r in report["results"]:
+        table.add_row(r["name"], f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['min_ms']:.3f}",
+                      f"{r['mean_ms']:.3f} ± {r['stdev_ms']:.3f}", f"{r['throughput']:.1f}",
+                      f"{r['speedup_vs_baseline']:.3f}×")
+    stdout.print(table)
+    stdout.print(f"target {target}; feed {report['feed_shapes']}; {runs} interleaved runs after {warmup} warm-up")

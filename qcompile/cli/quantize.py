@@ -1,0 +1,207 @@
+"""`qcompile quantize`: a recipe applied, verified and timed against FP32."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import click
+import onnx_ir as ir
+
+from qcompile import modelio, specs, targets
+from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
+from qcompile.cli.common import (commit_saved, data_feeds, data_option, emit_json, fail, handle_errors,
+                                 output_temp_dir, refuse_overwriting_input, resolve_model, stderr, stdout,
+                                 with_shape_options)
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized model.")
+@click.option("--target", type=click.Choice(targets.names()), default=None,
+              help="Where the model will run (qcompile.targets): what is quantized, how, and what it is verified "
+                   "on. [default: the recipe's, ort-cpu]")
+@click.option("--recipe", "recipe_name", default="int8", show_default=True,
+              help=" | ".join(PRESETS))
+@click.option("--recipe-file", type=click.Path(dir_okay=False), default=None, help="Load the recipe from TOML.")
+@click.option("--save-recipe", type=click.Path(dir_okay=False), default=None, help="Write the resolved recipe as TOML.")
+@click.option("--calib", "calib", default=None, metavar="SPEC",
+              help="random | FILE.npz (samples stacked) | FOLDER of .npz | module:callable | zoo:NAME")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="Calibration method (static INT8; recipe default mse).")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default per channel).")
+@click.option("--alpha", default=None, metavar="ALPHA|auto", help="SmoothQuant alpha in [0, 1], or auto (per layer).")
+@click.option("--quantize-attention", is_flag=True, default=False,
+              help="Static INT8: attention MatMuls (activation x activation) in INT8 too (float by default).")
+@click.option("--bits", type=click.Choice([str(b) for b in BITS]), default=None, help="Weight-only bits.")
+@click.option("--block-size", type=int, default=None, help="Weight-only block size (32/64/128).")
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None, help="Weight-only algorithm.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Weight-only lowering: ORT MatMulNBits, or blocked DequantizeLinear (opset 21).")
+@click.option("--asymmetric", is_flag=True, default=False, help="Weight-only: asymmetric blocks (zero points).")
+@click.option("--include-lm-head", is_flag=True, default=False, help="Weight-only: quantize the LM head too.")
+@click.option("--include-embeddings", is_flag=True, default=False,
+              help="Weight-only: quantize embedding tables (Gather) too, symmetric blocks along each row.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="MatMulNBits compute: 0 float, 4 int8 activations (default: the faster on this CPU, measured).")
+@click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE", help="Keep float: node name, op type or name pattern.")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Calibration samples at most.")
+@click.option("--min-sqnr", type=float, default=None,
+              help="Static INT8: MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float "
+                   f"({DEFAULT_MIN_SQNR_DB:g}); negative disables.")
+@click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if not this much faster.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed runs per model for the speed check (default: at least 2, up to 20, within about 0.5 s).")
+@with_shape_options
+@data_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@handle_errors
+def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha,
+             quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
+             batch, seq, dims, data, as_json):
+    """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
+    from qcompile.calibration import resolve_reader
+    from qcompile.errors import CheckFailedError
+    from qcompile.memory import PhaseClock, peak_rss_mb, process_seconds
+    from qcompile.passmanager import VerifyOptions
+    from qcompile.recipes import Recipe, preset
+
+    clock = PhaseClock()  # the command's own phases; the quantizer reports its own in between
+    startup = {"startup": process_seconds()}, {"startup": peak_rss_mb()}  # interpreter, imports, arguments
+
+    base = Recipe.load(recipe_file) if recipe_file else preset(recipe_name)
+    recipe = base.with_(
+        method=method, per_channel=per_channel, smoothquant=_parse_alpha(alpha), bits=int(bits) if bits else None,
+        block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
+        symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
+        include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
+        quantize_attention=True if quantize_attention else None, target=target,
+        exclude=tuple(dict.fromkeys([*base.exclude, *exclude])) if exclude else None,
+    )
+    target = recipe.target
+    if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
+        recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)
+    recipe.validate()
+    path = resolve_model(model)
+    out = Path(output)
+    refuse_overwriting_input(out, path)
+    source = modelio.load(path)
+    read_by_input = {Path(v.const_value.path).resolve() for v in source.graph.initializers.values()
+                     if isinstance(v.const_value, ir.ExternalTensor)}  # before quantizing (in place)
+    shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
+    input_specs = specs.input_specs(source)
+    reader = resolve_reader(calib, input_specs, recipe.samples, **shape) if calib else None
+    verify_feeds = data_feeds(data, source, limit=4) or _calibration_samples(calib, input_specs, 2, shape)
+    verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
+    clock.lap("read")
+    from qcompile.pipeline import Pipeline
+
+    result = Pipeline(recipe).run(source, reader, verify_options=verify_options, guard_runs=runs or "auto")
+    timing = result.latency
+    clock.skip()  # the pipeline's own phases account for that
+    for note in result.notes:
+        stderr.print(f"note: {note}")
+    with contextlib.ExitStack() as stack:
+        candidate = None
+        if timing is None:  # time the saved model side by side with the input (interleaved), then rename it
+            candidate = Path(stack.enter_context(output_temp_dir(out))) / out.name
+            modelio.save(result.model, candidate)
+            clock.lap("save")
+            timing = _side_by_side(path, candidate, target, runs, shape, result.timing_feed if not (dims or batch or seq) else None)
+        else:
+            for entry, where in zip(timing["results"], (path, out)):
+                entry["path"] = str(where)
+        clock.lap("speed_guard")
+        speedup = timing["results"][1]["speedup_vs_baseline"]
+        report = {"recipe": dataclasses.asdict(recipe), **result.to_json(), "output": str(out), "latency": timing,
+                  "speedup": speedup}
+        if min_speedup is not None and speedup < min_speedup:
+            if as_json:
+                emit_json({**report, **_phases(startup, result, clock), "written": False})
+            fail(CheckFailedError(f"the quantized model is {speedup:.2f}x FP32 on {target}, below --min-speedup "
+                                  f"{min_speedup:g}", fix="nothing was written; exclude slow ops or drop the gate"))
+        if candidate is not None:
+            commit_saved(candidate, out, read_by_input)
+        else:
+            modelio.save(result.model, out)
+        clock.lap("save")
+    report["written"] = True
+    if save_recipe:  # only once the run succeeded: a failed run leaves nothing behind
+        recipe.save(save_recipe)
+    if as_json:
+        emit_json({**report, **_phases(startup, result, clock)})
+        return
+    _print_quantize_summary(recipe, result, timing, speedup, target, out)
+
+
+def _phases(startup: tuple[dict, dict], result, clock) -> dict:
+    """Every phase of a quantize run, the command's and the quantizer's, in order (seconds, and
+    the process's peak RSS at the end of each)."""
+    seconds = {**startup[0], "read": clock.seconds.get("read", 0.0)}
+    peaks = {**startup[1], "read": clock.peak_rss_mb.get("read", 0.0)}
+    for name, value in getattr(result, "phase_seconds", {}).items():
+        seconds[name] = seconds.get(name, 0.0) + value
+        peaks[name] = max(peaks.get(name, 0.0), result.phase_peak_rss_mb.get(name, 0.0))
+    for name, value in clock.seconds.items():
+        if name != "read":
+            seconds[name] = seconds.get(name, 0.0) + value
+            peaks[name] = max(peaks.get(name, 0.0), clock.peak_rss_mb[name])
+    return {"phase_seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "phase_peak_rss_mb": {k: round(v) for k, v in peaks.items()},
+            "seconds": round(sum(seconds.values()), 3)}
+
+
+
+def _side_by_side(path: Path, candidate: Path, target: str, runs: int | None, shape: dict, feed) -> dict:
+    """The input and the saved candidate timed interleaved (the weight-only recipes' speed check)."""
+    from qcompile.bench import GUARD_MAX_RUNS, BenchSettings, bench_models
+
+    return bench_models([path, candidate], BenchSettings(target=target, runs=runs or GUARD_MAX_RUNS, **shape),
+                        labels=["fp32", "quantized"], feed=feed)
+
+
+
+def _calibration_samples(calib: str | None, input_specs, count: int, shape: dict) -> list[dict] | None:
+    """The first ``count`` samples of a real calibration source, to verify on (None for random data)."""
+    if not calib or calib == "random":
+        return None
+    from qcompile.calibration import iter_feeds, resolve_reader
+
+    return list(iter_feeds(resolve_reader(calib, input_specs, count, **shape), input_specs, count)) or None
+
+
+def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> None:
+    result = result.details  # the recipe kind's own record
+    if recipe.kind == "weight-only":
+        stdout.print(f"{recipe.name}: {len(result.quantized)} MatMul weights to INT{recipe.bits} "
+                     f"(block {recipe.block_size}, {recipe.algorithm}, {recipe.format})")
+    else:
+        plan = result.plan
+        stdout.print(f"{recipe.name}: {len(plan.quantized_nodes)} nodes to INT8, {len(plan.kept_float)} kept float "
+                     f"({recipe.method}, {result.calibration.samples} samples, {len(plan.activations)} activation tensors)")
+        for name, reason in list(plan.kept_float.items())[:12]:
+            stdout.print(f"  float: {name} — {reason}")
+        if len(plan.kept_float) > 12:
+            stdout.print(f"  … and {len(plan.kept_float) - 12} more (see --json)")
+        if result.calibration.nonfinite:
+            stdout.print(f"non-finite values skipped in {len(result.calibration.nonfinite)} tensors")
+    fp32, quantized = timing["results"]
+    verdict = "faster" if speedup > 1.0 else "NOT faster"
+    key, how = ("min_ms", f", fastest of {fp32['runs']} and {quantized['runs']} runs timed in turn") \
+        if timing.get("statistic") == "min" else ("median_ms", "")
+    stdout.print(f"latency on {target} {timing['feed_shapes']}: FP32 {fp32[key]:.2f} ms, quantized "
+                 f"{quantized[key]:.2f} ms — {speedup:.2f}x, {verdict}{how}")
+    stdout.print(f"wrote {out}")
+
+
+def _parse_alpha(alpha: str | None) -> float | str | None:
+    if alpha is None or alpha == "auto":
+        return alpha
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"{alpha!r} is not a number in [0, 1] or 'auto'", param_hint="--alpha")
+    return value
