@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import numpy as np
-
 from qcompile.cache import cache_root
 from qcompile.calibration import Feed, IterableReader
 from qcompile.errors import DependencyError, UnknownNameError
-
 
 
 class FeedReader(IterableReader):

@@ -21,8 +21,8 @@ import onnx_ir as ir
 from qcompile import execute, memory, modelio, specs
 from qcompile.calibration import CalibrationReader, iter_feeds
 from qcompile.errors import InputSpecError, InternalError
-from qcompile.quant.observers import HistogramObserver, Method, MinMaxObserver, make_observer
 from qcompile.progress import bar
+from qcompile.quant.observers import HistogramObserver, Method, MinMaxObserver, make_observer
 from qcompile.runtimes import Runtime, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ def collect(
                     skipped = [o.nonfinite for o in observers[name]]
                     for statistic in statistics[name]:
                         statistic.update(array)
-                    if name in unseen and any(o.nonfinite - k < np.size(array) for o, k in zip(observers[name], skipped)):
+                    if name in unseen and any(o.nonfinite - k < np.size(array)
+                                              for o, k in zip(observers[name], skipped)):
                         unseen.discard(name)  # some value of this feed was finite
                 del arrays
                 count += 1
@@ -164,10 +165,12 @@ def collect(
                     checked[i] = runtime.run(feed, outputs=list(check_outputs))
     hopeless = [name for name in names if name in unseen and any(o.nonfinite for o in observers[name])]
     if hopeless:
-        shown = ", ".join(repr(name) for name in hopeless[:3]) + (f" and {len(hopeless) - 3} more" if len(hopeless) > 3 else "")
+        shown = ", ".join(repr(name) for name in hopeless[:3])
+        shown += f" and {len(hopeless) - 3} more" if len(hopeless) > 3 else ""
         raise InputSpecError(
-            f"{'tensor' if len(hopeless) == 1 else 'tensors'} {shown} saw no finite value in {count} calibration samples (only inf/NaN): "
-            "no quantization range exists", fix="check the calibration data (inputs all ±inf?), or --exclude the node that reads it; "
+            f"{'tensor' if len(hopeless) == 1 else 'tensors'} {shown} saw no finite value in {count} calibration "
+            "samples (only inf/NaN): no quantization range exists",
+            fix="check the calibration data (inputs all ±inf?), or --exclude the node that reads it; "
             "nothing was written")
     return Collected(count, time.perf_counter() - started, [checked[i] for i in range(len(check_feeds))])
 
@@ -203,7 +206,8 @@ def collect_ranges(
         if observer.nonfinite:
             nonfinite[name] = observer.nonfinite
     if nonfinite:
-        log.warning("non-finite values skipped while calibrating %d tensors (%d values)", len(nonfinite), sum(nonfinite.values()))
+        log.warning("non-finite values skipped while calibrating %d tensors (%d values)",
+                    len(nonfinite), sum(nonfinite.values()))
     return CalibrationResult(ranges, nonfinite, collected.samples, collected.seconds, collected.check_outputs)
 
 

@@ -39,7 +39,8 @@ def run_demo(out_dir: Path, runs: int = 30, log: Callable[[str], None] = print) 
     modelio.save(quantized.model, int8_path)
 
     log("4/5 timing the three side by side (batch 1, sequence 128)")
-    timing = bench_models([fp32_path, opt_path, int8_path], BenchSettings(runs=runs, dims={"batch": 1, "sequence": 128}),
+    timing = bench_models([fp32_path, opt_path, int8_path],
+                          BenchSettings(runs=runs, dims={"batch": 1, "sequence": 128}),
                           labels=["fp32", "optimized", "int8"])
 
     log("5/5 scoring retrieval on chatterbot-corpus")

@@ -66,7 +66,8 @@ def _check_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -
             fix="the file is truncated or corrupt; rewrite it")
 
 
-def load_npz_feeds(path: str | Path, input_specs: list[InputSpec], limit: int | None = None) -> list[dict[str, np.ndarray]]:
+def load_npz_feeds(path: str | Path, input_specs: list[InputSpec],
+                   limit: int | None = None) -> list[dict[str, np.ndarray]]:
     """Feeds from one .npz (samples stacked or single)."""
     path = Path(path)
     arrays = read_npz(path)

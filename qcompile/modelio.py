@@ -19,14 +19,13 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from qcompile import interrupts
+from qcompile import interrupts, opaque
 from qcompile.errors import (
     ExternalDataError,
     InvalidModelError,
     ModelLoadError,
     OutputPathError,
 )
-from qcompile import opaque
 from qcompile.passes.irutil import drop_resident
 from qcompile.runtimes import SharedWeightsModel
 from qcompile.wire import WireFormatError, map_inline_weights
@@ -69,7 +68,8 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, Path]:
     if not path.exists():
         raise ModelLoadError("model file not found", where=str(path), fix="check the path and try again")
     if path.is_dir():
-        raise ModelLoadError("expected an .onnx file, got a folder", where=str(path), fix="name the model file inside it")
+        raise ModelLoadError("expected an .onnx file, got a folder", where=str(path),
+                             fix="name the model file inside it")
     stat = path.stat()
     if stat.st_size == 0:
         raise ModelLoadError("model file is empty (0 bytes)", where=str(path), fix="re-export the model")
@@ -90,14 +90,17 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, Path]:
     except (DecodeError, ValueError, RuntimeError) as exc:  # RecursionError is a RuntimeError
         text = str(exc).lower().replace("_", "")
         if isinstance(exc, RecursionError) or "maxdepth" in text or "levels of nesting" in text:
-            raise _too_deep(path, "messages deeper than protobuf parses (100 levels, about 30 nested subgraphs)") from None
+            raise _too_deep(
+                path, "messages deeper than protobuf parses (100 levels, about 30 nested subgraphs)") from None
         raise ModelLoadError(
-            f"not a valid ONNX protobuf ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})",
+            f"not a valid ONNX protobuf ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'parse failed'})",
             where=str(path),
             fix="the file may be truncated or not ONNX; re-export it",
         ) from None
     except OSError as exc:
-        raise ModelLoadError(f"cannot read model file: {exc.strerror}", where=str(path), fix="check permissions") from None
+        raise ModelLoadError(f"cannot read model file: {exc.strerror}", where=str(path),
+                             fix="check permissions") from None
     return _require_model(proto, path), path
 
 
@@ -120,7 +123,8 @@ MAX_SUBGRAPH_DEPTH = 16
 def _too_deep(path: Path, how: str) -> ModelLoadError:
     return ModelLoadError(
         f"model nests {how}", where=str(path),
-        fix=f"qcompile accepts at most {MAX_SUBGRAPH_DEPTH} levels of subgraphs; flatten the control flow in the exporter",
+        fix=f"qcompile accepts at most {MAX_SUBGRAPH_DEPTH} levels of subgraphs; "
+            "flatten the control flow in the exporter",
     )
 
 
@@ -316,7 +320,8 @@ def _externals_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     declared = {i.name for i in copy.graph.input}
     for tensor in external:
         if tensor.name not in declared:
-            copy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            copy.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return copy
 
 
@@ -457,7 +462,8 @@ def save(
         raise OutputPathError("output folder does not exist", where=str(parent), fix="create it first")
     source = model.meta.get("qcompile.source_path")
     if source and (Path(source).resolve() == path.resolve() or _same_file(Path(source), path)):
-        raise OutputPathError("refusing to overwrite the input model", where=str(path), fix="choose another output path")
+        raise OutputPathError("refusing to overwrite the input model", where=str(path),
+                              fix="choose another output path")
     data_name = f"{path.name}.data"
     data_path = parent / data_name
     if data_path.resolve() in _referenced_data_files(model):

@@ -75,7 +75,8 @@ def split_map_tail(proto: onnx.ModelProto, where: Path) -> Tail | None:
                 where=str(where), fix="keep map-typed values at the end of the graph",
             )
     typed = _tensor_types(proto, inner)
-    tail = Tail(nodes=[n.SerializeToString() for n in tail_nodes], outputs=[v.SerializeToString() for v in graph.output])
+    tail = Tail(nodes=[n.SerializeToString() for n in tail_nodes],
+                outputs=[v.SerializeToString() for v in graph.output])
     tail.opsets = {o.domain: o.version for o in proto.opset_import}
     kept_outputs = [v for v in graph.output if v.name not in tail_outputs]
     existing = {v.name for v in kept_outputs}

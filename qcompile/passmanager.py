@@ -219,7 +219,8 @@ class PassManager:
         how = None
         if self.verify:
             feeds, reference, how = reference_run(model, self.verify_options)
-        original = snapshot(model) if self.rollback and reference is not None and not self.verify_options.each_pass else None
+        keep_original = self.rollback and reference is not None and not self.verify_options.each_pass
+        original = snapshot(model) if keep_original else None
         run = _Run(self, feeds, reference if self.verify_options.each_pass else None)
         end_to_end = None
         try:
@@ -463,10 +464,12 @@ def _structure(model: ir.Model) -> tuple:
     output names), every initializer (name and tensor identity) and the graph's inputs and outputs."""
     graph = model.graph
     nodes = tuple(
-        (n.op_type, n.domain, tuple(v.name if v is not None else "" for v in n.inputs), tuple(v.name for v in n.outputs),
+        (n.op_type, n.domain, tuple(v.name if v is not None else "" for v in n.inputs),
+         tuple(v.name for v in n.outputs),
          tuple(sorted((k, id(a.value) if a.type in _BY_IDENTITY else repr(a.value)) for k, a in n.attributes.items())))
         for n in ir.traversal.RecursiveGraphIterator(graph))
-    initializers = tuple(sorted((name, id(v.const_value)) for name, v in graph.initializers.items()))  # order is not semantics
+    # order is not semantics
+    initializers = tuple(sorted((name, id(v.const_value)) for name, v in graph.initializers.items()))
     return nodes, initializers, tuple(v.name for v in graph.inputs), tuple(v.name for v in graph.outputs)
 
 

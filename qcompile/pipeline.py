@@ -193,9 +193,9 @@ class Pipeline:
                                verify_options=verify_options, guard_runs=guard_runs, keep_float=keep_float,
                                weight_dtype=weight_dtype, clock=clock)
         else:
-            from qcompile.quantize import time_in_turn
             from qcompile.passes.quant.nbits import WeightOnlyConfig
             from qcompile.passmanager import snapshot
+            from qcompile.quantize import time_in_turn
             from qcompile.weight_only import quantize_weights
 
             source = model if isinstance(model, ir.Model) else modelio.load(model)

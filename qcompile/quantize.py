@@ -19,33 +19,29 @@ from typing import Iterable, Iterator, Literal, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import execute, memory, modelio, specs
+from qcompile import execute, memory, modelio, specs, targets
 from qcompile.bench import guard_report, time_runs
-from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
-from qcompile.calibration import fit_reader, CalibrationReader, IterableReader, describe, iter_feeds
-from qcompile.errors import BackendFailedError, QCompileError, VerificationError
-from qcompile.memory import PhaseClock
-from qcompile import targets
 from qcompile.cache import cache_root
-from qcompile.quant.observers import Method
-from qcompile.passes import make_pass
-from qcompile.passes.quant.qdq import QDQLoweringPass
-from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, union_ranges, weight_codes
-from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_spec, annotate
-from qcompile.errors import InputModelError
+from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
+from qcompile.calibration import CalibrationReader, IterableReader, describe, fit_reader, iter_feeds
+from qcompile.errors import BackendFailedError, InputModelError, QCompileError, VerificationError
+from qcompile.memory import PhaseClock
 from qcompile.metrics import Comparison, compare_outputs
 from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
-from qcompile.passmanager import choose_feeds, PassManager, VerifyOptions, snapshot
+from qcompile.passes import make_pass
+from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_spec, annotate
+from qcompile.passes.quant.qdq import QDQLoweringPass
+from qcompile.passmanager import PassManager, VerifyOptions, choose_feeds, snapshot
 from qcompile.pipeline import optimize_with_stats, prepare_float_model
-from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
+from qcompile.quant.observers import Method
+from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, union_ranges, weight_codes
 from qcompile.recipes import DEFAULT_MIN_SQNR_DB
+from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
 from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
 
 log = logging.getLogger(__name__)
 
-#: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative error).
-DEFAULT_MIN_SQNR_DB = 28.0
 #: Calibration feeds whose rows are kept to measure that SQNR, in at most 1/32 of the model's weight
 #: bytes (but at least this much: a small model keeps every row) and qcompile.quant.algorithms.sensitivity's cap.
 SENSITIVITY_FEEDS = 4
@@ -192,8 +188,9 @@ def quantize(
             if fp32_time is not None:
                 clock.lap("speed_guard")
     except BackendFailedError as exc:
-        raise InputModelError(f"ONNX Runtime cannot load the original model: {exc.what}", where=target,
-                              fix="qcompile checks every model on ONNX Runtime; check that this one loads there") from None
+        raise InputModelError(
+            f"ONNX Runtime cannot load the original model: {exc.what}", where=target,
+            fix="qcompile checks every model on ONNX Runtime; check that this one loads there") from None
     fit_reader(reader, verify_feeds)
     float_model = _FloatModel(model, verify_feeds, float_outputs, [], None, fp32_time)
     if optimize:
@@ -427,7 +424,8 @@ def check_lowering(comparison: Comparison, stage: str) -> list[str]:
                          "has finite ones (exclude the node that computes it: --exclude)")
         elif out.sqnr_db < LOWERING_NOTE_SQNR_DB:
             notes.append(f"output {out.name!r} is {out.sqnr_db:.1f} dB SQNR from the float model's "
-                         f"(< {LOWERING_NOTE_SQNR_DB:g} dB): check the accuracy, or keep sensitive nodes float (--exclude)")
+                         f"(< {LOWERING_NOTE_SQNR_DB:g} dB): check the accuracy, "
+                         "or keep sensitive nodes float (--exclude)")
     return notes
 
 

@@ -90,7 +90,8 @@ class Recipe:
         if self.target not in targets.names():
             problems.append(f"target {self.target!r} ({' | '.join(targets.names())})")
         if problems:
-            raise InputSpecError(f"invalid recipe {self.name!r}: " + "; ".join(problems), fix="fix the recipe file or flags")
+            raise InputSpecError(f"invalid recipe {self.name!r}: " + "; ".join(problems),
+                                 fix="fix the recipe file or flags")
         return self
 
     @property
@@ -119,11 +120,13 @@ class Recipe:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise InputSpecError(f"cannot parse recipe: {exc}", where=where, fix="write it as key = value lines") from None
+            raise InputSpecError(f"cannot parse recipe: {exc}", where=where,
+                                 fix="write it as key = value lines") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where, fix=f"keys: {', '.join(sorted(known))}")
+            raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where,
+                                 fix=f"keys: {', '.join(sorted(known))}")
         defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant", "accuracy_level")}
         if "exclude" in data:
             if not isinstance(data["exclude"], list) or not all(isinstance(x, str) for x in data["exclude"]):

@@ -69,7 +69,8 @@ class SensitivitySampler:
                 continue
             axis = self.weight_axes[node.inputs[1].name]
             axis = axis if axis is None or node.op_type == "MatMul" else 1  # transposed Gemm: channels last
-            result[node.name], codes = output_sqnr(inputs[node.inputs[0].name], weight_kn(node), x_params, axis, fraction)
+            result[node.name], codes = output_sqnr(inputs[node.inputs[0].name], weight_kn(node), x_params, axis,
+                                                   fraction)
             if node.op_type == "MatMul":  # codes in the stored layout
                 self.codes[node.inputs[1].name] = codes
             drop_resident(node.inputs[1].const_value)

@@ -54,7 +54,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.name in model.graph.initializers:
             continue
         if value.dtype is None:
-            raise InputSpecError(f"input {value.name!r} has no element type", fix="re-export the model with typed inputs")
+            raise InputSpecError(f"input {value.name!r} has no element type",
+                                 fix="re-export the model with typed inputs")
         shape = tuple(
             (dim if dim >= 0 else None) if isinstance(dim, int) else (dim.value if dim.value is not None else None)
             for dim in (value.shape or [])
@@ -128,7 +129,8 @@ def validate_feed(specs: list[InputSpec], feed: Mapping[str, np.ndarray], where:
     for name, array in feed.items():
         spec = expected.get(name)
         if spec is None:
-            raise InputSpecError(f"{where} has unknown input {name!r}", fix=f"the model's inputs are {sorted(expected)}")
+            raise InputSpecError(f"{where} has unknown input {name!r}",
+                                 fix=f"the model's inputs are {sorted(expected)}")
         array = np.asarray(array)
         if array.dtype != spec.dtype:
             raise InputSpecError(

@@ -8,33 +8,30 @@ passes/gptq.py and lowered by passes/weight_only.py.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompile import modelio, specs, targets
 from qcompile.cache import cache_root
-from qcompile.quantize import check_lowering, check_output, require_domains
 from qcompile.calibrate import collect
-from qcompile.calibration import fit_reader, CalibrationReader, iter_feeds
+from qcompile.calibration import CalibrationReader, fit_reader, iter_feeds
+from qcompile.errors import InputModelError, InputSpecError, UnknownNameError
+from qcompile.memory import PhaseClock
+from qcompile.metrics import Comparison, compare_outputs
+from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
+from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, candidates
+from qcompile.passmanager import PassManager, checked_outputs
+from qcompile.pipeline import prepare_float_model
+from qcompile.progress import bar
 from qcompile.quant.algorithms.gptq import gptq
 from qcompile.quant.algorithms.rtn import block_codes
 from qcompile.quant.spec import BlockCodes
 from qcompile.quant.statistics import Hessian
-from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, candidates
-from qcompile.errors import InputModelError, InputSpecError, UnknownNameError
-from qcompile.metrics import Comparison, compare_outputs
-from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
-from qcompile.passmanager import PassManager, checked_outputs
-from qcompile.pipeline import prepare_float_model
-from qcompile.memory import PhaseClock
+from qcompile.quantize import check_lowering, check_output, require_domains
 from qcompile.recipes import Algorithm
-from qcompile.progress import bar
-
 
 
 @dataclass
@@ -157,5 +154,5 @@ def quantize_weights(
                                                                   target_spec.runtime)))
     notes += check_lowering(accuracy, "weight-only lowering")
     clock.lap("check")
-    return WeightOnlyResult(model, config, algorithm, lowering.quantized, clock.seconds, lowering.embeddings, awq_report,
-                            opset, accuracy, notes, verify_feeds, clock.peak_rss_mb)
+    return WeightOnlyResult(model, config, algorithm, lowering.quantized, clock.seconds, lowering.embeddings,
+                            awq_report, opset, accuracy, notes, verify_feeds, clock.peak_rss_mb)

@@ -101,7 +101,8 @@ class GeneratedGraph:
         return U_PER_STEP * UNIT_ROUNDOFF * max(self.depth, MIN_STEPS)
 
     def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
-        return f"GeneratedGraph(depth={self.depth:g}, feeds={[{k: v.shape for k, v in f.items()} for f in self.feeds]})\n" + (
+        feeds = [{k: v.shape for k, v in f.items()} for f in self.feeds]
+        return f"GeneratedGraph(depth={self.depth:g}, feeds={feeds})\n" + (
             onnx.printer.to_text(self.model)
         )
 
@@ -243,8 +244,10 @@ class Builder:
             inputs = [t.name, lo] + ([self.const(np.float32(self.rng.uniform(0.1, 2)), "hi")] if self.flag() else [])
             return [self.out(self.node("Clip", inputs)[0], t.shape, t.depth)]
         if op == "LeakyRelu":
-            return [self.out(self.node(op, [t.name], alpha=float(self.choice([0.01, 0.1, 0.2])))[0], t.shape, t.depth + 1)]
-        return [self.out(self.node(op, [t.name])[0], t.shape, t.depth + (op in ("Sigmoid", "Tanh", "Softplus")) * 2 + 1)]
+            alpha = float(self.choice([0.01, 0.1, 0.2]))
+            return [self.out(self.node(op, [t.name], alpha=alpha)[0], t.shape, t.depth + 1)]
+        depth = t.depth + (op in ("Sigmoid", "Tanh", "Softplus")) * 2 + 1
+        return [self.out(self.node(op, [t.name])[0], t.shape, depth)]
 
     def binary_const(self, t: T):
         op = self.choice(["Add", "Sub", "Mul", "Div"])
@@ -311,7 +314,8 @@ class Builder:
             t = self.as_2d(t)
         K = t.shape[-1]
         M = self.draw(st.integers(1, 8))
-        form = self.choice(["weight", "weight", "weight1d", "batched", "left", "self", "transposed_weight", "transposed_input"])
+        form = self.choice(["weight", "weight", "weight1d", "batched", "left", "self",
+                            "transposed_weight", "transposed_input"])
         if form == "weight1d" and t.rank >= 2:
             y = self.node("MatMul", [t.name, self.weight((K,), K)])[0]
             return [self.out(y, t.shape[:-1], t.depth + K)]
@@ -410,7 +414,8 @@ class Builder:
         s = [self.draw(st.integers(1, 2)) if self.flag(0.4) else 1 for _ in spatial]
         same = [] if any(x > 1 for x in d) else ["SAME_UPPER", "SAME_LOWER"]  # ORT: no dilation with SAME
         auto_pad = "NOTSET" if transpose or self.flag(0.75) else self.choice(same + ["VALID"])
-        pads = [self.draw(st.integers(0, max(0, (kk - 1) * dd))) for kk, dd in zip(k + k, d + d)] if auto_pad == "NOTSET" else None
+        pads = ([self.draw(st.integers(0, max(0, (kk - 1) * dd))) for kk, dd in zip(k + k, d + d)]
+                if auto_pad == "NOTSET" else None)
         out_spatial = []
         for i, size in enumerate(spatial):
             eff = d[i] * (k[i] - 1) + 1
@@ -475,7 +480,8 @@ class Builder:
             if not self.symbolic and self.flag(0.3):
                 return [self.out(self.node("Squeeze", [t.name])[0], tuple(x for x in t.shape if x != 1), t.depth)]
             axis = self.choice(ones)
-            return [self.out(self.node("Squeeze", [t.name, self.ints([axis])])[0], t.shape[:axis] + t.shape[axis + 1:], t.depth)]
+            return [self.out(self.node("Squeeze", [t.name, self.ints([axis])])[0],
+                             t.shape[:axis] + t.shape[axis + 1:], t.depth)]
         rank = self.draw(st.integers(1, 4))
         dims = [1] * rank
         for p in _prime_factors(total):
@@ -527,7 +533,8 @@ class Builder:
         if math.prod(shape) > MAX_NUMEL:
             return None
         attr = axis - t.rank if self.flag(0.3) else axis
-        return [self.out(self.node("Concat", [p.name for p in parts], axis=attr)[0], shape, max(p.depth for p in parts))]
+        return [self.out(self.node("Concat", [p.name for p in parts], axis=attr)[0], shape,
+                         max(p.depth for p in parts))]
 
     def split(self, t: T):
         axes = [a for a in self.free_axes(t) if t.shape[a] >= 2]
@@ -568,11 +575,14 @@ class Builder:
         for a in axes:
             D = t.shape[a]
             step = self.choice([1, 1, 1, 2, -1, -2])
-            start = self.choice([0, 1, -1, D - 1, -D, D + 3, -INT64_MAX]) if self.flag(0.7) else self.draw(st.integers(-D, D))
-            end = self.choice([INT64_MAX, -INT64_MAX, D, -1, 1, D + 5]) if self.flag(0.7) else self.draw(st.integers(-D, D))
+            start = (self.choice([0, 1, -1, D - 1, -D, D + 3, -INT64_MAX]) if self.flag(0.7)
+                     else self.draw(st.integers(-D, D)))
+            end = (self.choice([INT64_MAX, -INT64_MAX, D, -1, 1, D + 5]) if self.flag(0.7)
+                   else self.draw(st.integers(-D, D)))
             n = len(range(*slice(start, end, step).indices(D)))
             if n < 1:
-                start, end, n = (0, INT64_MAX, len(range(0, D, step))) if step > 0 else (-1, -INT64_MAX, len(range(D - 1, -1, step)))
+                start, end, n = ((0, INT64_MAX, len(range(0, D, step))) if step > 0
+                                 else (-1, -INT64_MAX, len(range(D - 1, -1, step))))
             starts.append(start), ends.append(end), steps.append(step)
             shape[a] = n
         inputs = [t.name, self.ints(starts), self.ints(ends)]
@@ -631,7 +641,8 @@ class Builder:
         if t.rank != 4 or t.numel * 4 > MAX_NUMEL:
             return None
         mode = self.choice(["nearest", "nearest", "linear"])
-        ctm = self.choice(["half_pixel", "asymmetric", "align_corners"] + (["pytorch_half_pixel"] if mode == "linear" else []))
+        ctm = self.choice(["half_pixel", "asymmetric", "align_corners"]
+                          + (["pytorch_half_pixel"] if mode == "linear" else []))
         H, W = t.shape[2:]
         factors = [self.choice([1, 2] + ([0.5] if x % 2 == 0 else [])) for x in (H, W)]
         shape = (t.shape[0], t.shape[1], int(H * factors[0]), int(W * factors[1]))
@@ -730,13 +741,15 @@ def _ir_version(opset: int) -> int:
 
 
 @st.composite
-def graphs(draw, opsets=st.integers(13, 21), max_ops: int = 7, families=FAMILIES, require=None,
+def graphs(draw, opsets=None, max_ops: int = 7, families=FAMILIES, require=None,
            smooth: bool = False, avoid: frozenset[str] = frozenset()) -> GeneratedGraph:
     """A random valid float32 ONNX model with feeds; ``require``: families of which one comes first.
 
     ``smooth``: no near-discontinuous subgraphs (a LayerNorm over 2 or 3 values is nearly a sign
     function), for properties whose bound is statistical (quantization noise). ``avoid``: constructs
     left out while a bug they trigger is open (``"constant_output"``, ``"batched_weight"``)."""
+    if opsets is None:
+        opsets = st.integers(13, 21)
     opset = draw(opsets)
     symbolic = draw(st.booleans())
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))

@@ -11,9 +11,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
-from conftest import ReluToSigmoid, model_from_text
 
 import qcompile
+from conftest import ReluToSigmoid, model_from_text
 from qcompile.cli import main
 
 TEXT = """
@@ -41,7 +41,8 @@ def invoke(*args):
 
 
 def test_help_for_every_command():
-    for command in ([], ["inspect"], ["optimize"], ["bench"], ["compare"], ["zoo"], ["zoo", "list"], ["zoo", "export"], ["demo"]):
+    for command in ([], ["inspect"], ["optimize"], ["bench"], ["compare"], ["zoo"], ["zoo", "list"], ["zoo", "export"],
+                    ["demo"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Usage" in result.output
 
@@ -165,7 +166,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
     files["checker"] = tmp_path / "checker.onnx"
     files["checker"].write_bytes(bad.SerializeToString())
     escaping = onnx.load_from_string(ir.to_proto(model_from_text(
-        '<ir_version: 9, opset_import: ["" : 17]> g (float[4] x) => (float[4] y) <float[4] w = {1, 2, 3, 4}> { y = Add(x, w) }'
+        '<ir_version: 9, opset_import: ["" : 17]> g (float[4] x) => (float[4] y) '
+        '<float[4] w = {1, 2, 3, 4}> { y = Add(x, w) }'
     )).SerializeToString())
     tensor = escaping.graph.initializer[0]
     tensor.ClearField("raw_data")
@@ -255,8 +257,8 @@ def test_an_unexpected_exception_is_exit_3_without_traceback_unless_debug(small_
 def test_console_script_subprocess_inspect(small_model):
     exe = Path(sys.executable).with_name("qcompile")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "qcompile"]
-    proc = subprocess.run([*command, "inspect", str(small_model), "--json"], capture_output=True, text=True, timeout=120,
-                          cwd=small_model.parent)
+    proc = subprocess.run([*command, "inspect", str(small_model), "--json"], capture_output=True, text=True,
+                          timeout=120, cwd=small_model.parent)
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["nodes"] == 7
 
@@ -307,7 +309,8 @@ def test_quantize_speed_gate_exits_1_and_writes_nothing(matmul_model, tmp_path):
 def test_quantize_empty_calibration_folder_is_usage_error(matmul_model, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(tmp_path / "o.onnx"), "--calib", str(empty)])
+    result = CliRunner().invoke(main, ["quantize", str(matmul_model), "-o", str(tmp_path / "o.onnx"),
+                                       "--calib", str(empty)])
     assert result.exit_code == 2 and "no .npz files" in result.output
 
 

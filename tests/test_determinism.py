@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import floats, model_from_text
 
 import qcompile
+from conftest import floats, model_from_text
+
 
 @pytest.fixture(autouse=True)
 def no_debug(monkeypatch):
@@ -80,13 +81,14 @@ def test_same_inputs_give_byte_identical_outputs_for_every_recipe(block, tmp_pat
         out = tmp_path / f"seed{seed}"
         out.mkdir()
         commands = [["optimize", str(model), "-o", str(out / "optimize.onnx")]]
-        commands += [["quantize", str(model), "-o", str(out / f"{recipe}.onnx"), "--recipe", recipe, "--calib", str(data),
-                      "--samples", "8", "--runs", "1"] for recipe in RECIPES]
+        commands += [["quantize", str(model), "-o", str(out / f"{recipe}.onnx"), "--recipe", recipe,
+                      "--calib", str(data), "--samples", "8", "--runs", "1"] for recipe in RECIPES]
         proc = subprocess.run([sys.executable, str(tmp_path / "batch.py"), json.dumps(commands)], capture_output=True,
                               text=True, cwd=tmp_path, timeout=600, env={**os.environ, "PYTHONHASHSEED": seed})
         assert proc.returncode == 0, proc.stderr
     differ = [name for name in names
-              if (tmp_path / "seed1" / f"{name}.onnx").read_bytes() != (tmp_path / "seed2" / f"{name}.onnx").read_bytes()]
+              if (tmp_path / "seed1" / f"{name}.onnx").read_bytes()
+              != (tmp_path / "seed2" / f"{name}.onnx").read_bytes()]
     assert not differ, f"two runs wrote different files for {differ}"
     assert sorted(p.name for p in (tmp_path / "seed1").iterdir()) == sorted(f"{n}.onnx" for n in names)
 

@@ -28,12 +28,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner, Result
-from conftest import model_from_text
 
 import qcompile
+from conftest import model_from_text
 from qcompile.cli import main
 
-ADD = '<ir_version: 9, opset_import: ["" : 17]> g (float[4] x) => (float[4] y) <float[4] w = {1, 2, 3, 4}> { y = Add(x, w) }'
+ADD = ('<ir_version: 9, opset_import: ["" : 17]> g (float[4] x) => (float[4] y) '
+       '<float[4] w = {1, 2, 3, 4}> { y = Add(x, w) }')
 
 MATMUL = """
 <ir_version: 9, opset_import: ["" : 17]>
@@ -307,7 +308,8 @@ def nested_ifs(depth: int) -> bytes:
     for level in range(1, depth + 1):
         then_branch = _field(1, "then_branch") + _int_field(20, graph_attr) + _field(6, graph)
         else_branch = _field(1, "else_branch") + _int_field(20, graph_attr) + _field(6, leaf)
-        node = _field(1, "c") + _field(2, f"o{level}") + _field(4, "If") + _field(5, then_branch) + _field(5, else_branch)
+        node = (_field(1, "c") + _field(2, f"o{level}") + _field(4, "If") + _field(5, then_branch)
+                + _field(5, else_branch))
         graph = _field(1, node) + _field(2, f"g{level}") + _field(12, value_info(f"o{level}", float_))
     graph += _field(11, value_info("c", bool_)) + _field(11, value_info("x", float_))
     return _int_field(1, 9) + _field(8, _field(1, "") + _int_field(2, 17)) + _field(7, graph)
@@ -432,7 +434,8 @@ def test_a_feed_of_nan_is_refused_naming_sample_and_input(folders, matmul):
     data[1] = np.nan  # a whole feed of NaN: no range could come from it, every statistic would turn NaN
     path = folders.inp / "nan.npz"
     np.savez(path, x=data)
-    refused(quantize(folders, matmul, "--calib", path), "input 'x'", "calibration sample 1", "holds NaN (32 of 32 values)")
+    refused(quantize(folders, matmul, "--calib", path), "input 'x'", "calibration sample 1",
+            "holds NaN (32 of 32 values)")
     folders.unchanged()
 
 

@@ -225,13 +225,15 @@ def test_rule3_passes_import_only_passes_and_quant_spec():
     hits = import_violations(
         "passes", ["qcompile.passes", "qcompile.quant.spec", "qcompile.quant.dtypes"], ["onnxruntime"]
     )
-    assert not hits, report("passes/ may import only qcompile.passes.*, qcompile.quant.{spec,dtypes}; no onnxruntime", hits)
+    assert not hits, report(
+        "passes/ may import only qcompile.passes.*, qcompile.quant.{spec,dtypes}; no onnxruntime", hits)
 
 
 def test_rule4_targets_import_only_lower_layers_and_errors():
     allowed = ["qcompile.targets", "qcompile.passes", "qcompile.quant", "qcompile.runtimes", "qcompile.errors"]
     hits = import_violations("targets", allowed)
-    assert not hits, report("targets/ may import only qcompile.{targets,passes,quant,runtimes}.*, qcompile.errors", hits)
+    assert not hits, report(
+        "targets/ may import only qcompile.{targets,passes,quant,runtimes}.*, qcompile.errors", hits)
 
 
 def test_rule5_models_imported_only_by_core_and_import_no_layers():

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import model_from_text, run_ort
 
 import qcompile
+from conftest import model_from_text, run_ort
 from qcompile.errors import ExternalDataError, InvalidModelError, ModelLoadError, OutputPathError
 
 TEXT = """

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import ReluToSigmoid, model_from_text, op_types
 
+from conftest import ReluToSigmoid, model_from_text, op_types
 from qcompile import PassManager, VerificationError, VerifyOptions
 from qcompile.errors import PassFailedError
-from qcompile.passmanager import DUMP_DIR_ENV, InstrumentedPass
 from qcompile.passes import make_pass
+from qcompile.passmanager import DUMP_DIR_ENV, InstrumentedPass
 
 TEXT = """
 <ir_version: 9, opset_import: ["" : 17]>

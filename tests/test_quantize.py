@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import floats, model_from_text, op_types, run_ort
 
 import qcompile
+from conftest import floats, model_from_text, op_types, run_ort
 from qcompile.calibration import IterableReader, iter_feeds, resolve_reader
 from qcompile.errors import InputSpecError
-from qcompile.quant.qparams import fake_quantize, quantize_weight
 from qcompile.passes.quant.annotate import QuantPolicy, annotate, plan_quantization
+from qcompile.quant.qparams import fake_quantize, quantize_weight
 from qcompile.quantize import quantize
 from qcompile.specs import input_specs
 
@@ -48,7 +48,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_weight_axis_per_op_and_numerics(case):
     inp, out, inits, body, w_shape, bias_n, axis = CASES[case]
-    inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
+    inits = inits.replace("{W}", "{" + weights(*w_shape) + "}")
+    inits = inits.replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
     model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g ({inp}) => ({out}) <{inits}> {{ {body} }}')
     reference = ir.from_proto(ir.to_proto(model))
     data = feeds_for(model, 16)
@@ -61,9 +62,11 @@ def test_weight_axis_per_op_and_numerics(case):
     assert len(dq) == 1 and dq[0].attributes.get_int("axis") == axis
     assert dq[0].inputs[1].const_value.numpy().shape == (w_shape[axis],)
     if bias_n:
-        bias_dq = [n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32]
+        bias_dq = [n for n in result.model.graph
+                   if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32]
         assert len(bias_dq) == 1  # INT32 bias with scale s_x * s_w
-        s_x = result.model.graph.initializers[[n for n in result.model.graph if n.op_type == "QuantizeLinear"][0].inputs[1].name]
+        first_q = [n for n in result.model.graph if n.op_type == "QuantizeLinear"][0]
+        s_x = result.model.graph.initializers[first_q.inputs[1].name]
         s_w = dq[0].inputs[1].const_value.numpy()
         np.testing.assert_allclose(bias_dq[0].inputs[1].const_value.numpy(), s_x.const_value.numpy() * s_w, rtol=1e-6)
     for feed in data[:4]:
@@ -91,9 +94,9 @@ def test_quantize_weight_reference():
 
 def test_u8s8_saturation_probe_and_u8_weight_storage():
     """Where ORT's u8 x s8 kernels saturate (measured), the policy stores weights as u8 (exact)."""
-    from qcompile.targets.ort_cpu.kernel_probe import _saturation_case, u8s8_saturates
     from qcompile.quantize import target_policy
     from qcompile.runtimes import OrtRuntime
+    from qcompile.targets.ort_cpu.kernel_probe import _saturation_case, u8s8_saturates
 
     saturates = u8s8_saturates()
     policy, _ = target_policy("ort-cpu")
@@ -106,7 +109,9 @@ def test_u8s8_saturation_probe_and_u8_weight_storage():
     model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g (float[2, 6] x) => (float[2, 5] y) '
                             f'<float[6, 5] w = {{{weights(6, 5)}}}> {{ y = MatMul(x, w) }}')
     result = quantize(model, IterableReader(feeds_for(model, 4)), keep_float=(), optimize=False)
-    codes = next(n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8) and n.inputs[0].const_value is not None)
+    codes = next(n for n in result.model.graph
+                 if n.op_type == "DequantizeLinear" and n.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8)
+                 and n.inputs[0].const_value is not None)
     assert codes.inputs[0].const_value.numpy().dtype == np.dtype(policy.weight_dtype)
 
 
@@ -133,7 +138,8 @@ def test_concat_inputs_and_passthrough_share_one_scale():
     q_of = {n.inputs[0].name: n for n in graph if n.op_type == "QuantizeLinear"}
     assert {"a", "c", "p"} <= set(q_of)
     scales = {name: (graph.initializers[q_of[name].inputs[1].name].const_value.numpy().item(),
-                     graph.initializers[q_of[name].inputs[2].name].const_value.numpy().item()) for name in ("a", "c", "p")}
+                     graph.initializers[q_of[name].inputs[2].name].const_value.numpy().item())
+              for name in ("a", "c", "p")}
     assert scales["a"] == scales["c"] == scales["p"]
     feed = feeds_for(reference, 1, 3.0)[0]
     assert 25 < sqnr(run_ort(reference, feed)[0], run_ort(result.model, feed)[0]) < 80
@@ -286,7 +292,8 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     from qcompile.sensitivity import SensitivitySampler
 
     inp, out, inits, body, w_shape, bias_n, _ = CASES[case]
-    inits = inits.replace("{W}", "{" + weights(*w_shape) + "}").replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
+    inits = inits.replace("{W}", "{" + weights(*w_shape) + "}")
+    inits = inits.replace("{B}", "{" + (weights(bias_n) if bias_n else "") + "}")
     model = model_from_text(f'<ir_version: 9, opset_import: ["" : 17]> g ({inp}) => ({out}) <{inits}> {{ {body} }}')
     policy, _ = target_policy("ort-cpu", keep_float=(), weight_dtype="int8")
     plan = annotate(model, policy, frozenset())

@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import qcompile
 from qcompile.cli import main
 
 
@@ -56,7 +55,8 @@ def detector(opset: int = 17, constant_weights: bool = False) -> onnx.ModelProto
         nodes.insert(0, helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")))
     else:
         inits.append(numpy_helper.from_array(w, "w"))
-    graph = helper.make_graph(nodes, "detector", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+    graph = helper.make_graph(nodes, "detector",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, "H", "W"])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
 
@@ -82,7 +82,8 @@ def test_model_at_opset_12_is_upgraded_before_per_channel_qdq(tmp_path):
     written = onnx.load(str(out))
     onnx.checker.check_model(written, full_check=True)
     assert {o.domain: o.version for o in written.opset_import}[""] == 13
-    dq = [n for n in written.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    dq = [n for n in written.graph.node
+          if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
     assert dq, "per-channel weights expected at opset 13"
     assert report["accuracy_vs_float"]["y"]["cosine"] > 0.99
 
@@ -150,7 +151,8 @@ def lstm_model() -> onnx.ModelProto:
     nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], hidden_size=hidden),
              helper.make_node("Squeeze", ["h", "axes"], ["y"])]
     inits.append(numpy_helper.from_array(np.array([0], np.int64), "axes"))
-    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, features])],
+    graph = helper.make_graph(nodes, "lstm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, features])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
 
@@ -174,8 +176,8 @@ def zipmap_classifier() -> onnx.ModelProto:
              helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
              helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
                               classlabels_int64s=[0, 1, 2])]
-    seq_map = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64,
-                                                                         helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    seq_map = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
     graph = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                               [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
                                helper.make_value_info("output_probability", seq_map)], inits)
@@ -264,7 +266,8 @@ def custom_domain_model() -> onnx.ModelProto:
              helper.make_node("MatMul", ["inv", "w"], ["y"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], [w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("ai.onnx.contrib", 1)])
 
 
 def test_custom_domain_nodes_are_black_boxes_run_through_the_users_library(tmp_path, monkeypatch):
@@ -318,11 +321,12 @@ def test_an_inf_in_one_calibration_row_does_not_poison_gptq_or_the_sqnr_guard(tm
 def test_zipmap_after_an_ml_op_whose_output_inference_cannot_type(tmp_path):
     # skl2onnx's LogisticRegression: LinearClassifier -> Normalizer -> ZipMap, no value_info for the probabilities.
     nodes = [helper.make_node("LinearClassifier", ["x"], ["label", "scores"], domain="ai.onnx.ml",
-                              coefficients=[0.5, -0.2, 0.1, 0.3, -0.4, 0.2], intercepts=[0.1, -0.1], classlabels_ints=[0, 1],
-                              multi_class=0, post_transform="LOGISTIC"),
-             helper.make_node("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1])]
-    seq_map = helper.make_sequence_type_proto(helper.make_map_type_proto(TensorProto.INT64,
-                                                                         helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+                              coefficients=[0.5, -0.2, 0.1, 0.3, -0.4, 0.2], intercepts=[0.1, -0.1],
+                              classlabels_ints=[0, 1], multi_class=0, post_transform="LOGISTIC"),
+             helper.make_node("ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1])]
+    seq_map = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
     graph = helper.make_graph(nodes, "logreg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
                                helper.make_value_info("probabilities", seq_map)])

@@ -10,8 +10,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qcompile.quant.algorithms.gptq import gptq
 from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass
+from qcompile.quant.algorithms.gptq import gptq
 from qcompile.quant.algorithms.rtn import block_codes, rtn
 from qcompile.quant.dtypes import pack
 from qcompile.weight_only import quantize_weights
@@ -27,7 +27,8 @@ def model(opset: int) -> ir.Model:
     head = ", ".join(f"{v:.6f}" for v in HEAD.ravel())
     return ir.from_proto(onnx.parser.parse_model(f"""
     <ir_version: 10, opset_import: ["" : {opset}]>
-    g (float[2, 5, {K}] x) => (float[2, 5, 24] logits) <float[{K}, {N}] w = {{{w}}}, float[{N}, 24] head = {{{head}}}> {{
+    g (float[2, 5, {K}] x) => (float[2, 5, 24] logits)
+      <float[{K}, {N}] w = {{{w}}}, float[{N}, 24] head = {{{head}}}> {{
       h = MatMul(x, w)
       r = Relu(h)
       logits = MatMul(r, head)
@@ -39,7 +40,8 @@ def run(m: ir.Model, x: np.ndarray) -> np.ndarray:
     # ORT fuses DQ -> MatMul into MatMulNBits with int8 activations by default (accuracy level 4);
     # level 0 keeps float activations so the result can be compared with the numpy reference.
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    session = ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
 
 
 def _lowering(cfg: WeightOnlyConfig) -> WeightOnlyPass:
@@ -106,7 +108,8 @@ def test_embedding_rows_match_numpy_dequantised_reference(fmt, opset, bits, bloc
     ids = RNG.integers(0, VOCAB, (1, 7)).astype(np.int64)
     deq = rtn(TABLE.T, bits, block, symmetric=True).dequantize().T  # blocks along each row
     session = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"ids": ids})[0], np.maximum(deq[ids], 0), rtol=1e-5, atol=1e-6)  # ORT: q*s - zp*s
+    # ORT: q*s - zp*s
+    np.testing.assert_allclose(session.run(None, {"ids": ids})[0], np.maximum(deq[ids], 0), rtol=1e-5, atol=1e-6)
     assert np.abs(deq - TABLE).max() < (0.05 if bits == 4 else 0.003)
 
 
@@ -136,8 +139,8 @@ def test_quantize_weights_pipeline_rtn():
     result = quantize_weights(model(17), WeightOnlyConfig(bits=4, block_size=32), optimize=False)
     assert result.quantized and result.to_json()["quantized_matmuls"] == 1
     # no accuracy level given: the one measured faster on this CPU is chosen and emitted
-    from qcompile.targets.ort_cpu.kernel_probe import fastest_accuracy_level
     from qcompile.models.base import cache_root
+    from qcompile.targets.ort_cpu.kernel_probe import fastest_accuracy_level
 
     level = fastest_accuracy_level(4, 32, cache_root() / "probe")
     node = next(n for n in result.model.graph if n.op_type == "MatMulNBits")
@@ -163,7 +166,8 @@ def test_gptq_beats_rtn_on_real_calibration_activations(minilm_path):
     y = held_out @ w
     for bits, block in ((4, 128), (4, 32)):
         e_rtn = np.linalg.norm(y - held_out @ rtn(w, bits, block, True).dequantize())
-        e_plain = np.linalg.norm(y - held_out @ gptq(w, h, bits, block, True, act_order=False, search=False).dequantize())
+        e_plain = np.linalg.norm(
+            y - held_out @ gptq(w, h, bits, block, True, act_order=False, search=False).dequantize())
         e_gptq = np.linalg.norm(y - held_out @ gptq(w, h, bits, block, True).dequantize())
         assert e_plain < 0.8 * e_rtn, (bits, block, e_plain / e_rtn)
         # act order (static groups) and the clipping search lower the held-out error further
@@ -173,9 +177,9 @@ def test_gptq_beats_rtn_on_real_calibration_activations(minilm_path):
 def test_awq_beats_rtn_on_real_calibration_activations(minilm_path):
     """AWQ's alpha, chosen on half of MiniLM's real FFN inputs, lowers the other half's output error."""
     import qcompile
-    from qcompile.quant.algorithms.awq import ALPHA_GRID, awq_scales, group_error
     from qcompile.calibrate import tapped
     from qcompile.models import minilm
+    from qcompile.quant.algorithms.awq import ALPHA_GRID, awq_scales, group_error
 
     m = qcompile.optimize(minilm_path)
     node = next(n for n in m.graph if n.op_type == "MatMul" and "layer.0/intermediate" in n.name)
@@ -208,8 +212,9 @@ def test_awq_scales_fold_into_layernorm_and_beat_rtn_end_to_end():
     fmt = lambda a: ", ".join(f"{v:.6f}" for v in np.ravel(a))  # noqa: E731
     text = f"""
     <ir_version: 10, opset_import: ["" : 17]>
-    g (float[1, 16, {k}] x) => (float[1, 16, {n}] y) <float[{k}] gamma = {{{fmt(gamma)}}}, float[{k}] beta = {{{fmt(np.zeros(k))}}},
-                                                     float[{k}, {n}] w = {{{fmt(w)}}}> {{
+    g (float[1, 16, {k}] x) => (float[1, 16, {n}] y)
+      <float[{k}] gamma = {{{fmt(gamma)}}}, float[{k}] beta = {{{fmt(np.zeros(k))}}},
+       float[{k}, {n}] w = {{{fmt(w)}}}> {{
       h = LayerNormalization <axis = -1> (x, gamma, beta)
       z = MatMul(h, w)
       y = Relu(z)

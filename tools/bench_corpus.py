@@ -213,7 +213,8 @@ def markdown(rows: list[dict], cpu: str, caps: dict, bare: bool) -> str:
     if failures:
         lines += ["", "Failures:", ""]
         for name, step, s in failures:
-            message = s["error"] if s["rc"] != 0 else "exit 0, but the written model fails in ORT: " + s["metrics"]["error"]
+            message = (s["error"] if s["rc"] != 0
+                       else "exit 0, but the written model fails in ORT: " + s["metrics"]["error"])
             lines.append(f"- **{name}** `{step}` exit {s['rc']}: {message}  \n  `{s['command']}`")
     notes = [(r["entry"]["name"], n) for r in rows for n in r["notes"]]
     if notes:

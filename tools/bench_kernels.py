@@ -18,14 +18,24 @@ from __future__ import annotations
 
 import argparse
 
-from qcompile.targets.ort_cpu.kernel_probe import NBITS_K, NBITS_N, PROBE_CASES, KernelCase, _saturation_case, cpu_signature, probe_nbits, time_case
 from qcompile.runtimes import OrtRuntime
+from qcompile.targets.ort_cpu.kernel_probe import (
+    NBITS_K,
+    NBITS_N,
+    PROBE_CASES,
+    KernelCase,
+    _saturation_case,
+    cpu_signature,
+    probe_nbits,
+    time_case,
+)
 
 EXTRA = (
     KernelCase("MatMul M=1 384x1536", "MatMul", "MatMul", (1, 384), (384, 1536), {}, False),
     KernelCase("MatMul M=16 384x1536", "MatMul", "MatMul", (16, 384), (384, 1536), {}, False),
     KernelCase("MatMul M=1024 384x384", "MatMul", "MatMul", (1024, 384), (384, 384), {}, False),
-    KernelCase("Conv 3x3 256->256 14x14", "Conv", "Conv", (1, 256, 14, 14), (256, 256, 3, 3), {"pads": [1, 1, 1, 1]}, True),
+    KernelCase("Conv 3x3 256->256 14x14", "Conv", "Conv", (1, 256, 14, 14), (256, 256, 3, 3),
+               {"pads": [1, 1, 1, 1]}, True),
     KernelCase("Conv 7x7/2 3->64 224x224", "Conv", "Conv", (1, 3, 224, 224), (64, 3, 7, 7),
                {"pads": [3, 3, 3, 3], "strides": [2, 2]}, True),
 )
@@ -41,7 +51,8 @@ def main() -> None:
         runtime = OrtRuntime()
         runtime.load(model)
         y = next(iter(runtime.run(feed).values()))
-        print(f"u8 activations x {dtype} weights, extreme codes: max relative error {abs(y - exact).max() / abs(exact).max():.2e}")
+        print(f"u8 activations x {dtype} weights, extreme codes: "
+              f"max relative error {abs(y - exact).max() / abs(exact).max():.2e}")
     print("\n| case | class | FP32 median ms | s8 weights, float output | s8, QDQ output | u8 weights, float output "
           "| u8, QDQ output |\n|---|---|---|---|---|---|---|")
     variants = {"fp32": (False, None), "float_out": (True, False), "qdq_out": (True, True)}
@@ -51,7 +62,8 @@ def main() -> None:
         cells = [f"{t['fp32'] / t[k]:.2f}×" for t in (s8, u8) for k in ("float_out", "qdq_out")]
         print(f"| {case.label} | {case.op_class} | {s8['fp32']:.3f} | " + " | ".join(cells) + " |", flush=True)
 
-    print(f"\n| MatMulNBits, M=1, {NBITS_K}x{NBITS_N} | level 0 median ms | level 4 median ms | level 4 speed-up |\n|---|---|---|---|")
+    print(f"\n| MatMulNBits, M=1, {NBITS_K}x{NBITS_N} | level 0 median ms | level 4 median ms | level 4 speed-up |"
+          "\n|---|---|---|---|")
     for bits in (4, 8):
         for block in (32, 128):
             t = probe_nbits(bits, block, runs=args.runs)  # not cached: measured now

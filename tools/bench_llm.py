@@ -117,7 +117,8 @@ def measure(name: str, runs: int, workdir: Path, quantizers: list[tuple]) -> lis
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | quantizer | metric | decode step vs FP32 | prefill 128 vs FP32 | model MB | quantize s | peak RSS MB |",
+    out = ["| model | quantizer | metric | decode step vs FP32 | prefill 128 vs FP32 | model MB | quantize s "
+           "| peak RSS MB |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         secs = f"{r['seconds']:.1f}" if "seconds" in r else "—"
@@ -127,7 +128,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         metric = metric_cell(r)
         speed = lambda k: f"{r[k]:.2f}× ({r['median_ms_' + k[6:]]:.1f} ms)" if k in r else "—"  # noqa: E731
-        out.append(f"| {r['model']} | {r['quantizer']} | {metric} | {speed('speed_decode')} | {speed('speed_prefill128')} "
+        out.append(f"| {r['model']} | {r['quantizer']} | {metric} | {speed('speed_decode')} "
+                   f"| {speed('speed_prefill128')} "
                    f"| {r['bytes'] / 1e6:.0f} | {secs} | {rss} |")
     return "\n".join(out)
 

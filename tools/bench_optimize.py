@@ -51,12 +51,14 @@ def measure(name: str, runs: int, workdir: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | nodes before → after | worst rel L2 (verified) | optimize s | FP32 median ms | optimized median ms | speed vs FP32 |",
+        "| model | nodes before → after | worst rel L2 (verified) | optimize s | FP32 median ms "
+        "| optimized median ms | speed vs FP32 |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['nodes_before']} → {r['nodes_after']} | {r['worst_rel_l2']:.1e} | {r['optimize_s']:.1f} "
+            f"| {r['model']} | {r['nodes_before']} → {r['nodes_after']} | {r['worst_rel_l2']:.1e} "
+            f"| {r['optimize_s']:.1f} "
             f"| {r['fp32_median_ms']:.2f} | {r['optimized_median_ms']:.2f} | {r['speed_ratio']:.3f}× |"
         )
     return "\n".join(lines)

@@ -10,9 +10,9 @@ over real data; random images/tokens for the random-weight entries). ORT is run 
 QDQ format, per-channel, U8 activations / S8 weights, with MinMax, Percentile and Entropy
 calibration (a crash is reported as such). For ResNet-18, qcompile also runs with every Conv in
 INT8 (no op class kept float by the kernel probe). For MiniLM and digits, qcompile also runs with s8
-weights forced, to show what u8 x s8 saturation costs on CPUs that have it. Each quantizer runs in its own process so that its
-peak RSS is its own. Columns: task metric, latency ratio vs FP32 at batch 1 and 8 (interleaved on
-ORT CPU), quantize wall time, peak RSS.
+weights forced, to show what u8 x s8 saturation costs on CPUs that have it. Each quantizer runs in
+its own process so that its peak RSS is its own. Columns: task metric, latency ratio vs FP32 at
+batch 1 and 8 (interleaved on ORT CPU), quantize wall time, peak RSS.
 
 ``gpt_independent`` is the cost claim on a GPT that qcompile's zoo did not build (tools/
 gpt_independent.py writes it directly in ONNX; default width 1024, 12 layers, vocabulary 8192, 168 M
@@ -39,7 +39,6 @@ from pathlib import Path
 
 from benchlib import metric_cell, report, run_isolated, score, time_rows
 
-
 GPT_168M = {"width": 768, "depth": 12, "heads": 12, "vocab": 50304, "max_seq": 1024}
 SETUPS = {
     # name: (zoo entry, export options, calibration samples, timing dims, timing batches)
@@ -51,7 +50,13 @@ SETUPS = {
 
 
 def _ort_quantize(src: str, dst: str, feeds: list, method: str) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -129,7 +134,8 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            out.append(f"| {r['model']} | {r['quantizer']} | **crash**: {r['error']} | | | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | |")
+            out.append(f"| {r['model']} | {r['quantizer']} | **crash**: {r['error']} | | | {r['seconds']:.1f} "
+                       f"| {r['peak_rss_mb']:.0f} | |")
             continue
         metric = metric_cell(r) if ("r_at_1" in r or "top1" in r) else ""
         speed = lambda k: f"{r[k]:.2f}×" if k in r else "—"  # noqa: E731
@@ -214,8 +220,8 @@ def measure_cost(args, workdir: Path) -> dict:
     gpt_independent.write(model, external=args.gpt_external, **options)
     gpt_independent.write_calibration(calib, args.gpt_samples, args.gpt_seq, args.gpt_vocab)
     size = _model_bytes(model)
-    quantize_args = ["quantize", str(model), "-o", str(workdir / "q.onnx"), "--target", "ort-cpu", "--calib", str(calib),
-                     "--json"]
+    quantize_args = ["quantize", str(model), "-o", str(workdir / "q.onnx"), "--target", "ort-cpu",
+                     "--calib", str(calib), "--json"]
     commands = {
         "floor": [sys.executable, "-c", FLOOR, str(model), str(calib)],
         "qcompile": [*_qcompile_command(), *quantize_args],
@@ -248,7 +254,8 @@ def measure_cost(args, workdir: Path) -> dict:
             print(f"round {round_index + 1}: {name} {result['seconds']:.1f} s, {result['peak_rss_mb']:.0f} MB "
                   f"(load average {result['load_average']:.1f})", flush=True)
     return {"options": {**options, "external": args.gpt_external, "samples": args.gpt_samples, "seq": args.gpt_seq},
-            "parameters": gpt_independent.parameter_count(args.gpt_width, args.gpt_layers, args.gpt_vocab, options["max_seq"]),
+            "parameters": gpt_independent.parameter_count(args.gpt_width, args.gpt_layers, args.gpt_vocab,
+                                                          options["max_seq"]),
             "model_bytes": size, "runs": runs}
 
 
@@ -277,8 +284,9 @@ def cost_markdown(cost: dict) -> str:
         for name, rs in runs.items():
             median = {key: statistics.median(r[key] for r in rs) for key in ("seconds", "cpu_seconds", "peak_rss_mb")}
             line("median", name, median, floor)
-        ratios = ", ".join(f"{name} {statistics.median(r['seconds'] / f['seconds'] for r, f in zip(rs, runs['floor'])):.2f}×"
-                           for name, rs in runs.items() if name != "floor")
+        ratios = ", ".join(
+            f"{name} {statistics.median(r['seconds'] / f['seconds'] for r, f in zip(rs, runs['floor'])):.2f}×"
+            for name, rs in runs.items() if name != "floor")
         out.append(f"\nMedian of the per-round wall-time ratios to the floor: {ratios}.")
     for name, rs in runs.items():
         if not name.startswith("qcompile") or not rs[0].get("phases"):

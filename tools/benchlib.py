@@ -87,4 +87,5 @@ def report(rows: list[dict], markdown: Callable[[list[dict]], str], json_out: Pa
     print(f"\n{cpu_signature()}\n")
     print(markdown(rows))
     if json_out:
-        json_out.write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], indent=2, default=str))
+        json_out.write_text(json.dumps([{k: v for k, v in r.items() if k != "path"} for r in rows], indent=2,
+                                       default=str))

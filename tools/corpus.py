@@ -149,8 +149,8 @@ def skimage_image(name: str):
 
 def photos():
     """Real photographs: scikit-learn's two (427 x 640) and six of scikit-image's, people first."""
-    from PIL import Image
     import sklearn.datasets
+    from PIL import Image
 
     folder = Path(sklearn.datasets.__file__).parent / "images"
     return [skimage_image(n) for n in SKIMAGE_PHOTOS] + [Image.open(folder / n).convert("RGB") for n in SKLEARN_IMAGES]
@@ -191,7 +191,8 @@ def face_crops(n: int, size: int, seed: int = 0):
         im = skimage_image(name)
         half = side * rng.uniform(0.85, 1.15) / 2
         cx, cy = cx + rng.uniform(-0.1, 0.1) * side, cy + rng.uniform(-0.1, 0.1) * side
-        out.append(im.crop((int(cx - half), int(cy - half), int(cx + half), int(cy + half))).resize((size, size), Image.BILINEAR))
+        box = (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
+        out.append(im.crop(box).resize((size, size), Image.BILINEAR))
     return out
 
 
@@ -271,6 +272,7 @@ def real_files() -> list[Path]:
     """Real files of many types: the same list on any machine with this project's dependencies."""
     import importlib.util
     import json as json_mod
+
     import sklearn
 
     def module_file(name):
@@ -602,7 +604,8 @@ def _skl_build(dataset: str, make_estimator, zipmap: bool):
 def _skl_rows(dataset: str):
     def make(path: Path) -> Samples:
         x_train, x_test, _, _ = _dataset(dataset)
-        return Samples(eval=[{"X": x_test[:64]}], calib=[{"X": x_train[i:i + 16]} for i in range(0, len(x_train) - 15, 16)][:16])
+        return Samples(eval=[{"X": x_test[:64]}],
+                       calib=[{"X": x_train[i:i + 16]} for i in range(0, len(x_train) - 15, 16)][:16])
 
     return make
 
@@ -673,7 +676,8 @@ REGISTRY: tuple[Entry, ...] = (
           ("already quantized: ConvInteger, MatMulInteger", "com.microsoft DynamicQuantizeLSTM", "8 opset imports"),
           _ddddocr_rec, member="ddddocr/common_old.onnx", agree=_agree_argmax("387"), data_packages=(SKIMAGE,),
           note="a model a user already quantized with onnxruntime"),
-    Entry("silero_vad_v5", SILERO, "spox", 16, ("If (25, nested)", "LSTM", "Constant-node weights", "speech", "int64 scalar input"),
+    Entry("silero_vad_v5", SILERO, "spox", 16,
+          ("If (25, nested)", "LSTM", "Constant-node weights", "speech", "int64 scalar input"),
           _silero_stateful, member="silero_vad/data/silero_vad.onnx", agree=_agree_threshold("output", 0.5),
           small=True, data_packages=(SPEECH[0],), note="voice activity, 8/16 kHz branches inside If"),
     Entry("silero_vad_op15", SILERO, "pytorch (TorchScript)", 15, ("If", "LSTM", "speech", "symbolic batch, sequence"),

@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, QCOMPILE_HYPOTHESIS_PROFILE="large", QCOMPILE_HYPOTHESIS_EXAMPLES=str(args.examples))
     selected = [TESTS[name] for name in (args.only or TESTS)]
     command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_properties.py"), "-k", " or ".join(selected),
-               "-q", "--hypothesis-show-statistics", *(["--hypothesis-seed", str(args.seed)] if args.seed is not None else []),
+               "-q", "--hypothesis-show-statistics",
+               *(["--hypothesis-seed", str(args.seed)] if args.seed is not None else []),
                *args.pytest_args]
-    print(f"$ QCOMPILE_HYPOTHESIS_PROFILE=large QCOMPILE_HYPOTHESIS_EXAMPLES={args.examples} {' '.join(command[1:])}", flush=True)
+    print(f"$ QCOMPILE_HYPOTHESIS_PROFILE=large QCOMPILE_HYPOTHESIS_EXAMPLES={args.examples} "
+          f"{' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     code = subprocess.call(command, cwd=ROOT, env=env)
     print(f"fuzz_graphs: {len(selected)} properties x {args.examples} examples in {time.perf_counter() - start:.0f} s, "

@@ -357,8 +357,8 @@ def freeze_weights(proto: onnx.ModelProto, feed: dict[str, Any]) -> tuple[onnx.M
 def weight_dtype() -> str:
     """INT8 weight storage as qcompile's kernel probe measures it for this CPU (uint8 with zero point
     128 where ORT's u8 x s8 kernels saturate, as on AVX2 without VNNI; int8 elsewhere)."""
-    from qcompile.targets.ort_cpu.kernel_probe import policy_weight_dtype
     from qcompile.models.base import cache_root
+    from qcompile.targets.ort_cpu.kernel_probe import policy_weight_dtype
 
     return policy_weight_dtype(cache_dir=cache_root() / "probe")
 
@@ -388,7 +388,8 @@ def check_quantize(case, variant: str, threads: int = 1) -> QuantResult:
     try:
         got = run_ort(quantized, feeds, threads, optimize=True)
     except Exception as exc:
-        return QuantResult(case.name, variant, "failed", None, count, f"quantized model does not run: {first_line(exc)}")
+        return QuantResult(case.name, variant, "failed", None, count,
+                           f"quantized model does not run: {first_line(exc)}")
     try:
         predicted = predicted_errors(case, feeds, variant == "frozen-weights", expected, threads)
     except Exception as exc:  # the suite's own noise model, not qcompile: listed apart
@@ -421,11 +422,13 @@ def weight_axes(model: onnx.ModelProto) -> dict[str, int]:
         if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1] in inputs:
             rank = inputs[node.input[1]]
             transposed = any(a.name == "transB" and a.i for a in node.attribute)
-            axes[node.input[1]] = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if transposed else 1}.get(node.op_type, rank - 1)
+            axes[node.input[1]] = {"Conv": 0, "ConvTranspose": 1,
+                                   "Gemm": 0 if transposed else 1}.get(node.op_type, rank - 1)
     return axes
 
 
-def predicted_errors(case, feeds: list[dict], per_channel: bool, expected: list[list], threads: int) -> list[list[float]]:
+def predicted_errors(case, feeds: list[dict], per_channel: bool, expected: list[list],
+                     threads: int) -> list[list[float]]:
     """For each data set and output: the error norm INT8 rounding noise predicts (see QUANT_MARGIN)."""
     axes = weight_axes(case.model) if per_channel else {}
     sess = session(case.model.SerializeToString(), threads)
@@ -549,7 +552,8 @@ def report(suite: SuiteResult) -> str:
             if int8:
                 rels, ratios = [r.rel_l2 for r in int8], [r.ratio for r in int8]
                 lines.append(f"  {variant}: {len(int8)} with INT8 nodes; rel L2 median {np.median(rels):.2g}, max "
-                             f"{max(rels):.2g}; error / prediction median {np.median(ratios):.2g}, max {max(ratios):.2g}")
+                             f"{max(rels):.2g}; error / prediction median {np.median(ratios):.2g}, "
+                             f"max {max(ratios):.2g}")
         for r in suite.quant:
             if r.status != "ok":
                 lines.append(f"  quantize {r.status:8} {r.name} ({r.variant}): {r.detail}")
@@ -564,7 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the suite's own sessions")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default: 2)")
     parser.add_argument("--progress", action="store_true", help="print each failure as it happens")
-    parser.add_argument("--not-runnable", action="store_true", help="also list the cases ORT refuses, with ORT's reason")
+    parser.add_argument("--not-runnable", action="store_true",
+                        help="also list the cases ORT refuses, with ORT's reason")
     args = parser.parse_args(argv)
     suite = run_suite(load_cases(args.only), quantize=not args.no_quantize, threads=args.threads, jobs=args.jobs,
                       progress=args.progress)

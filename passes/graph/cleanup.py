@@ -39,7 +39,8 @@ class DeadCodeEliminationPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for inner in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):
+        for inner in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
+                      common.RemoveUnusedOpsetsPass()):
             modified |= inner(model).modified
         # onnx-ir drops unused initializers of the main graph only; If/Loop/Scan bodies keep theirs.
         for graph in model.graph.subgraphs():
@@ -175,7 +176,8 @@ class DeduplicateInitializersPass(ir.passes.InPlacePass):
             kept: dict[tuple, list[ir.Value]] = {}
             for value in tuple(graph.initializers.values()):
                 tensor = value.const_value
-                if tensor is None or value.is_graph_input() or value.is_graph_output() or isinstance(tensor, ir.StringTensor):
+                if (tensor is None or value.is_graph_input() or value.is_graph_output()
+                        or isinstance(tensor, ir.StringTensor)):
                     continue
                 key = (tensor.dtype, tuple(tensor.shape.numpy()), self._fingerprint(tensor))
                 twin = next((v for v in kept.get(key, ()) if _equal(v.const_value, tensor)), None)

@@ -51,7 +51,8 @@ def _narrowed(base: type) -> type:
 
 _RULES = [
     _narrowed(cls).rule()
-    for cls in (_gemm.MatMulAddToGemm, _gemm.TransAMatMulAddToGemm, _gemm.TransBMatMulAddToGemm, _gemm.TransABMatMulAddToGemm)
+    for cls in (_gemm.MatMulAddToGemm, _gemm.TransAMatMulAddToGemm, _gemm.TransBMatMulAddToGemm,
+                _gemm.TransABMatMulAddToGemm)
 ]
 
 

@@ -158,7 +158,8 @@ class QuantPlan:
 
 
 def _is_float_activation(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is None and value.dtype in (ir.DataType.FLOAT, None) and not _constant_only(value)
+    return (value is not None and value.const_value is None and value.dtype in (ir.DataType.FLOAT, None)
+            and not _constant_only(value))
 
 
 def _constant_only(value: ir.Value) -> bool:
@@ -287,7 +288,8 @@ def read_plan(model: ir.Model) -> QuantPlan:
     for _, value in annotated:
         spec = value.meta[SPEC_KEY]
         if isinstance(spec, QuantSpec) and spec.role == "weight":
-            consumers = [(node.name, index) for node, index in sorted(value.uses(), key=lambda u: position.get(id(u[0]), -1))
+            consumers = [(node.name, index)
+                         for node, index in sorted(value.uses(), key=lambda u: position.get(id(u[0]), -1))
                          if index == 1 and node.meta.get(QUANTIZED_KEY) and id(node) in position]
             plan.weights[value.name] = WeightSpec(value.name, spec.axis, consumers, spec.dtype)
         else:
@@ -364,13 +366,14 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
             plan.kept_float[name] = "weight rank < 2"
             continue
         plan.add_activation(x.name)
-        spec = plan.weights.setdefault(w.name, WeightSpec(w.name, _weight_axis(node, w.shape.rank(), policy.per_channel),
-                                                            dtype=policy.weight_dtype))
+        axis = _weight_axis(node, w.shape.rank(), policy.per_channel)
+        spec = plan.weights.setdefault(w.name, WeightSpec(w.name, axis, dtype=policy.weight_dtype))
         spec.consumers.append((name, 1))
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2]
             out_channels = w.shape[spec.axis] if spec.axis is not None else None
-            if b.const_value is not None and b.shape is not None and b.shape.rank() == 1 and (out_channels is None or b.shape[0] == out_channels):
+            if (b.const_value is not None and b.shape is not None and b.shape.rank() == 1
+                    and (out_channels is None or b.shape[0] == out_channels)):
                 plan.biases[b.name + "@" + name] = BiasSpec(b.name, x.name, w.name, (name, 2))
         plan.quantized_nodes.append(name)
         if node.op_type in policy.quantize_outputs_of:

@@ -78,7 +78,8 @@ def embedding_candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.N
         if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0 or node.inputs[0] is None:
             continue
         table = node.inputs[0]
-        if table.const_value is None or table.dtype != ir.DataType.FLOAT or table.shape is None or table.shape.rank() != 2:
+        if (table.const_value is None or table.dtype != ir.DataType.FLOAT or table.shape is None
+                or table.shape.rank() != 2):
             continue
         if table.shape[1] * config.bits % 8:
             continue
@@ -110,7 +111,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         ort = cfg.format == "matmulnbits"
         jobs = [(node, node.inputs[1], self._matmul_codes, self._to_matmulnbits if ort else self._to_blocked_dq,
                  self.quantized) for node in candidates(model, cfg)]
-        jobs += [(node, node.inputs[0], self._row_codes, self._to_gather_block_quantized if ort else self._to_blocked_dq_gather,
+        jobs += [(node, node.inputs[0], self._row_codes,
+                  self._to_gather_block_quantized if ort else self._to_blocked_dq_gather,
                   self.embeddings) for node in embedding_candidates(model, cfg)]
         for node, weight, codes_of, lower, record in jobs:
             lower(graph, node, codes_of(weight), weight.name.replace("/", "_").replace(":", "_"))
@@ -185,7 +187,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
     def _to_blocked_dq_gather(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
         rows, k_blocks, block = bq.codes.shape
-        signed = (bq.codes.reshape(rows, k_blocks * block)[:, : bq.k].astype(np.int16) - 2 ** (cfg.bits - 1)).astype(np.int8)
+        signed = (bq.codes.reshape(rows, k_blocks * block)[:, : bq.k].astype(np.int16)
+                  - 2 ** (cfg.bits - 1)).astype(np.int8)
         dtype = ir.DataType.INT4 if cfg.bits == 4 else ir.DataType.INT8
         q = add_initializer(graph, f"{base}_q{cfg.bits}", signed, dtype)
         scales = add_initializer(graph, f"{base}_scales", bq.scales.astype(np.float32))

@@ -28,6 +28,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile.passes.irutil import add_initializer, weight_kn
 
+
 @dataclass
 class SmoothGroup:
     """One activation, the node that produces it, and the MatMul/Gemm nodes that consume it."""

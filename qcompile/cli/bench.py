@@ -6,8 +6,15 @@ import click
 from rich.table import Table
 
 from qcompile import modelio, specs
-from qcompile.cli.common import (data_feeds, data_option, emit_json, handle_errors, resolve_model, stdout,
-                                 with_shape_options)
+from qcompile.cli.common import (
+    data_feeds,
+    data_option,
+    emit_json,
+    handle_errors,
+    resolve_model,
+    stdout,
+    with_shape_options,
+)
 
 
 @click.command()
@@ -16,7 +23,8 @@ from qcompile.cli.common import (data_feeds, data_option, emit_json, handle_erro
 @with_shape_options
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
-@click.option("--min-time", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Keep timing at least this many seconds.")
+@click.option("--min-time", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep timing at least this many seconds.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: runtime's).")
 @data_option
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")

@@ -114,8 +114,8 @@ def commit_saved(candidate: Path, out: Path, read_by_input: set[Path]) -> None:
     that commit modelio.save, without writing it twice. ``read_by_input``: data files of the input."""
     data, final_data = candidate.with_name(f"{candidate.name}.data"), out.with_name(f"{out.name}.data")
     if data.exists() and final_data.resolve() in read_by_input:
-        raise modelio.OutputPathError("refusing to overwrite external data the input model reads", where=str(final_data),
-                                      fix="choose another output name")
+        raise modelio.OutputPathError("refusing to overwrite external data the input model reads",
+                                      where=str(final_data), fix="choose another output name")
     with interrupts.deferred():
         if data.exists():
             os.replace(data, final_data)

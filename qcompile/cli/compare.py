@@ -12,8 +12,10 @@ from qcompile.cli.common import emit_json, fail, handle_errors, resolve_model, s
 @click.command()
 @click.argument("reference")
 @click.argument("candidate")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help=".npz of inputs (samples stacked or single).")
-@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Random feeds (or cap on --data).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help=".npz of inputs (samples stacked or single).")
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Random feeds (or cap on --data).")
 @click.option("--target", default="ort-cpu", show_default=True)
 @with_shape_options
 @click.option("--max-rel-l2", type=float, default=None, help="Exit 1 if any output's relative L2 exceeds this.")

@@ -8,8 +8,17 @@ import click
 from rich.table import Table
 
 from qcompile import modelio, specs
-from qcompile.cli.common import (data_feeds, data_option, emit_json, handle_errors, refuse_overwriting_input,
-                                 resolve_model, stderr, stdout, with_shape_options)
+from qcompile.cli.common import (
+    data_feeds,
+    data_option,
+    emit_json,
+    handle_errors,
+    refuse_overwriting_input,
+    resolve_model,
+    stderr,
+    stdout,
+    with_shape_options,
+)
 from qcompile.progress import bar
 
 

@@ -10,15 +10,27 @@ import click
 import onnx_ir as ir
 
 from qcompile import modelio, specs, targets
+from qcompile.cli.common import (
+    commit_saved,
+    data_feeds,
+    data_option,
+    emit_json,
+    fail,
+    handle_errors,
+    output_temp_dir,
+    refuse_overwriting_input,
+    resolve_model,
+    stderr,
+    stdout,
+    with_shape_options,
+)
 from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
-from qcompile.cli.common import (commit_saved, data_feeds, data_option, emit_json, fail, handle_errors,
-                                 output_temp_dir, refuse_overwriting_input, resolve_model, stderr, stdout,
-                                 with_shape_options)
 
 
 @click.command()
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the quantized model.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the quantized model.")
 @click.option("--target", type=click.Choice(targets.names()), default=None,
               help="Where the model will run (qcompile.targets): what is quantized, how, and what it is verified "
                    "on. [default: the recipe's, ort-cpu]")
@@ -30,7 +42,8 @@ from qcompile.cli.common import (commit_saved, data_feeds, data_option, emit_jso
               help="random | FILE.npz (samples stacked) | FOLDER of .npz | module:callable | zoo:NAME")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Calibration method (static INT8; recipe default mse).")
-@click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default per channel).")
+@click.option("--per-channel/--per-tensor", default=None,
+              help="Weight scales per output channel (default per channel).")
 @click.option("--alpha", default=None, metavar="ALPHA|auto", help="SmoothQuant alpha in [0, 1], or auto (per layer).")
 @click.option("--quantize-attention", is_flag=True, default=False,
               help="Static INT8: attention MatMuls (activation x activation) in INT8 too (float by default).")
@@ -45,7 +58,8 @@ from qcompile.cli.common import (commit_saved, data_feeds, data_option, emit_jso
               help="Weight-only: quantize embedding tables (Gather) too, symmetric blocks along each row.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits compute: 0 float, 4 int8 activations (default: the faster on this CPU, measured).")
-@click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE", help="Keep float: node name, op type or name pattern.")
+@click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE",
+              help="Keep float: node name, op type or name pattern.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Calibration samples at most.")
 @click.option("--min-sqnr", type=float, default=None,
               help="Static INT8: MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float "
@@ -58,8 +72,8 @@ from qcompile.cli.common import (commit_saved, data_feeds, data_option, emit_jso
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
 def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha,
-             quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
-             batch, seq, dims, data, as_json):
+             quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings,
+             accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     from qcompile.calibration import resolve_reader
     from qcompile.errors import CheckFailedError
@@ -108,7 +122,8 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
             candidate = Path(stack.enter_context(output_temp_dir(out))) / out.name
             modelio.save(result.model, candidate)
             clock.lap("save")
-            timing = _side_by_side(path, candidate, target, runs, shape, result.timing_feed if not (dims or batch or seq) else None)
+            timing = _side_by_side(path, candidate, target, runs, shape,
+                                   result.timing_feed if not (dims or batch or seq) else None)
         else:
             for entry, where in zip(timing["results"], (path, out)):
                 entry["path"] = str(where)
@@ -179,7 +194,8 @@ def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> Non
     else:
         plan = result.plan
         stdout.print(f"{recipe.name}: {len(plan.quantized_nodes)} nodes to INT8, {len(plan.kept_float)} kept float "
-                     f"({recipe.method}, {result.calibration.samples} samples, {len(plan.activations)} activation tensors)")
+                     f"({recipe.method}, {result.calibration.samples} samples, "
+                     f"{len(plan.activations)} activation tensors)")
         for name, reason in list(plan.kept_float.items())[:12]:
             stdout.print(f"  float: {name} — {reason}")
         if len(plan.kept_float) > 12:

@@ -83,7 +83,8 @@ def case_model(case: KernelCase, w: np.ndarray, quantized: bool, quantized_outpu
             n3, i3 = _qdq("yf", 0.05, 128)
             nodes += n3 + [helper.make_node("Identity", ["yf_dq"], ["y"])]
             inits += i3
-    model = helper.make_model(helper.make_graph(nodes, "probe", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(helper.make_graph(nodes, "probe", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model.SerializeToString()
 
@@ -163,12 +164,14 @@ def nbits_model(bits: int, block_size: int, accuracy_level: int, w: np.ndarray) 
 
     bq = rtn(w, bits, block_size, symmetric=True)
     n, k_blocks, _ = bq.codes.shape
-    inits = [numpy_helper.from_array(pack(bq.codes, bits), "w_q"), numpy_helper.from_array(bq.scales.reshape(-1), "w_s")]
+    inits = [numpy_helper.from_array(pack(bq.codes, bits), "w_q"),
+             numpy_helper.from_array(bq.scales.reshape(-1), "w_s")]
     node = helper.make_node("MatMulNBits", ["x", "w_q", "w_s"], ["y"], domain="com.microsoft", K=w.shape[0], N=n,
                             bits=bits, block_size=block_size, accuracy_level=accuracy_level)
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 9
     return model.SerializeToString()
 
@@ -185,7 +188,8 @@ def probe_nbits(bits: int, block_size: int, cache_dir: Path | None = None, runs:
         for level in (0, 4):
             runtimes[str(level)] = OrtRuntime()
             runtimes[str(level)].load(nbits_model(bits, block_size, level, w), RuntimeOptions(spin_wait=False))
-        results = time_side_by_side({k: (lambda rt=rt: rt.run(feed)) for k, rt in runtimes.items()}, runs=runs, warmup=5)
+        results = time_side_by_side({k: (lambda rt=rt: rt.run(feed)) for k, rt in runtimes.items()},
+                                    runs=runs, warmup=5)
         return {level: r.median_ms for level, r in results.items()}
 
     label = f"MatMulNBits bits={bits} block={block_size} M=1 {NBITS_K}x{NBITS_N}"

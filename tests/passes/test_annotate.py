@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from conftest import floats, model_from_text, run_ort
 
-from qcompile.calibration import IterableReader
+from conftest import floats, model_from_text, run_ort
 from qcompile.calibrate import collect_ranges
+from qcompile.calibration import IterableReader
 from qcompile.passes.quant.annotate import QuantPolicy, annotate, plan_quantization, read_plan, set_spec
 from qcompile.passes.quant.qdq import QDQLoweringPass
 from qcompile.quant.qparams import quantize_bias, weight_codes

@@ -4,8 +4,8 @@ to its numpy definition on the concatenated data, with state that does not grow 
 from __future__ import annotations
 
 import numpy as np
-from conftest import floats, model_from_text
 
+from conftest import floats, model_from_text
 from qcompile import calibrate
 from qcompile.calibration import IterableReader
 from qcompile.quant.observers import MinMaxObserver, make_observer
@@ -70,7 +70,8 @@ def test_row_statistics_skip_masked_rows_and_keep_bounded_state():
     np.testing.assert_allclose(moments.mean_square(), (finite**2).mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(hessian.h, 50 * finite.T @ finite, rtol=1e-4)
     assert sample.rows().shape == (30, 4) and np.isfinite(sample.rows()).all()
-    assert len(even_rows(finite, 10)) == 10 and even_rows(finite, 10)[0].tolist() == finite[0].astype(np.float32).tolist()
+    assert len(even_rows(finite, 10)) == 10
+    assert even_rows(finite, 10)[0].tolist() == finite[0].astype(np.float32).tolist()
 
 
 def test_nothing_to_observe_reads_no_data():

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import floats, model_from_text, run_ort
 
 import qcompile
+from conftest import floats, model_from_text, run_ort
 from qcompile import targets
 from qcompile.calibration import IterableReader
 from qcompile.errors import InputModelError, UnknownNameError

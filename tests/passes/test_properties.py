@@ -29,11 +29,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from graphgen import GeneratedGraph, graphs
 from hypothesis import HealthCheck, given, note, settings
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
+from graphgen import GeneratedGraph, graphs
 from qcompile.calibration import IterableReader
 from qcompile.passes import PASSES
 from qcompile.quantize import quantize
@@ -98,7 +98,8 @@ def assert_equivalent(case: GeneratedGraph, model: ir.Model, reference, where: s
             a, b = want[name], got[name]
             assert a.shape == b.shape and a.dtype == b.dtype, (
                 f"{where}: output {name!r} feed {i}: {b.dtype}{b.shape} != {a.dtype}{a.shape}")
-            assert np.array_equal(np.isfinite(a), np.isfinite(b)), f"{where}: output {name!r} feed {i}: non-finite values differ"
+            assert np.array_equal(np.isfinite(a), np.isfinite(b)), (
+                f"{where}: output {name!r} feed {i}: non-finite values differ")
             finite = np.isfinite(a)
             err = rel_l2(a[finite], b[finite])
             EQUIVALENCE_RATIOS.append(err / tol)
@@ -129,7 +130,8 @@ def assert_annotations_truthful(proto: onnx.ModelProto, feeds, where: str) -> No
             actual = result[vi.name]
             if t.elem_type:
                 want = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-                assert actual.dtype == want, f"{where}: value {vi.name!r} annotated {want}, runtime gives {actual.dtype}"
+                assert actual.dtype == want, (
+                    f"{where}: value {vi.name!r} annotated {want}, runtime gives {actual.dtype}")
             if t.HasField("shape"):
                 dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
                 assert len(dims) == actual.ndim and all(d is None or d == a for d, a in zip(dims, actual.shape)), (
@@ -151,7 +153,8 @@ def assert_nothing_rolled_back(result: qcompile.PassManagerResult, where: str) -
 def check_every_pass(case: GeneratedGraph) -> None:
     reference = run(case.model, case.feeds)  # the original runs: else the generator is wrong
     for name in PASSES:
-        result = qcompile.optimize_with_stats(fresh(case), passes=[name], verify=True, verify_options=verify_options(case))
+        result = qcompile.optimize_with_stats(fresh(case), passes=[name], verify=True,
+                                              verify_options=verify_options(case))
         assert_nothing_rolled_back(result, f"pass {name!r}")
         assert_equivalent(case, result.model, reference, f"pass {name!r}")
 
@@ -252,7 +255,8 @@ def int8_twin(float_proto: onnx.ModelProto, activations: dict[str, tuple[float, 
             others = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else tuple(range(w.ndim))
             nodes += noise(init.name, np.abs(w).max(axis=others, keepdims=True) / 127.0, None)
     inputs = {i.name for i in graph.input}
-    nodes += [n for name, (lo, hi, step) in activations.items() if name in inputs for n in noise(name, np.array(step), (lo, hi))]
+    nodes += [n for name, (lo, hi, step) in activations.items() if name in inputs
+              for n in noise(name, np.array(step), (lo, hi))]
     for node in list(graph.node):
         node.input[:] = [noisy.get(x, x) for x in node.input]
         nodes.append(node)
@@ -322,7 +326,8 @@ def quantize_errors(case: GeneratedGraph) -> list[tuple[str, float, float]]:
         contains = lo <= min(float(x.min()), 0.0) + step / 2 and hi >= max(float(x.max()), 0.0) - step / 2
         RANGE_RATIOS.append(math.sqrt(chosen / minmax) if minmax > 0 else 1.0)
         assert contains or chosen <= QUANT_RANGE_SLACK**2 * minmax + 1e-30, (
-            f"activation {name!r}: range [{lo:.4g}, {hi:.4g}] errs {math.sqrt(chosen):.3g} RMS on the calibration data, "
+            f"activation {name!r}: range [{lo:.4g}, {hi:.4g}] errs {math.sqrt(chosen):.3g} RMS "
+            "on the calibration data, "
             f"min-max [{mm_lo:.4g}, {mm_hi:.4g}] {math.sqrt(minmax):.3g}")
     weights = {spec.value: spec.axis for spec in result.plan.weights.values()}
     session = _session(int8_twin(float_proto, activations, weights))
@@ -336,7 +341,8 @@ def quantize_errors(case: GeneratedGraph) -> list[tuple[str, float, float]]:
         assert want.shape == got.shape and np.all(np.isfinite(got)), f"output {name!r}: shape or non-finite values"
         norm = max(np.linalg.norm(want), 1e-30)
         err = np.linalg.norm(got - want) / norm
-        twin_err = math.sqrt(np.mean([np.sum((np.concatenate([f[name].ravel() for f in t]) - want) ** 2) for t in twins])) / norm
+        twin_err = math.sqrt(np.mean([np.sum((np.concatenate([f[name].ravel() for f in t]) - want) ** 2)
+                                      for t in twins])) / norm
         rows.append((name, float(err), float(twin_err)))
     return rows
 
@@ -344,8 +350,8 @@ def quantize_errors(case: GeneratedGraph) -> list[tuple[str, float, float]]:
 def check_quantize(case: GeneratedGraph) -> None:
     for name, err, twin_err in quantize_errors(case):
         bound = QUANT_FACTOR * twin_err + QUANT_FLOOR
-        assert err <= bound, (f"output {name!r}: INT8 rel L2 {err:.3g} > {bound:.3g} = {QUANT_FACTOR:g} x the INT8 noise "
-                              f"model's {twin_err:.3g} + {QUANT_FLOOR:g}")
+        assert err <= bound, (f"output {name!r}: INT8 rel L2 {err:.3g} > {bound:.3g} = {QUANT_FACTOR:g} x "
+                              f"the INT8 noise model's {twin_err:.3g} + {QUANT_FLOOR:g}")
 
 
 #: Left out of the random graphs while their bugs are open (the xfail regression tests below).
@@ -375,7 +381,8 @@ def test_twin_nodes_that_are_both_graph_outputs_keep_both_outputs():
     """CSE turns r2 = Relu(x) into r2 = Identity(r1); identity elimination then renamed r1 to r2
     (both graph outputs), so output r1 vanished and r2 was listed twice (onnx-ir's
     IdentityEliminationPass, case 2 with an input that is itself a graph output)."""
-    case = case_from_text('''<ir_version: 7, opset_import: ["" : 13]> g (float[1,1] x) => (float[1,1] r1, float[1,1] r2, float[1,1] x) {
+    case = case_from_text('''<ir_version: 7, opset_import: ["" : 13]>
+    g (float[1,1] x) => (float[1,1] r1, float[1,1] r2, float[1,1] x) {
         r1 = Relu(x)
         r2 = Relu(x)
     }''', (1, 1))
@@ -398,7 +405,8 @@ def test_cse_keeps_the_declared_type_of_a_graph_output():
     assert result.model.graph.outputs[0].dtype == ir.DataType.FLOAT
 
 
-_LN = '''<ir_version: 8, opset_import: ["" : 17]> g (float[2,6] x) => (float{out} y) <float{eps} eps = {{1e-5}}, float{s} s = {{{sv}}}, float{b} b = {{{bv}}}> {{
+_LN = '''<ir_version: 8, opset_import: ["" : 17]> g (float[2,6] x) => (float{out} y)
+    <float{eps} eps = {{1e-5}}, float{s} s = {{{sv}}}, float{b} b = {{{bv}}}> {{
     m = ReduceMean<axes=[-1]>(x)
     d = Sub(x, m)
     dd = Mul(d, d)
@@ -415,7 +423,8 @@ def _ln(eps=(), s=(6,), b=(6,), out=(2, 6)) -> GeneratedGraph:
     def dims(shape):
         return "[" + ",".join(map(str, shape)) + "]" if shape else ""
     values = lambda shape: ",".join(f"{0.5 + 0.1 * i:.2f}" for i in range(math.prod(shape)))  # noqa: E731
-    return case_from_text(_LN.format(eps=dims(eps), s=dims(s), b=dims(b), out=dims(out), sv=values(s), bv=values(b)), (2, 6))
+    text = _LN.format(eps=dims(eps), s=dims(s), b=dims(b), out=dims(out), sv=values(s), bv=values(b))
+    return case_from_text(text, (2, 6))
 
 
 @pytest.mark.parametrize("shapes, inputs", [
@@ -442,7 +451,8 @@ def test_no_op_keeps_an_epsilon_that_is_not_exactly_zero():
     13 (no LayerNormalization): onnxscript's ``x + 0`` rule matched ``var + 1e-12`` (its pattern
     constants match within abs_tol 1e-8) and removed it, so 0 / sqrt(0) gave NaN where the model
     gives 0 -- on every zero-variance row (padding, constant images) of BERT-style exports."""
-    case = case_from_text('''<ir_version: 7, opset_import: ["" : 13]> g (float[N,3,1] x) => (float[N,3,1] y) <float eps = {1e-12}> {
+    case = case_from_text('''<ir_version: 7, opset_import: ["" : 13]>
+    g (float[N,3,1] x) => (float[N,3,1] y) <float eps = {1e-12}> {
         m = ReduceMean<axes=[-1]>(x)
         d = Sub(x, m)
         dd = Mul(d, d)
@@ -463,7 +473,8 @@ def test_quantize_matmul_with_a_batched_3d_weight():
     ... b zero point is not valid"), so quantize failed its own check with exit 3. (Fixed in
     quant_policy.py: per-tensor scales for batched MatMul weights.)"""
     w = ",".join(f"{v:.3f}" for v in np.random.default_rng(1).standard_normal(21))
-    case = case_from_text(f'''<ir_version: 8, opset_import: ["" : 17]> g (float[N,6,3] x) => (float[N,6,7] y) <float[1,3,7] w = {{{w}}}> {{
+    case = case_from_text(f'''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,6,3] x) => (float[N,6,7] y) <float[1,3,7] w = {{{w}}}> {{
         y = MatMul(x, w)
     }}''', (2, 6, 3))
     check_quantize(case)

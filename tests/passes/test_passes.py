@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import floats, model_from_text, op_types, run_ort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import floats, model_from_text, op_types, run_ort
 from qcompile.passes import make_pass
 
 RNG = np.random.default_rng(0)
@@ -381,7 +381,8 @@ def test_topo_sort_and_clear_shapes():
 SCAN_SUM = """
 <ir_version: 9, opset_import: ["" : 17]>
 g (float[2] initial, float[3,2] x) => (float[2] y, float[3,2] z) {
-  y, z = Scan <num_scan_inputs = 1, body = body (float[2] sum_in, float[2] next) => (float[2] sum_out, float[2] scan_out) {
+  y, z = Scan <num_scan_inputs = 1, body = body (float[2] sum_in, float[2] next)
+                                                => (float[2] sum_out, float[2] scan_out) {
     sum_out = Add(sum_in, next)
     scan_out = Identity(sum_out)
   }> (initial, x)

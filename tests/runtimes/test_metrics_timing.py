@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import model_from_text
 
+from conftest import model_from_text
 from qcompile import specs
 from qcompile.errors import InputSpecError
 from qcompile.metrics import OutputComparison, compare_outputs

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from conftest import floats, model_from_text, op_types, run_ort
 
+from conftest import floats, model_from_text, op_types, run_ort
 from qcompile.calibration import IterableReader
 from qcompile.passes.quant.smooth_fold import find_groups
 from qcompile.quant.algorithms.smoothquant import smoothing_scales
@@ -23,7 +23,8 @@ def block(residual: bool) -> ir.Model:
     gamma = np.ones(K)
     gamma[[3, 11]] = 40.0  # planted outlier channels in the activation
     w = [floats(rng.standard_normal(K * N) * 0.2) for _ in range(3)]
-    extra = "r = Add(x, ln)\n  out = Concat <axis = -1> (q, k, v, r)" if residual else "out = Concat <axis = -1> (q, k, v)"
+    extra = ("r = Add(x, ln)\n  out = Concat <axis = -1> (q, k, v, r)" if residual
+             else "out = Concat <axis = -1> (q, k, v)")
     width = 3 * N + (K if residual else 0)
     return model_from_text(f"""
     <ir_version: 9, opset_import: ["" : 17]>

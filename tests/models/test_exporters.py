@@ -5,9 +5,9 @@ normalisations in float, and keeps its retrieval quality."""
 from __future__ import annotations
 
 import pytest
-from conftest import op_types
 
 import qcompile
+from conftest import op_types
 from qcompile.models import cached_export, minilm
 from qcompile.recipes import preset, run_recipe
 
