@@ -114,9 +114,26 @@ class Result:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
+    def __getattr__(self, name: str):
+        """The recipe kind's own fields (``calibration``, ``sqnr_db``, ``smoothquant``, ``quantized``,
+        ``awq``, ...) read through the result."""
+        if name == "details":
+            raise AttributeError(name)
+        return getattr(self.details, name)
+
     @property
     def kind(self) -> str:
         return self.recipe.kind
+
+    @property
+    def statistics(self):
+        """What calibration observed (static recipes: ranges and non-finite counts), else None."""
+        return getattr(self.details, "calibration", None)
+
+    @property
+    def node_figures(self) -> dict[str, float]:
+        """Per-node figures: the INT8 output SQNR (dB) the sensitivity guard measured (static recipes)."""
+        return dict(getattr(self.details, "sqnr_db", {}) or {})
 
     @property
     def plan(self):
