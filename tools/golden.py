@@ -13,25 +13,32 @@ count) and the kept-float / quantized counts the report gives. It goes through `
 
 The bytes depend on the CPU's float arithmetic (calibration ranges come from ORT CPU kernels, whose
 AVX2 and AVX-512 paths round differently), so every snapshot records its CPU signature: hashes are
-compared only on a machine with the same signature; op histograms everywhere. MatMulNBits'
-``accuracy_level`` is fixed (4) because its default is measured, hence timing-dependent.
+compared only on a machine with the same signature; op histograms everywhere. What the ort-cpu
+target *measures* is pinned too, or a loaded machine would plan differently: the kernel probe's
+decisions recorded with the snapshots (tests/golden/probe/) are written into a private cache under
+this machine's key before the runs (the zoo's exports are shared with the real cache), and
+MatMulNBits' ``accuracy_level`` is fixed (4).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "tests" / "golden" / "snapshots.json"
+PINNED_PROBES = ROOT / "tests" / "golden" / "probe"  # kernel-probe decisions, one file per kind
 MODELS = ("digits_cnn", "resnet18", "minilm", "smollm2")
 RECIPES = ("int8", "w8a8-smoothquant", "w8-weight-only", "w4-weight-only")
 SAMPLES = 8  # calibration samples: enough for every statistic, small enough for a test
@@ -79,7 +86,30 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def snapshot(model: str, recipe: str) -> dict:
+@contextlib.contextmanager
+def pinned_cache() -> Iterator[dict]:
+    """An environment whose QCOMPILE_CACHE holds the recorded probe decisions under this machine's
+    key, and links to the real cache's other folders (the zoo's exports)."""
+    from qcompile.cache import cache_root
+    from qcompile.targets.ort_cpu.kernel_probe import cpu_signature
+
+    real = cache_root()
+    with tempfile.TemporaryDirectory(prefix="qcompile-golden-cache-") as tmp:
+        for sub in real.iterdir() if real.is_dir() else ():
+            if sub.name != "probe":
+                os.symlink(sub, Path(tmp) / sub.name)
+        probe = Path(tmp) / "probe"
+        probe.mkdir()
+        signature = cpu_signature()
+        key = hashlib.sha256(signature.encode()).hexdigest()[:16]
+        for recorded in sorted(PINNED_PROBES.glob("*.json")):
+            data = {**json.loads(recorded.read_text()), "signature": signature}
+            (probe / f"{recorded.stem}-{key}.json").write_text(json.dumps(data, indent=2))
+        (Path(tmp) / "zoo").mkdir(exist_ok=True)  # a fresh machine exports into the private cache
+        yield {**os.environ, "QCOMPILE_CACHE": tmp}
+
+
+def snapshot(model: str, recipe: str, env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qcompile-golden-") as tmp:
         out = Path(tmp) / "out" / "model.onnx"
         out.parent.mkdir()
@@ -87,7 +117,7 @@ def snapshot(model: str, recipe: str) -> dict:
                "--calib", f"zoo:{model}", "--samples", str(SAMPLES), "--runs", "1", "--json"]
         if "weight-only" in recipe:
             cmd += ["--accuracy-level", "4"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             return {"exit": done.returncode, "error": (done.stderr.strip().splitlines() or [""])[-1]}
         report = json.loads(done.stdout)
@@ -123,10 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     stored = json.loads(args.out.read_text()) if args.out.is_file() else {"cpu": None, "snapshots": {}}
     cpu = cpu_signature()
     failures = 0
+    with pinned_cache() as env:
+        failures = _run(args, parser, models, recipes, stored, cpu, env)
+    if args.action == "record":
+        stored["cpu"] = cpu
+    if args.action in ("record", "accept"):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    return 1 if failures else 0
+
+
+def _run(args, parser, models: list[str], recipes: list[str], stored: dict, cpu: str, env: dict) -> int:
+    failures = 0
     for model in models:
         for recipe in recipes:
             key = f"{model}/{recipe}"
-            new = snapshot(model, recipe)
+            new = snapshot(model, recipe, env)
             if args.action == "accept":
                 if not args.reason:
                     parser.error("accept needs --reason")
@@ -144,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += bool(problems)
             verdict = "; ".join(problems) or ("ok (deliberate change: " + change["reason"] + ")" if change else "ok")
             print(f"{key}: {verdict}", flush=True)
-    if args.action == "record":
-        stored["cpu"] = cpu
-    if args.action in ("record", "accept"):
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
-    return 1 if failures else 0
+    return failures
 
 
 if __name__ == "__main__":
