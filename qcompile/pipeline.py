@@ -211,21 +211,13 @@ class Pipeline:
                                weight_dtype=weight_dtype, clock=clock)
         else:
             from qcompile.passes.quant.nbits import WeightOnlyConfig
-            from qcompile.passmanager import snapshot
-            from qcompile.quantize import time_in_turn
             from qcompile.weight_only import quantize_weights
 
-            source = model if isinstance(model, ir.Model) else modelio.load(model)
-            original = snapshot(source) if guard_runs else None  # shares the weights: cheap
-            clock.lap("load")
             config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
                                       format=recipe.format, include_lm_head=recipe.include_lm_head,
                                       include_embeddings=recipe.include_embeddings,
                                       accuracy_level=recipe.accuracy_level)
-            details = quantize_weights(source, config, algorithm=recipe.algorithm, reader=reader,
+            details = quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader,
                                        samples=recipe.samples, verify_options=verify_options, target=target,
-                                       clock=clock)
-            if original is not None:
-                details.latency = time_in_turn(original, details.model, details.verification_feeds, target,
-                                               guard_runs, clock)
+                                       clock=clock, guard_runs=guard_runs)
         return Result(details.model, recipe, target, details, clock.seconds, clock.peak_rss_mb)

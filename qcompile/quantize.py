@@ -9,36 +9,41 @@ The result is standard QDQ ONNX that the target runtime fuses into integer kerne
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import time
-from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Literal, Mapping
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import execute, memory, modelio, specs, targets
-from qcompile.bench import guard_report, time_runs
+from qcompile import memory, modelio, specs, targets
 from qcompile.cache import cache_root
 from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
-from qcompile.calibration import CalibrationReader, IterableReader, describe, fit_reader, iter_feeds
-from qcompile.errors import BackendFailedError, InputModelError, QCompileError, VerificationError
+from qcompile.calibration import CalibrationReader, IterableReader, describe, iter_feeds
+from qcompile.errors import InputModelError, VerificationError
 from qcompile.memory import PhaseClock
-from qcompile.metrics import Comparison, compare_outputs
+from qcompile.metrics import Comparison
 from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
 from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_spec, annotate
 from qcompile.passes.quant.qdq import QDQLoweringPass
-from qcompile.passmanager import PassManager, VerifyOptions, choose_feeds, snapshot
-from qcompile.pipeline import optimize_with_stats, prepare_float_model
+from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.quant.observers import Method
 from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, union_ranges, weight_codes
 from qcompile.recipes import DEFAULT_MIN_SQNR_DB
-from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
 from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
+from qcompile.stages import (
+    FloatModel,
+    OptimizedModelChanged,
+    check_lowering,
+    check_optimized,
+    check_result,
+    outputs_of,
+    prepare,
+    reverify_passes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,6 @@ log = logging.getLogger(__name__)
 #: bytes (but at least this much: a small model keeps every row) and qcompile.quant.algorithms.sensitivity's cap.
 SENSITIVITY_FEEDS = 4
 SENSITIVITY_MIN_ROW_BYTES = 32 * 1024 * 1024
-#: The sessions that check the float and the quantized model run them as they will be run (graph
-#: optimizations on, weights pre-packed), so that the speed guard can time them in place.
-CHECK_RUNTIME = RuntimeOptions()
 #: Calibration feeds kept (up to this many bytes) in case the optimized model fails its check,
 #: which happens in the calibration session: they are calibrated on again after the fix.
 KEEP_FEED_BYTES = 64 * 1024 * 1024
@@ -60,16 +62,6 @@ def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable
     (qcompile.targets: ``keep_float`` and ``weight_dtype`` default to what the target measures)."""
     return targets.get(target).policy(per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype,
                                       cache_dir=cache_root())
-
-
-def require_domains(model: ir.Model, target: targets.Target) -> None:
-    """A target that takes only standard ONNX refuses a model with other domains (the user's input)."""
-    if target.contrib_ops:
-        return
-    domains = sorted({n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)} - {"", "ai.onnx"})
-    if domains:
-        raise InputModelError(f"target {target.name!r} takes standard ONNX only; the model uses {', '.join(domains)}",
-                              fix="choose another --target, or export the model without custom operators")
 
 
 @dataclass
@@ -173,76 +165,24 @@ def quantize(
     so the two are timed in turn, not interleaved.
     """
     clock = clock or PhaseClock()
-    target_spec = targets.get(target)  # an unknown target fails before anything is loaded
-    model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
-    require_domains(model, target_spec)
-    clock.lap("load")
+    targets.get(target)  # an unknown target fails before anything is loaded
     verify_options = verify_options or VerifyOptions(each_pass=False)
-    try:
-        # In-memory weights (a caller's model) are pre-packed only if small: packing copies them.
-        prepack = modelio.in_memory_weight_bytes(model) <= modelio.AUTO_EXTERNAL_BYTES
-        with _session(model, target, prepack=prepack) as runtime:
-            verify_feeds, float_outputs, seconds = _reference(runtime, model, verify_options)
-            clock.lap("reference")
-            fp32_time = _time("fp32", runtime, verify_feeds, seconds, guard_runs)
-            if fp32_time is not None:
-                clock.lap("speed_guard")
-    except BackendFailedError as exc:
-        raise InputModelError(
-            f"ONNX Runtime cannot load the original model: {exc.what}", where=target,
-            fix="qcompile checks every model on ONNX Runtime; check that this one loads there") from None
-    fit_reader(reader, verify_feeds)
-    float_model = _FloatModel(model, verify_feeds, float_outputs, [], None, fp32_time)
-    if optimize:
-        original = snapshot(model)  # shares the weights: cheap
-        # checked end to end below; a pass that crashes is rolled back
-        result = optimize_with_stats(model, verify=False, pipeline=target_spec.passes)
-        float_model.model, float_model.notes = result.model, result.warnings()
-        if result.modified:
-            check_output(float_model.model, "all passes")
-            float_model.bound = sum(verify_options.bound(make_pass(name)) for name in
-                                    dict.fromkeys(s.name for s in result.stats if s.modified))
-        modelio.drop_resident_weights(float_model.model)
-        modelio.drop_resident_weights(original)  # weights the passes read and then removed (duplicates)
-    clock.lap("optimize")
+    float_model, original = prepare(model_or_path, target, verify_options, guard_runs, clock, optimize=optimize,
+                                    reader=reader)
     args = dict(target=target, method=method, per_channel=per_channel, exclude=exclude, samples=samples,
                 keep_float=keep_float, min_sqnr_db=min_sqnr_db, smoothquant=smoothquant, weight_dtype=weight_dtype,
                 quantize_attention=quantize_attention, guard_runs=guard_runs)
     try:
         return _quantize_float(float_model, reader, clock, **args)
-    except _OptimizedModelChanged as exc:
+    except OptimizedModelChanged as exc:
         # The optimized model is off: find the pass as `qcompile optimize` would (each pass verified, a
         # failing one rolled back), then quantize the model that passes. Rare: it means a qcompile bug.
         log.warning("the optimized model fails its check (%s); verifying each pass", exc)
-        model, _, _, notes = prepare_float_model(original, True, replace(verify_options, feeds=verify_feeds),
-                                                 pipeline=target_spec.passes)
-        float_model = _FloatModel(model, verify_feeds, float_outputs, notes, None, fp32_time)
+        float_model = reverify_passes(original, float_model, verify_options, target)
         return _quantize_float(float_model, reader if exc.feeds is None else IterableReader(exc.feeds), clock, **args)
 
 
-@dataclass
-class _FloatModel:
-    """The float model to quantize and what is known about it. ``bound``: the relative L2 error
-    the optimized model may show against the original's outputs, None once it was checked."""
-
-    model: ir.Model
-    feeds: list[dict]
-    outputs: list[dict]  # the original model's, on ``feeds``
-    notes: list[str]
-    bound: float | None
-    fp32_time: TimingResult | None
-
-
-class _OptimizedModelChanged(Exception):
-    """The optimized model is not within its passes' bound of the original. ``feeds``: the
-    calibration feeds read before it was found (a reader is read once), None if none were."""
-
-    def __init__(self, message: str, feeds: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.feeds = feeds
-
-
-def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: PhaseClock, *, target: str,
+def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: PhaseClock, *, target: str,
                     method: Method, per_channel: bool, exclude: Iterable[str], samples: int | None,
                     keep_float: Iterable[str] | None, min_sqnr_db: float | None, smoothquant: float | str | None,
                     weight_dtype: WeightDType | None, quantize_attention: bool,
@@ -252,7 +192,7 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
     target_spec = targets.get(target)
     minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset)
     if float_model.bound is not None and (smoothquant is not None or opset_of(model) < minimum):
-        _check_optimized(float_model, _outputs(model, verify_feeds, "all passes", target))  # not the model calibrated
+        check_optimized(float_model, outputs_of(model, verify_feeds, "all passes", target))  # not the model calibrated
     model, opset = ensure_opset(model, minimum, verify_feeds,
                                 "per-channel Q/DQ needs opset 13" if per_channel else "Q/DQ needs opset 10")
     if not opset.ok:
@@ -282,7 +222,7 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
         notes.append("nothing to quantize: no MatMul/Gemm/Conv/ConvTranspose with constant weights runs in INT8 "
                      "here; the optimized float model is the result")
         model = PassManager([make_pass("clear-shapes")])(model).model
-        accuracy, latency = _check_result(model, float_model, "the quantize pipeline", target, guard_runs, clock)
+        accuracy, latency = check_result(model, float_model, "the quantize pipeline", target, guard_runs, clock)
         return QuantizeResult(model, plan, CalibrationResult({}), policy, ratios, method, {}, clock.seconds,
                               clock.peak_rss_mb, smoothing_json, opset, accuracy, notes, verify_feeds, latency)
     sampler = None
@@ -306,12 +246,12 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
     modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
     if check_feeds:
         try:
-            _check_optimized(float_model, calibration.check_outputs)
-        except _OptimizedModelChanged as exc:
+            check_optimized(float_model, calibration.check_outputs)
+        except OptimizedModelChanged as exc:
             if not recording.complete:  # too much data to keep: the reader cannot be read again
                 raise VerificationError(f"the optimize passes changed the model's semantics: {exc}", stage="all passes",
                                         fix="run `qcompile optimize` on the model to find the pass") from None
-            raise _OptimizedModelChanged(str(exc), kept) from None
+            raise OptimizedModelChanged(str(exc), kept) from None
     clock.lap("calibrate")
     qparams = shared_qparams(model, plan, calibration.ranges)
     sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
@@ -331,7 +271,7 @@ def _quantize_float(float_model: _FloatModel, reader: CalibrationReader, clock: 
     model = PassManager(lowering)(model).model
     memory.trim()
     clock.lap("lower")
-    accuracy, latency = _check_result(model, float_model, "qdq-lowering", target, guard_runs, clock)
+    accuracy, latency = check_result(model, float_model, "qdq-lowering", target, guard_runs, clock)
     notes += check_lowering(accuracy, "qdq-lowering")
     return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
                           smoothing_json, opset, accuracy, notes, verify_feeds, latency)
@@ -357,157 +297,3 @@ class _Recording(IterableReader):
         return feed
 
 
-@contextlib.contextmanager
-def _session(model: ir.Model, target: str, *, prepack: bool = True) -> Iterator[Runtime]:
-    """A runtime on ``model``, run as it will be run (:data:`CHECK_RUNTIME`); its memory-mapped
-    weights stay non-resident while the runtime pre-packs them (one float copy at a time). A
-    quantized model is always pre-packed: its weights are a quarter of the float ones."""
-    options = CHECK_RUNTIME if prepack else replace(CHECK_RUNTIME, extra={"session.disable_prepacking": "1"})
-    with contextlib.ExitStack() as stack:
-        with memory.shedding(model):
-            runtime = stack.enter_context(execute.loaded(model, targets.get(target).runtime, options))
-        yield runtime
-
-
-def _reference(runtime: Runtime, model: ir.Model, options: VerifyOptions) -> tuple[list[dict], list[dict], list[float]]:
-    """The verification feeds (given, or sized so that the original runs), the original model's
-    outputs on them and the seconds of each run; a failure here is the input's."""
-    feeds, how = choose_feeds(model, options, runtime)
-    try:
-        return feeds, *_run_all(runtime, feeds)
-    except BackendFailedError as exc:
-        raise InputModelError(f"the original model did not run on the {how}: {exc.what}",
-                              fix="check the data matches the model's inputs") from None
-
-
-def _run_all(runtime: Runtime, feeds: list[dict]) -> tuple[list[dict], list[float]]:
-    """Every feed's outputs, and the seconds each run took (as execute.run_all, timed)."""
-    outputs, seconds = [], []
-    try:
-        for feed in feeds:
-            started = time.perf_counter()
-            outputs.append(runtime.run(feed))
-            seconds.append(time.perf_counter() - started)
-    except BackendError as exc:
-        raise BackendFailedError(str(exc), where=runtime.name, fix="check the inputs match the model") from None
-    return outputs, seconds
-
-
-def _time(label: str, runtime: Runtime, feeds: list[dict], seconds: list[float],
-          runs: int | str | None) -> TimingResult | None:
-    """The speed guard's timing of ``runtime`` on the verification feeds shaped like the first,
-    which the check has just run (``seconds``): those runs count, but for the session's first."""
-    if not runs or not feeds:
-        return None
-    shapes = [{name: np.shape(a) for name, a in feed.items()} for feed in feeds]
-    timed = [i for i in range(len(feeds)) if shapes[i] == shapes[0]]
-    first = next(iter(feeds[0].values()), None)
-    items = first.shape[0] if first is not None and np.ndim(first) else 1
-    return time_runs(label, lambda i: runtime.run(feeds[timed[i % len(timed)]]), runs, warmup=1,
-                     items_per_run=items, done=[seconds[i] for i in timed if i > 0])
-
-
-#: The lowering's stated bound. A quantized output whose shape differs from the float one is a lowering
-#: bug (exit 3). Accuracy is the recipe's business, not a bug: below this SQNR, or with non-finite
-#: values where the float model has none, the result is written with a note naming the output.
-LOWERING_NOTE_SQNR_DB = 10.0
-
-
-def check_lowering(comparison: Comparison, stage: str) -> list[str]:
-    """Raise for a lowering that changed an output's shape; notes for outputs far from the float ones."""
-    notes = []
-    for out in comparison.outputs.values():
-        if out.shape_mismatch:
-            raise VerificationError(f"{_stage(stage)} changed output {out.name!r}: {out.shape_mismatch}", stage=stage)
-        if out.nonfinite_mismatch:
-            notes.append(f"output {out.name!r}: {out.nonfinite_mismatch} non-finite values where the float model "
-                         "has finite ones (exclude the node that computes it: --exclude)")
-        elif out.sqnr_db < LOWERING_NOTE_SQNR_DB:
-            notes.append(f"output {out.name!r} is {out.sqnr_db:.1f} dB SQNR from the float model's "
-                         f"(< {LOWERING_NOTE_SQNR_DB:g} dB): check the accuracy, "
-                         "or keep sensitive nodes float (--exclude)")
-    return notes
-
-
-def time_in_turn(original: ir.Model, quantized: ir.Model, feeds: list[dict], target: str,
-                 runs: int | str | None, clock: PhaseClock) -> dict | None:
-    """The speed guard for a result whose original was not timed in a check session (weight-only):
-    each model timed in its own session, in turn (one float copy of the weights resident at a time)."""
-    if not runs or not feeds:
-        return None
-    timings = []
-    for label, model in (("fp32", original), ("quantized", quantized)):
-        prepack = label == "quantized" or modelio.in_memory_weight_bytes(model) <= modelio.AUTO_EXTERNAL_BYTES
-        with _session(model, target, prepack=prepack) as runtime:
-            _, seconds = _run(runtime, feeds, "the speed guard")
-            timings.append(_time(label, runtime, feeds, seconds, runs))
-        memory.trim()
-    clock.lap("speed_guard")
-    return guard_report(timings[0], timings[1], feeds[0], target)
-
-
-def _stage(name: str) -> str:
-    return name if " " in name else f"pass {name!r}"
-
-
-def check_output(model: ir.Model, stage: str, target: str = "ort-cpu") -> None:
-    """The ONNX checker on a model qcompile produced (in the target's strictest terms): a failure is
-    qcompile's bug."""
-    spec = targets.get(target)
-    try:
-        modelio.check(model, full=spec.strict_check, standard_only=not spec.contrib_ops)
-    except QCompileError as exc:
-        raise VerificationError(f"{_stage(stage)} produced an invalid model: {exc.what}", stage=stage) from None
-
-
-def _run(runtime: Runtime, feeds: list[dict], stage: str) -> tuple[list[dict], list[float]]:
-    try:
-        return _run_all(runtime, feeds)
-    except BackendFailedError as exc:
-        raise VerificationError(f"{_stage(stage)} produced a model the runtime cannot run: {exc.what}",
-                                stage=stage) from None
-
-
-def _outputs(model: ir.Model, feeds: list[dict], stage: str, target: str) -> list[dict]:
-    """The outputs of a model qcompile produced, after the checker (see :func:`_check_result`)."""
-    check_output(model, stage, target)
-    try:
-        with _session(model, target) as runtime:
-            return _run(runtime, feeds, stage)[0]
-    except BackendFailedError as exc:
-        raise VerificationError(f"{_stage(stage)} produced a model the runtime cannot load: {exc.what}",
-                                stage=stage) from None
-
-
-def _check_optimized(float_model: _FloatModel, outputs: list[dict]) -> None:
-    """The optimized model's outputs against the original's, within the passes' bound."""
-    comparison = compare_outputs(zip(float_model.outputs, outputs))
-    if not comparison.within(float_model.bound):
-        worst = comparison.worst()
-        detail = worst.shape_mismatch or f"rel L2 {worst.rel_l2:.3g} > {float_model.bound:g}"
-        raise _OptimizedModelChanged(f"output {worst.name!r} {detail}")
-    float_model.bound = None
-
-
-def _check_result(model: ir.Model, float_model: _FloatModel, stage: str, target: str, guard_runs: int | str | None,
-                  clock: PhaseClock) -> tuple[Comparison, dict | None]:
-    """The result passes the checker, runs, and is compared with the original's outputs; then the
-    speed guard times it in the same session. Where the optimized model is still unchecked (nothing
-    was calibrated), that comparison checks it."""
-    check_output(model, stage, target)
-    try:
-        with _session(model, target) as runtime:
-            outputs, seconds = _run(runtime, float_model.feeds, stage)
-            if float_model.bound is not None:
-                _check_optimized(float_model, outputs)
-            clock.lap("check")
-            timing = _time("quantized", runtime, float_model.feeds, seconds, guard_runs)
-    except BackendFailedError as exc:
-        raise VerificationError(f"{_stage(stage)} produced a model the runtime cannot load: {exc.what}",
-                                stage=stage) from None
-    memory.trim()  # the session's buffers, before the model is saved
-    latency = None
-    if timing is not None and float_model.fp32_time is not None:
-        latency = guard_report(float_model.fp32_time, timing, float_model.feeds[0], target)
-        clock.lap("speed_guard")
-    return compare_outputs(zip(float_model.outputs, outputs)), latency

@@ -8,30 +8,40 @@ passes/gptq.py and lowered by passes/weight_only.py.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import modelio, specs, targets
+from qcompile import specs, targets
 from qcompile.cache import cache_root
 from qcompile.calibrate import collect
-from qcompile.calibration import CalibrationReader, fit_reader, iter_feeds
+from qcompile.calibration import CalibrationReader, iter_feeds
 from qcompile.errors import InputModelError, InputSpecError, UnknownNameError
 from qcompile.memory import PhaseClock
-from qcompile.metrics import Comparison, compare_outputs
+from qcompile.metrics import Comparison
 from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
 from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, candidates
-from qcompile.passmanager import PassManager, checked_outputs
-from qcompile.pipeline import prepare_float_model
+from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.progress import bar
 from qcompile.quant.algorithms.gptq import gptq
 from qcompile.quant.algorithms.rtn import block_codes
 from qcompile.quant.spec import BlockCodes
 from qcompile.quant.statistics import Hessian
-from qcompile.quantize import check_lowering, check_output, require_domains
 from qcompile.recipes import Algorithm
+from qcompile.stages import (
+    OptimizedModelChanged,
+    check_lowering,
+    check_optimized,
+    check_result,
+    outputs_of,
+    prepare,
+    reverify_passes,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +93,7 @@ def quantize_weights(
     verify_options=None,
     target: str = "ort-cpu",
     clock: PhaseClock | None = None,
+    guard_runs: int | str | None = None,
 ) -> WeightOnlyResult:
     """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
 
@@ -90,17 +101,21 @@ def quantize_weights(
     once by :func:`qcompile.targets.ort_cpu.kernel_probe.probe_nbits`.
     """
     clock = clock or PhaseClock()
-    target_spec = targets.get(target)
-    model = model_or_path if isinstance(model_or_path, ir.Model) else modelio.load(model_or_path)
-    require_domains(model, target_spec)
-    clock.lap("load")
-    model, verify_feeds, float_outputs, notes = prepare_float_model(model, optimize, verify_options,
-                                                                    pipeline=target_spec.passes)
+    target_spec = targets.get(target)  # an unknown target fails before anything is loaded
+    verify_options = verify_options or VerifyOptions(each_pass=False)
+    float_model, original = prepare(model_or_path, target, verify_options, guard_runs, clock, optimize=optimize,
+                                    reader=reader)
+    if float_model.bound is not None:  # the optimized model, checked before its weights are rounded
+        try:
+            check_optimized(float_model, outputs_of(float_model.model, float_model.feeds, "all passes", target))
+        except OptimizedModelChanged as exc:
+            log.warning("the optimized model fails its check (%s); verifying each pass", exc)
+            float_model = reverify_passes(original, float_model, verify_options, target)
+        clock.lap("check")
+    model, verify_feeds, notes = float_model.model, float_model.feeds, float_model.notes
     if config.format == "matmulnbits" and not target_spec.accepts("matmulnbits"):
         config = dataclasses.replace(config, format="dq", accuracy_level=None)
         notes.append(f"target {target_spec.name} takes no MatMulNBits: weights lowered as blocked DequantizeLinear")
-    fit_reader(reader, verify_feeds)
-    clock.lap("optimize")
     if config.format == "matmulnbits" and config.accuracy_level is None:
         from qcompile.targets.ort_cpu import fastest_accuracy_level
 
@@ -149,10 +164,7 @@ def quantize_weights(
         notes.append("nothing to quantize: no MatMul with a constant weight fits the weight-only recipe; the "
                      "optimized float model is the result")
     clock.lap("lower")
-    check_output(model, "weight-only lowering", target)  # in the target's strictest terms
-    accuracy = compare_outputs(zip(float_outputs, checked_outputs(model, verify_feeds, "weight-only lowering",
-                                                                  target_spec.runtime)))
+    accuracy, latency = check_result(model, float_model, "weight-only lowering", target, guard_runs, clock)
     notes += check_lowering(accuracy, "weight-only lowering")
-    clock.lap("check")
     return WeightOnlyResult(model, config, algorithm, lowering.quantized, clock.seconds, lowering.embeddings,
-                            awq_report, opset, accuracy, notes, verify_feeds, clock.peak_rss_mb)
+                            awq_report, opset, accuracy, notes, verify_feeds, clock.peak_rss_mb, latency)
