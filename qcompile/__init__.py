@@ -4,6 +4,7 @@
     model = qcompile.load("model.onnx")
     model = qcompile.optimize(model, verify=True)
     qcompile.save(model, "model.opt.onnx")
+    result = qcompile.quantize("model.onnx", reader, recipe="int8", target="ort-cpu")
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from qcompile.errors import CheckFailedError, QCompileError, VerificationError
 from qcompile.modelio import convert_opset, load, save
 from qcompile.passmanager import PassManager, PassManagerResult, PassStats, VerifyOptions
-from qcompile.pipeline import optimize, optimize_with_stats
+from qcompile.pipeline import Pipeline, Result, optimize, optimize_with_stats, quantize
 
 __version__ = "0.1.0"
 
@@ -20,12 +21,15 @@ __all__ = [
     "PassManager",
     "PassManagerResult",
     "PassStats",
+    "Pipeline",
     "QCompileError",
+    "Result",
     "VerificationError",
     "VerifyOptions",
     "convert_opset",
     "load",
     "optimize",
     "optimize_with_stats",
+    "quantize",
     "save",
 ]

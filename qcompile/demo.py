@@ -11,7 +11,7 @@ from qcompile import modelio
 from qcompile.bench import BenchSettings, bench_models
 from qcompile.passmanager import VerifyOptions, count_nodes
 from qcompile.pipeline import optimize_with_stats
-from qcompile.quantize import quantize
+from qcompile.static_int8 import quantize_static as quantize
 
 
 def run_demo(out_dir: Path, runs: int = 30, log: Callable[[str], None] = print) -> dict:

@@ -177,7 +177,7 @@ class Pipeline:
         → lower (Q/DQ, MatMulNBits, blocked DQ) → check (checker in the target's terms, run, compared)
         → speed_guard (original and result timed in turn in their check sessions)
 
-    Static recipes (int8, w8a8-smoothquant) run the static stages of qcompile.quantize; weight-only
+    Static recipes (int8, w8a8-smoothquant) run the static stages of qcompile.static_int8; weight-only
     recipes those of qcompile.weight_only; both read the target from the registry.
     """
 
@@ -202,7 +202,7 @@ class Pipeline:
             raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
         clock = PhaseClock()
         if recipe.kind == "static-int8":
-            from qcompile.quantize import quantize
+            from qcompile.static_int8 import quantize_static as quantize
 
             details = quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
                                exclude=recipe.exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
@@ -221,3 +221,20 @@ class Pipeline:
                                        samples=recipe.samples, verify_options=verify_options, target=target,
                                        clock=clock, guard_runs=guard_runs)
         return Result(details.model, recipe, target, details, clock.seconds, clock.peak_rss_mb)
+
+
+def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str | Recipe" = "int8",
+             target: str | None = None, verify_options: VerifyOptions | None = None,
+             guard_runs: int | str | None = None, **changes: Any) -> Result:
+    """Quantize ``model`` with a recipe (a preset name or a :class:`~qcompile.recipes.Recipe`, with
+    ``changes`` applied: ``method="entropy"``, ``bits=4``, ...) for ``target``: a thin layer over
+    :class:`Pipeline`. In place when given an ir.Model.
+
+        result = qcompile.quantize("model.onnx", reader, recipe="w8a8-smoothquant", target="onnx-qdq")
+        qcompile.save(result.model, "model.int8.onnx")
+    """
+    from qcompile.recipes import preset
+
+    chosen = preset(recipe) if isinstance(recipe, str) else recipe
+    return Pipeline(chosen.with_(**changes), target).run(model, reader, verify_options=verify_options,
+                                                         guard_runs=guard_runs)

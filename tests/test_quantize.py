@@ -12,8 +12,8 @@ from qcompile.calibration import IterableReader, iter_feeds, resolve_reader
 from qcompile.errors import InputSpecError
 from qcompile.passes.quant.annotate import QuantPolicy, annotate, plan_quantization
 from qcompile.quant.qparams import fake_quantize, quantize_weight
-from qcompile.quantize import quantize
 from qcompile.specs import input_specs
+from qcompile.static_int8 import quantize_static as quantize
 
 RNG = np.random.default_rng(0)
 
@@ -94,8 +94,8 @@ def test_quantize_weight_reference():
 
 def test_u8s8_saturation_probe_and_u8_weight_storage():
     """Where ORT's u8 x s8 kernels saturate (measured), the policy stores weights as u8 (exact)."""
-    from qcompile.quantize import target_policy
     from qcompile.runtimes import OrtRuntime
+    from qcompile.static_int8 import target_policy
     from qcompile.targets.ort_cpu.kernel_probe import _saturation_case, u8s8_saturates
 
     saturates = u8s8_saturates()
@@ -288,8 +288,8 @@ def test_sensitivity_sqnr_matches_a_numpy_reference_and_subsamples_evenly(case):
     """The sampler's SQNR equals 10 log10(|xW|^2 / |xW - fq(x) fq(W)|^2) on the rows it kept; with a
     multiply-add budget for half the columns, on every other output column."""
     from qcompile.passes.irutil import weight_kn
-    from qcompile.quantize import shared_qparams, target_policy
     from qcompile.sensitivity import SensitivitySampler
+    from qcompile.static_int8 import shared_qparams, target_policy
 
     inp, out, inits, body, w_shape, bias_n, _ = CASES[case]
     inits = inits.replace("{W}", "{" + weights(*w_shape) + "}")

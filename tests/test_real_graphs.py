@@ -89,7 +89,7 @@ def test_model_at_opset_12_is_upgraded_before_per_channel_qdq(tmp_path):
 
 
 def test_per_tensor_fallback_when_the_opset_cannot_be_raised(tmp_path, monkeypatch):
-    import qcompile.quantize as quantize_module
+    import qcompile.static_int8 as quantize_module
     from qcompile.opsets import OpsetChange
 
     def refuse(model, minimum, feeds, why):

@@ -76,7 +76,7 @@ def _ort_quantize(src: str, dst: str, feeds: list, method: str) -> None:
 def _qcompile_quantize(src: str, dst: str, feeds: list, method: str) -> None:
     import qcompile
     from qcompile.calibration import IterableReader
-    from qcompile.quantize import quantize
+    from qcompile.static_int8 import quantize_static as quantize
 
     method, *flags = method.split("+")  # e.g. "mse+smoothquant", "mse+s8", "mse+all"
     result = quantize(src, IterableReader(feeds), method=method, smoothquant="auto" if "smoothquant" in flags else None,

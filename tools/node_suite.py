@@ -20,7 +20,7 @@ Passes run with ``strict=True`` where the pipeline has it, so a pass that fails 
 reported here rather than rolled back.
 
 Quantize part: every runnable case with a Conv / ConvTranspose / MatMul / Gemm whose inputs are
-float32 also goes through ``qcompile.quantize`` (target ort-cpu, the case's inputs as calibration,
+float32 also goes through ``qcompile.static_int8.quantize_static`` (target ort-cpu, the case's inputs as calibration,
 every planned node kept INT8: no op class kept float, no SQNR fallback; the weight storage the
 kernel probe measures for this CPU). It runs twice: as given (weights
 are graph inputs there, so qcompile keeps those nodes float) and with the compute ops' weight and
@@ -56,7 +56,7 @@ import onnxruntime as ort
 import qcompile
 from qcompile.calibration import IterableReader
 from qcompile.errors import PassFailedError
-from qcompile.quantize import quantize as quantize_model
+from qcompile.static_int8 import quantize_static as quantize_model
 
 #: Independent comparison of optimized vs original (same runtime, same inputs): the FP32 passes
 #: only reorder float arithmetic (folded BatchNorm, fused LayerNorm/GELU), far below this.

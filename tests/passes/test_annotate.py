@@ -13,7 +13,7 @@ from qcompile.passes.quant.annotate import QuantPolicy, annotate, plan_quantizat
 from qcompile.passes.quant.qdq import QDQLoweringPass
 from qcompile.quant.qparams import quantize_bias, weight_codes
 from qcompile.quant.spec import FLOAT_REASON_KEY, QUANTIZED_KEY, SPEC_KEY, DerivedSpec, QuantSpec, SharedSpec
-from qcompile.quantize import shared_qparams
+from qcompile.static_int8 import shared_qparams
 
 RNG = np.random.default_rng(0)
 

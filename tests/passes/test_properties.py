@@ -36,7 +36,7 @@ import qcompile
 from graphgen import GeneratedGraph, graphs
 from qcompile.calibration import IterableReader
 from qcompile.passes import PASSES
-from qcompile.quantize import quantize
+from qcompile.static_int8 import quantize_static as quantize
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("ci", deadline=None, derandomize=True, database=None, suppress_health_check=_HEALTH,

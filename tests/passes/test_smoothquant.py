@@ -11,8 +11,8 @@ from conftest import floats, model_from_text, op_types, run_ort
 from qcompile.calibration import IterableReader
 from qcompile.passes.quant.smooth_fold import find_groups
 from qcompile.quant.algorithms.smoothquant import smoothing_scales
-from qcompile.quantize import quantize
 from qcompile.smoothing import smooth
+from qcompile.static_int8 import quantize_static as quantize
 
 K, N = 16, 12
 

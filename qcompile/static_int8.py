@@ -122,7 +122,7 @@ def shared_qparams(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[
     return params
 
 
-def quantize(
+def quantize_static(
     model_or_path: ir.Model | str | os.PathLike,
     reader: CalibrationReader,
     *,
