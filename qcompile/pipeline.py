@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -184,9 +185,8 @@ class Pipeline:
     def __init__(self, recipe: "Recipe", target: str | None = None) -> None:
         from qcompile import targets
 
-        recipe = recipe.validate()
-        self.recipe = recipe
         self.target = targets.get(target or recipe.target)
+        self.recipe = dataclasses.replace(recipe, target=self.target.name).validate()  # the recipe reproduces the run
 
     def run(self, model: ir.Model | str | os.PathLike, reader=None, *, verify_options: VerifyOptions | None = None,
             guard_runs: int | str | None = None, keep_float=None, weight_dtype=None) -> Result:

@@ -44,6 +44,7 @@ def test_api_and_cli_write_the_same_bytes(tmp_path):
     np.savez(data, x=np.stack([f["x"] for f in calib()]))
     result = qcompile.quantize(str(model_path), IterableReader(calib()), recipe="int8", target="onnx-qdq",
                                verify_options=qcompile.VerifyOptions(each_pass=False, feeds=calib(2)))
+    assert result.recipe.target == "onnx-qdq"  # the recorded recipe reproduces the run
     api = tmp_path / "api.onnx"
     qcompile.save(result.model, api)
     cli = tmp_path / "cli.onnx"
