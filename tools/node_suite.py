@@ -64,7 +64,7 @@ RTOL = 1e-4
 ATOL = 1e-5
 #: Quantized vs float. INT8 rounding is modelled as additive uniform noise: a quantizer of step s
 #: adds noise of variance s^2 / 12 to every element (s = (hi - lo) / 255 for u8 activations with
-#: lo <= 0 <= hi, s = max|w_c| / 127 per output channel for int8 weights: passes/quant_math.py).
+#: lo <= 0 <= hi, s = max|w_c| / 127 per output channel for int8 weights: quant/qparams.py).
 #: The float model is run with that noise added to its inputs and weights (QUANT_DRAWS draws); the
 #: RMS output deviation, plus the rounding of the output itself (Conv outputs are quantized too), is
 #: the error INT8 arithmetic predicts for *this* case's data. A fixed relative bound cannot do that:
