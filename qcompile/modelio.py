@@ -336,6 +336,11 @@ def _run_checker(proto: onnx.ModelProto, path: Path, full: bool = False) -> None
         ) from None
 
 
+def custom_domains(model: ir.Model) -> list[str]:
+    """The operator domains of ``model``'s nodes (subgraphs included) outside the ONNX standard's."""
+    return sorted({n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)} - {"", "ai.onnx"})
+
+
 def check(model: ir.Model, *, full: bool = False, standard_only: bool = False) -> None:
     """Run the ONNX checker on an in-memory model (large tensors are not copied into the proto).
 
@@ -346,7 +351,7 @@ def check(model: ir.Model, *, full: bool = False, standard_only: bool = False) -
     where = Path(model.meta.get("qcompile.source_path") or "<in-memory model>")
     _run_checker(proto, where, full=full)
     if standard_only:
-        domains = sorted({n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)} - {"", "ai.onnx"})
+        domains = custom_domains(model)
         if domains:
             raise InvalidModelError(f"model uses non-standard operator domains {domains}", where=str(where),
                                     fix="this target accepts only the ONNX standard's operators")

@@ -40,7 +40,7 @@ def require_domains(model: ir.Model, target: targets.Target) -> None:
     """A target that takes only standard ONNX refuses a model with other domains (the user's input)."""
     if target.contrib_ops:
         return
-    domains = sorted({n.domain for n in ir.traversal.RecursiveGraphIterator(model.graph)} - {"", "ai.onnx"})
+    domains = modelio.custom_domains(model)
     if domains:
         raise InputModelError(f"target {target.name!r} takes standard ONNX only; the model uses {', '.join(domains)}",
                               fix="choose another --target, or export the model without custom operators")
@@ -237,6 +237,11 @@ def check_optimized(float_model: FloatModel, outputs: list[dict]) -> None:
         detail = worst.shape_mismatch or f"rel L2 {worst.rel_l2:.3g} > {float_model.bound:g}"
         raise OptimizedModelChanged(f"output {worst.name!r} {detail}")
     float_model.bound = None
+
+
+def check_optimized_model(float_model: FloatModel, target: str) -> None:
+    """Run the optimized model (its own session) and hold it to its passes' bound of the original."""
+    check_optimized(float_model, outputs_of(float_model.model, float_model.feeds, "all passes", target))
 
 
 def check_result(model: ir.Model, float_model: FloatModel, stage: str, target: str, guard_runs: int | str | None,

@@ -26,7 +26,7 @@ from qcompile.memory import PhaseClock
 from qcompile.metrics import Comparison
 from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
-from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_spec, annotate
+from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_specs, annotate
 from qcompile.passes.quant.qdq import QDQLoweringPass
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.quant.observers import Method
@@ -39,8 +39,8 @@ from qcompile.stages import (
     OptimizedModelChanged,
     check_lowering,
     check_optimized,
+    check_optimized_model,
     check_result,
-    outputs_of,
     prepare,
     reverify_passes,
 )
@@ -115,11 +115,9 @@ def shared_qparams(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[
     """Activation parameters from each value's own spec (dtype, symmetry: annotate.py); values that
     share a scale get the union of their ranges."""
     union = union_ranges(plan.shared, ranges)
-    params = {}
-    for name in ranges:
-        spec = activation_spec(model, name)
-        params[name] = activation_qparams(*union[name], dtype=spec.dtype, symmetric=spec.symmetric)
-    return params
+    specs = activation_specs(model)
+    return {name: activation_qparams(*union[name], dtype=specs[name].dtype, symmetric=specs[name].symmetric)
+            for name in ranges}
 
 
 def quantize_static(
@@ -192,7 +190,7 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     target_spec = targets.get(target)
     minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset)
     if float_model.bound is not None and (smoothquant is not None or opset_of(model) < minimum):
-        check_optimized(float_model, outputs_of(model, verify_feeds, "all passes", target))  # not the model calibrated
+        check_optimized_model(float_model, target)  # not the model calibrated
     model, opset = ensure_opset(model, minimum, verify_feeds,
                                 "per-channel Q/DQ needs opset 13" if per_channel else "Q/DQ needs opset 10")
     if not opset.ok:

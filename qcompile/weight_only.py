@@ -34,9 +34,8 @@ from qcompile.recipes import Algorithm
 from qcompile.stages import (
     OptimizedModelChanged,
     check_lowering,
-    check_optimized,
+    check_optimized_model,
     check_result,
-    outputs_of,
     prepare,
     reverify_passes,
 )
@@ -107,7 +106,7 @@ def quantize_weights(
                                     reader=reader)
     if float_model.bound is not None:  # the optimized model, checked before its weights are rounded
         try:
-            check_optimized(float_model, outputs_of(float_model.model, float_model.feeds, "all passes", target))
+            check_optimized_model(float_model, target)
         except OptimizedModelChanged as exc:
             log.warning("the optimized model fails its check (%s); verifying each pass", exc)
             float_model = reverify_passes(original, float_model, verify_options, target)

@@ -16,7 +16,7 @@ Adding a target is one module exporting ``TARGET`` and one line in :data:`REGIST
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -47,7 +47,6 @@ class Target:
     min_opset: int = 10  # the least opset its Q/DQ may be written in (per-channel needs 13 everywhere)
     strict_check: bool = False  # the ONNX checker's full check (shape inference included) on its outputs
     contrib_ops: bool = True  # whether com.microsoft ops may appear in its output
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     def accepts(self, fmt: str) -> bool:
         return fmt in self.formats

@@ -319,12 +319,19 @@ def set_spec(model: ir.Model, value: ir.Value, spec: QuantSpec | SharedSpec) -> 
     value.meta[SPEC_KEY] = spec
 
 
-def activation_spec(model: ir.Model, name: str) -> QuantSpec:
-    """The QuantSpec that decides ``name``'s parameters (its scale group's root's, when shared)."""
+def activation_specs(model: ir.Model) -> dict[str, QuantSpec]:
+    """Per annotated activation, the QuantSpec that decides its parameters (its scale group's
+    root's, when shared) — one walk over the graph."""
     values = {v.name: v for v in model.graph.inputs}
     values.update({v.name: v for node in model.graph for v in node.outputs})
-    spec = values[name].meta[SPEC_KEY]
-    return values[spec.value].meta[SPEC_KEY] if isinstance(spec, SharedSpec) else spec
+    specs = {}
+    for name, value in values.items():
+        spec = value.meta.get(SPEC_KEY)
+        if isinstance(spec, SharedSpec):
+            spec = values[spec.value].meta[SPEC_KEY]
+        if isinstance(spec, QuantSpec) and spec.role == "activation":
+            specs[name] = spec
+    return specs
 
 
 def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[str] = frozenset()) -> QuantPlan:
