@@ -211,6 +211,57 @@ def collect_ranges(
     return CalibrationResult(ranges, nonfinite, collected.samples, collected.seconds, collected.check_outputs)
 
 
+@dataclass
+class StatisticsCache:
+    """Calibration statistics computed once and reused by later runs on the same float graph and data
+    (``qcompile compile --target a,b,c``: one calibration pass for every target whose optimized
+    graph is the same).
+
+    Keyed by :func:`graph_fingerprint` and the calibration settings; holds per tensor the ranges
+    (per method and symmetry) and the sensitivity row samples. A run reuses them only when every
+    tensor it observes is held (a partial hit calibrates again: the loop costs the same either way).
+    """
+
+    entries: dict[tuple, dict] = field(default_factory=dict)
+
+    def lookup(self, key: tuple, names: Sequence[str], rows: Sequence[str]) -> tuple[dict, dict] | None:
+        """(ranges, row samples) for ``names`` and ``rows`` under ``key``, or None unless all are held."""
+        entry = self.entries.get(key)
+        if entry is None or not all(n in entry["ranges"] for n in names) or not all(r in entry["rows"] for r in rows):
+            return None
+        return {n: entry["ranges"][n] for n in names}, {r: entry["rows"][r] for r in rows}
+
+    def store(self, key: tuple, ranges: Mapping[str, tuple[float, float]], rows: Mapping[str, Any],
+              samples: int) -> None:
+        entry = self.entries.setdefault(key, {"ranges": {}, "rows": {}, "samples": samples})
+        entry["ranges"].update(ranges)
+        entry["rows"].update(rows)
+
+    def samples(self, key: tuple) -> int:
+        return self.entries.get(key, {}).get("samples", 0)
+
+
+def graph_fingerprint(model: ir.Model) -> str:
+    """A digest of the main graph's structure (ops, attributes, value names) and of its constants (name,
+    type, shape and 1,024 evenly spaced values each): equal digests, equal calibration statistics."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for node in model.graph:
+        inputs = [v.name if v is not None else "" for v in node.inputs]
+        attributes = sorted((k, repr(a.value)) for k, a in node.attributes.items()
+                            if not isinstance(a.value, (ir.Graph, ir.TensorProtocol)))
+        digest.update(repr((node.domain, node.op_type, node.name, inputs, [v.name for v in node.outputs],
+                            attributes)).encode())
+    for name, value in sorted(model.graph.initializers.items()):
+        tensor = value.const_value
+        digest.update(repr((name, str(value.dtype), tuple(value.shape or ()))).encode())
+        if tensor is not None and tensor.size:
+            flat = tensor.numpy().reshape(-1)
+            digest.update(np.ascontiguousarray(flat[:: max(1, flat.size // 1024)]).tobytes())
+    return digest.hexdigest()
+
+
 def _same_feed(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
     """Whether two feeds hold the same arrays (names, shapes, dtypes and values)."""
     if a.keys() != b.keys():

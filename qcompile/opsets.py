@@ -2,7 +2,7 @@
 
     QuantizeLinear / DequantizeLinear, per tensor      opset 10
     per-channel Q/DQ (the ``axis`` attribute)          opset 13
-    FP8 Q/DQ                                           opset 19
+    FP8 Q/DQ, and FP16/BF16 Q/DQ scales                opset 19
     INT4 and blocked Q/DQ (``block_size``)             opset 21
 
 A model below what a lowering needs is converted (onnxscript's version converter) under the

@@ -178,8 +178,10 @@ class Pipeline:
         → lower (Q/DQ, MatMulNBits, blocked DQ) → check (checker in the target's terms, run, compared)
         → speed_guard (original and result timed in turn in their check sessions)
 
-    Static recipes (int8, w8a8-smoothquant) run the static stages of qcompile.static_int8; weight-only
-    recipes those of qcompile.weight_only; both read the target from the registry.
+    Static recipes (int8, fp8, w8a8-smoothquant) run the static stages of qcompile.static_int8;
+    weight-only recipes those of qcompile.weight_only; the float recipe (fp16) qcompile.float_recipe's;
+    all read the target from the registry. What is not quantized runs in the recipe's
+    ``high_precision``, else the target's (FP16 on GPU targets: qcompile.precision).
     """
 
     def __init__(self, recipe: "Recipe", target: str | None = None) -> None:
@@ -189,26 +191,39 @@ class Pipeline:
         self.recipe = dataclasses.replace(recipe, target=self.target.name).validate()  # the recipe reproduces the run
 
     def run(self, model: ir.Model | str | os.PathLike, reader=None, *, verify_options: VerifyOptions | None = None,
-            guard_runs: int | str | None = None, keep_float=None, weight_dtype=None) -> Result:
+            guard_runs: int | str | None = None, keep_float=None, weight_dtype=None, statistics=None) -> Result:
         """Quantize ``model`` (in place when an ir.Model) with calibration data from ``reader``.
 
         ``guard_runs`` (a number or "auto"): time the original and the result in turn (``latency``);
-        ``keep_float`` / ``weight_dtype``: override what the target measures (static recipes)."""
+        ``keep_float`` / ``weight_dtype``: override what the target measures (static recipes);
+        ``statistics``: a qcompile.calibrate.StatisticsCache shared with runs for other targets."""
         from qcompile.errors import InputSpecError
         from qcompile.memory import PhaseClock
 
         recipe, target = self.recipe, self.target.name
+        high_precision = recipe.high_precision or self.target.high_precision
+        self.target.require_precision(recipe.precision(self.target.high_precision))
+        if recipe.kind != "float":
+            self.target.require_precision(high_precision)
         if recipe.needs_calibration and reader is None:
             raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
+        if self.target.device != "cpu":
+            guard_runs = None  # a CPU timing says nothing of a GPU target: `qcompile bench --target` on its GPU
         clock = PhaseClock()
-        if recipe.kind == "static-int8":
+        if recipe.kind == "float":
+            from qcompile.float_recipe import convert_float
+
+            details = convert_float(model, high_precision, target=target, exclude=recipe.exclude,
+                                    verify_options=verify_options, guard_runs=guard_runs, clock=clock)
+        elif recipe.kind == "static-int8":
             from qcompile.static_int8 import quantize_static as quantize
 
             details = quantize(model, reader, target=target, method=recipe.method, per_channel=recipe.per_channel,
                                exclude=recipe.exclude, samples=recipe.samples, min_sqnr_db=recipe.min_sqnr_db,
                                smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
                                verify_options=verify_options, guard_runs=guard_runs, keep_float=keep_float,
-                               weight_dtype=weight_dtype, clock=clock)
+                               weight_dtype=weight_dtype, clock=clock, precision=recipe.dtype,
+                               high_precision=high_precision, statistics=statistics)
         else:
             from qcompile.passes.quant.nbits import WeightOnlyConfig
             from qcompile.weight_only import quantize_weights
@@ -219,7 +234,8 @@ class Pipeline:
                                       accuracy_level=recipe.accuracy_level)
             details = quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader,
                                        samples=recipe.samples, verify_options=verify_options, target=target,
-                                       clock=clock, guard_runs=guard_runs)
+                                       clock=clock, guard_runs=guard_runs, high_precision=high_precision,
+                                       exclude=recipe.exclude)
         return Result(details.model, recipe, target, details, clock.seconds, clock.peak_rss_mb)
 
 

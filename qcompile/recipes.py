@@ -1,13 +1,16 @@
 """Named quantization recipes: presets that expand into the pipeline's settings, savable as TOML.
 
     int8               static INT8 (W8A8) for the target, MSE calibration, SQNR guard
+    fp8                static FP8 E4M3 (W8A8, s = amax/448, min-max calibration), SQNR guard
+    fp16               no quantization: the mixed-precision pass writes FP16 (``high_precision``)
     w8a8-smoothquant   the same after SmoothQuant (alpha searched per layer unless given), with an
                        LLM-grade guard: MatMuls under 34 dB output SQNR stay float
     w8-weight-only     INT8 weights, block 128, RTN, activations float (W8A16)
     w4-weight-only     INT4 weights, block 128, GPTQ, activations float (W4A16)
 
 A recipe file holds the fields of :class:`Recipe` as ``key = value`` lines (TOML); loading it and
-running it reproduces the run.
+running it reproduces the run. ``high_precision`` (fp32 | fp16 | bf16; unset: the target's default,
+fp16 on GPUs) is what the part that is not quantized runs in, for every kind.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from typing import Any, Literal, get_args
 from qcompile.errors import InputSpecError, UnknownNameError
 from qcompile.passes.quant.nbits import Format
 from qcompile.quant.observers import Method
+from qcompile.targets import HIGH_PRECISIONS, HighPrecision
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-Kind = Literal["static-int8", "weight-only"]
+Kind = Literal["static-int8", "weight-only", "float"]
+StaticDType = Literal["int8", "fp8"]
 Algorithm = Literal["rtn", "gptq", "awq"]
 Bits = Literal[4, 8]
 BlockSize = Literal[16, 32, 64, 128, 256]
@@ -40,6 +45,7 @@ ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 FORMATS: tuple[str, ...] = get_args(Format)
 BITS: tuple[int, ...] = get_args(Bits)
 BLOCK_SIZES: tuple[int, ...] = get_args(BlockSize)
+STATIC_DTYPES: tuple[str, ...] = get_args(StaticDType)
 #: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative L2 error).
 DEFAULT_MIN_SQNR_DB = 28.0
 
@@ -50,7 +56,8 @@ class Recipe:
 
     name: str = "int8"
     kind: Kind = "static-int8"
-    # static INT8
+    # static (W8A8)
+    dtype: StaticDType = "int8"  # activations and weights: INT8, or FP8 E4M3 (opset 19)
     method: Method = "mse"
     per_channel: bool = True
     smoothquant: float | str | None = None  # alpha in [0, 1], "auto", or None
@@ -68,6 +75,7 @@ class Recipe:
     # both
     samples: int = 64
     target: str = "ort-cpu"  # qcompile.targets
+    high_precision: HighPrecision | None = None  # what is not quantized runs in; None: the target's default
     exclude: tuple[str, ...] = ()  # node names, op types or name patterns kept float
 
     def with_(self, **changes: Any) -> "Recipe":
@@ -77,7 +85,7 @@ class Recipe:
     def validate(self) -> "Recipe":
         problems = []
         for key, allowed in (("kind", KINDS), ("bits", BITS), ("block_size", BLOCK_SIZES), ("algorithm", ALGORITHMS),
-                             ("format", FORMATS), ("method", METHODS)):
+                             ("format", FORMATS), ("method", METHODS), ("dtype", STATIC_DTYPES)):
             if getattr(self, key) not in allowed:
                 problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
@@ -85,6 +93,8 @@ class Recipe:
         sq = self.smoothquant
         if sq is not None and sq != "auto" and not (isinstance(sq, (int, float)) and 0 <= sq <= 1):
             problems.append(f"smoothquant {sq!r} (alpha in [0, 1] or 'auto')")
+        if self.high_precision not in (None, *HIGH_PRECISIONS):
+            problems.append(f"high_precision {self.high_precision!r} ({' | '.join(HIGH_PRECISIONS)})")
         from qcompile import targets
 
         if self.target not in targets.names():
@@ -96,7 +106,15 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.kind == "static-int8" or self.algorithm in ("gptq", "awq")
+        return self.kind == "static-int8" or (self.kind == "weight-only" and self.algorithm in ("gptq", "awq"))
+
+    def precision(self, target_default: str = "fp32") -> str:
+        """What the recipe runs, in a target's terms (qcompile.targets.PRECISIONS)."""
+        if self.kind == "float":
+            return self.high_precision or target_default
+        if self.kind == "weight-only":
+            return f"int{self.bits}"
+        return self.dtype
 
     def to_toml(self) -> str:
         lines = ["# qcompile quantization recipe"]
@@ -127,7 +145,7 @@ class Recipe:
         if unknown:
             raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where,
                                  fix=f"keys: {', '.join(sorted(known))}")
-        defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant", "accuracy_level")}
+        defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant", "accuracy_level", "high_precision")}
         if "exclude" in data:
             if not isinstance(data["exclude"], list) or not all(isinstance(x, str) for x in data["exclude"]):
                 raise InputSpecError("recipe key 'exclude' must be a list of strings", where=where,
@@ -155,10 +173,37 @@ PRESETS: dict[str, Recipe] = {
     # an LLM-grade error budget: a MatMul stays float under 34 dB output SQNR (~2 % relative error);
     # the level is measured, not derived: docs/benchmarks.md has the guard rows of tools/bench_llm.py
     "w8a8-smoothquant": Recipe(name="w8a8-smoothquant", smoothquant="auto", min_sqnr_db=34.0),
+    # FP8's grid is floating point (relative step 2^-3 at every magnitude): clipping outliers buys little,
+    # so the range is the observed amax
+    "fp8": Recipe(name="fp8", dtype="fp8", method="minmax"),
+    "fp16": Recipe(name="fp16", kind="float", high_precision="fp16", min_sqnr_db=None),
     "w8-weight-only": Recipe(name="w8-weight-only", kind="weight-only", bits=8, block_size=128, algorithm="rtn"),
     "w4-weight-only": Recipe(name="w4-weight-only", kind="weight-only", bits=4, block_size=128, algorithm="gptq",
                              samples=32),
 }
+
+
+#: A precision asked for without a recipe: the preset it starts from (qcompile.targets.PRECISIONS)
+PRECISION_PRESETS = {"fp32": "fp16", "fp16": "fp16", "bf16": "fp16", "int8": "int8", "fp8": "fp8",
+                     "int4": "w4-weight-only"}
+
+
+def with_precision(recipe: Recipe, precision: str | None) -> Recipe:
+    """``recipe`` made to run ``precision`` (None: as it is): a float precision makes it the float
+    recipe in that type, int8/fp8 a static one of that element type (fp8: min-max ranges), int4 a
+    4-bit weight-only one; target, exclusions and high precision carry over."""
+    if precision is None:
+        return recipe
+    if precision in HIGH_PRECISIONS:
+        return dataclasses.replace(recipe, kind="float", high_precision=precision)
+    carried = {"target": recipe.target, "exclude": recipe.exclude, "high_precision": recipe.high_precision}
+    if precision == "int4":
+        if recipe.kind == "weight-only" and recipe.bits == 4:
+            return recipe
+        return dataclasses.replace(preset("w4-weight-only"), **carried)
+    if recipe.kind != "static-int8":
+        recipe = dataclasses.replace(preset("int8"), **carried)
+    return dataclasses.replace(recipe, dtype=precision, method="minmax" if precision == "fp8" else recipe.method)
 
 
 def preset(name: str) -> Recipe:

@@ -125,13 +125,21 @@ def reverify_passes(original: ir.Model, float_model: FloatModel, verify_options:
 
 @contextlib.contextmanager
 def session(model: ir.Model, target: str, *, prepack: bool = True) -> Iterator[Runtime]:
-    """A runtime on ``model``, run as it will be run (:data:`CHECK_RUNTIME`); its memory-mapped
-    weights stay non-resident while the runtime pre-packs them (one float copy at a time). A
-    quantized model is always pre-packed: its weights are a quarter of the float ones."""
+    """A runtime on ``model`` — the target's check runtime (ORT CPU), run as it will be run
+    (:data:`CHECK_RUNTIME`); its memory-mapped weights stay non-resident while the runtime pre-packs
+    them (one float copy at a time). A quantized model is always pre-packed: its weights are a
+    quarter of the float ones. FP16/BF16 parts, which ORT CPU lacks kernels for, run emulated
+    (qcompile.precision: rounded where the model stores them, computed in FP32)."""
+    from qcompile.precision import has_low_precision
+
     options = CHECK_RUNTIME if prepack else replace(CHECK_RUNTIME, extra={"session.disable_prepacking": "1"})
+    if has_low_precision(model):
+        from qcompile.passes.quant.emulate import emulate_low_precision
+
+        model = emulate_low_precision(model)
     with contextlib.ExitStack() as stack:
         with memory.shedding(model):
-            runtime = stack.enter_context(execute.loaded(model, targets.get(target).runtime, options))
+            runtime = stack.enter_context(execute.loaded(model, targets.get(target).check_runtime, options))
         yield runtime
 
 

@@ -19,16 +19,17 @@ import onnx_ir as ir
 
 from qcompile import memory, modelio, specs, targets
 from qcompile.cache import cache_root
-from qcompile.calibrate import CalibrationResult, collect_ranges, tapped
+from qcompile.calibrate import CalibrationResult, StatisticsCache, collect_ranges, graph_fingerprint, tapped
 from qcompile.calibration import CalibrationReader, IterableReader, describe, iter_feeds
 from qcompile.errors import InputModelError, VerificationError
 from qcompile.memory import PhaseClock
 from qcompile.metrics import Comparison
-from qcompile.opsets import QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
+from qcompile.opsets import QDQ_FP8, QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
 from qcompile.passes.quant.annotate import QuantPlan, QuantPolicy, WeightDType, activation_specs, annotate
 from qcompile.passes.quant.qdq import QDQLoweringPass
 from qcompile.passmanager import PassManager, VerifyOptions
+from qcompile.precision import PrecisionReport, lower_precision
 from qcompile.quant.observers import Method
 from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, union_ranges, weight_codes
 from qcompile.recipes import DEFAULT_MIN_SQNR_DB
@@ -44,6 +45,7 @@ from qcompile.stages import (
     prepare,
     reverify_passes,
 )
+from qcompile.targets import FLOAT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,12 @@ KEEP_FEED_BYTES = 64 * 1024 * 1024
 
 
 def target_policy(target: str, *, per_channel: bool = True, keep_float: Iterable[str] | None = None,
-                  weight_dtype: WeightDType | None = None) -> tuple[QuantPolicy, dict]:
-    """The policy of registered ``target`` on this machine, and the measurements behind it
-    (qcompile.targets: ``keep_float`` and ``weight_dtype`` default to what the target measures)."""
+                  weight_dtype: WeightDType | None = None, precision: str = "int8") -> tuple[QuantPolicy, dict]:
+    """The policy of registered ``target`` on this machine for ``precision`` (int8 | fp8), and the
+    measurements behind it (qcompile.targets: ``keep_float`` and ``weight_dtype`` default to what the
+    target measures)."""
     return targets.get(target).policy(per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype,
-                                      cache_dir=cache_root())
+                                      cache_dir=cache_root(), precision=precision)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class QuantizeResult:
     notes: list[str] = field(default_factory=list)  # fallbacks and warnings, in words
     verification_feeds: list = field(default_factory=list, repr=False)
     latency: dict | None = None  # the speed guard (``guard_runs``): qcompile.bench.guard_report
+    high_precision: PrecisionReport | None = None  # the unquantized part in FP16/BF16 (GPU targets)
 
     @property
     def timing_feed(self) -> dict | None:
@@ -107,17 +111,19 @@ class QuantizeResult:
             "opset": self.opset.to_json() if self.opset else None,
             "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None,
             "latency": self.latency,
+            "high_precision": self.high_precision.to_json() if self.high_precision else None,
             "notes": list(self.notes),
         }
 
 
-def shared_qparams(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]]) -> dict[str, QParams]:
+def shared_qparams(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
+                   scale_dtype: str | None = None) -> dict[str, QParams]:
     """Activation parameters from each value's own spec (dtype, symmetry: annotate.py); values that
-    share a scale get the union of their ranges."""
+    share a scale get the union of their ranges; ``scale_dtype``: scales stored in that float type."""
     union = union_ranges(plan.shared, ranges)
     specs = activation_specs(model)
-    return {name: activation_qparams(*union[name], dtype=specs[name].dtype, symmetric=specs[name].symmetric)
-            for name in ranges}
+    return {name: activation_qparams(*union[name], dtype=specs[name].dtype, symmetric=specs[name].symmetric,
+                                     scale_dtype=scale_dtype) for name in ranges}
 
 
 def quantize_static(
@@ -138,6 +144,9 @@ def quantize_static(
     quantize_attention: bool = False,
     guard_runs: int | Literal["auto"] | None = None,
     clock: PhaseClock | None = None,
+    precision: str = "int8",
+    high_precision: str = "fp32",
+    statistics: StatisticsCache | None = None,
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
@@ -150,7 +159,10 @@ def quantize_static(
     (None: keep every planned node in INT8). ``smoothquant`` (an alpha, or "auto") first folds
     SmoothQuant scales into the FP32 model, from the same calibration feeds. ``quantize_attention``
     puts activation x activation MatMuls (attention Q·Kᵀ and scores·V) in INT8 too, both inputs with
-    per-tensor activation scales; they stay float by default.
+    per-tensor activation scales; they stay float by default. ``precision`` int8 or fp8 (E4M3, opset
+    19) is the quantized element type; ``high_precision`` (fp32 | fp16 | bf16) what the rest runs in
+    (qcompile.precision). ``statistics``: calibration statistics shared with other runs on the same
+    graph and data (computed on the first, reused by the next: qcompile.calibrate.StatisticsCache).
 
     Checks, each on the verification feeds (``verify_options``): the original model runs and gives
     the reference outputs; the optimized model passes the checker and stays within its passes'
@@ -169,7 +181,8 @@ def quantize_static(
                                     reader=reader)
     args = dict(target=target, method=method, per_channel=per_channel, exclude=exclude, samples=samples,
                 keep_float=keep_float, min_sqnr_db=min_sqnr_db, smoothquant=smoothquant, weight_dtype=weight_dtype,
-                quantize_attention=quantize_attention, guard_runs=guard_runs)
+                quantize_attention=quantize_attention, guard_runs=guard_runs, precision=precision,
+                high_precision=high_precision, statistics=statistics)
     try:
         return _quantize_float(float_model, reader, clock, **args)
     except OptimizedModelChanged as exc:
@@ -184,15 +197,28 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
                     method: Method, per_channel: bool, exclude: Iterable[str], samples: int | None,
                     keep_float: Iterable[str] | None, min_sqnr_db: float | None, smoothquant: float | str | None,
                     weight_dtype: WeightDType | None, quantize_attention: bool,
-                    guard_runs: int | str | None) -> QuantizeResult:
+                    guard_runs: int | str | None, precision: str, high_precision: str,
+                    statistics: StatisticsCache | None) -> QuantizeResult:
     """Plan, calibrate, lower and check (see :func:`quantize`)."""
     model, verify_feeds, notes = float_model.model, float_model.feeds, float_model.notes
     target_spec = targets.get(target)
-    minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset)
-    if float_model.bound is not None and (smoothquant is not None or opset_of(model) < minimum):
+    minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset,
+                  QDQ_FP8 if precision == "fp8" else 0)
+    reason = ("FP8 Q/DQ needs opset 19" if precision == "fp8" else
+              "per-channel Q/DQ needs opset 13" if per_channel else "Q/DQ needs opset 10")
+    # FP16/BF16 Q/DQ scales (DQ writing FP16 straight into the FP16 MatMul) need opset 19
+    preferred = max(minimum, QDQ_FP8 if high_precision != "fp32" else 0)
+    if float_model.bound is not None and (smoothquant is not None or opset_of(model) < preferred):
         check_optimized_model(float_model, target)  # not the model calibrated
-    model, opset = ensure_opset(model, minimum, verify_feeds,
-                                "per-channel Q/DQ needs opset 13" if per_channel else "Q/DQ needs opset 10")
+    model, opset = ensure_opset(model, preferred, verify_feeds,
+                                reason if preferred == minimum else f"{high_precision} Q/DQ scales need opset 19")
+    if not opset.ok and preferred > minimum:
+        notes.append(f"Q/DQ stays FP32 between {high_precision} nodes: the model stays at opset {opset.before} "
+                     f"({opset.reason})")
+        model, opset = ensure_opset(model, minimum, verify_feeds, reason)
+    if not opset.ok and precision == "fp8":
+        raise InputModelError(f"cannot quantize to FP8 a model at opset {opset.before}: {opset.reason}",
+                              fix="re-export the model at opset 19 or newer")
     if not opset.ok:
         if not per_channel or opset.before < QDQ_PER_TENSOR:
             raise InputModelError(f"cannot quantize a model at opset {opset.before}: {opset.reason}",
@@ -202,7 +228,8 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     if opset.action == "upgraded":
         notes.append(f"opset {opset.before} -> {opset.after} (verified): {opset.reason}")
     clock.lap("opset")
-    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype)
+    policy, ratios = target_policy(target, per_channel=per_channel, keep_float=keep_float, weight_dtype=weight_dtype,
+                                   precision=precision)
     policy = policy.with_(activation_by_activation_matmul=quantize_attention)
     smoothing = None
     if smoothquant is not None:
@@ -217,12 +244,14 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     clock.lap("plan")
     smoothing_json = smoothing.to_json() if smoothing else None
     if not plan.quantized_nodes:
-        notes.append("nothing to quantize: no MatMul/Gemm/Conv/ConvTranspose with constant weights runs in INT8 "
-                     "here; the optimized float model is the result")
+        notes.append(f"nothing to quantize: no MatMul/Gemm/Conv/ConvTranspose with constant weights runs in "
+                     f"{precision.upper()} here; the optimized float model is the result")
         model = PassManager([make_pass("clear-shapes")])(model).model
+        model, lowered = lower_precision(model, high_precision, verify_feeds, exclude)
         accuracy, latency = check_result(model, float_model, "the quantize pipeline", target, guard_runs, clock)
         return QuantizeResult(model, plan, CalibrationResult({}), policy, ratios, method, {}, clock.seconds,
-                              clock.peak_rss_mb, smoothing_json, opset, accuracy, notes, verify_feeds, latency)
+                              clock.peak_rss_mb, smoothing_json, opset, accuracy, notes, verify_feeds, latency,
+                              lowered)
     sampler = None
     if min_sqnr_db is not None:  # the rows kept for it are resident with the calibration session's weights
         observed, quantized = set(plan.activations), set(plan.quantized_nodes)
@@ -231,14 +260,65 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
                                      SENSITIVITY_FEEDS, row_bytes=max(SENSITIVITY_MIN_ROW_BYTES,
                                                                       modelio.initializer_bytes(model) // 32))
     memory.trim()
-    check_feeds = verify_feeds if float_model.bound is not None else []
+    key = (graph_fingerprint(model), method, policy.activation_symmetric, samples, describe(reader)) \
+        if statistics is not None else None
+    hit = statistics.lookup(key, plan.activations, list(sampler.samples) if sampler else []) if key else None
+    if hit is not None:
+        ranges, rows = hit
+        if sampler is not None:
+            sampler.samples.update(rows)
+        calibration = CalibrationResult(ranges, {}, statistics.samples(key), 0.0)
+        if float_model.bound is not None:
+            check_optimized_model(float_model, target)
+        notes.append("calibration statistics reused: computed once for this graph and data")
+    else:
+        calibration = _calibrate(model, plan, float_model, reader, method=method, samples=samples,
+                                 symmetric=policy.activation_symmetric, sampler=sampler)
+        if statistics is not None:
+            statistics.store(key, calibration.ranges, sampler.samples if sampler else {}, calibration.samples)
+    clock.lap("calibrate")
+    scale_dtype = FLOAT_TYPES.get(high_precision)  # Q/DQ scales stored in FP16/BF16 (opset 19)
+    qparams = shared_qparams(model, plan, calibration.ranges, scale_dtype)
+    sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
+    if sampler is not None:
+        clock.lap("sensitivity")
+    fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
+    if fragile:
+        reasons = {name: f"{precision.upper()} output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
+                   for name, db in fragile.items()}
+        plan = annotate(model, policy, frozenset(exclude), float_reasons=reasons)
+        ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
+        qparams = shared_qparams(model, plan, ranges, scale_dtype)
+    codes = sampler.codes if sampler is not None else None
+    sampler = None
+    lowering = [QDQLoweringPass(qparams, weight_codes(codes, scale_dtype), quantize_bias), make_pass("dead-code"),
+                make_pass("topo-sort"), make_pass("clear-shapes")]
+    model = PassManager(lowering)(model).model
+    memory.trim()
+    clock.lap("lower")
+    model, lowered = lower_precision(model, high_precision, verify_feeds, exclude)
+    if lowered is not None:
+        clock.lap("high_precision")
+    stage = "qdq-lowering" if lowered is None else "qdq-lowering and mixed-precision"
+    accuracy, latency = check_result(model, float_model, stage, target, guard_runs, clock)
+    notes += check_lowering(accuracy, stage)
+    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
+                          smoothing_json, opset, accuracy, notes, verify_feeds, latency, lowered)
+
+
+def _calibrate(model: ir.Model, plan: QuantPlan, float_model: FloatModel, reader: CalibrationReader, *,
+               method: Method, samples: int | None, symmetric: bool,
+               sampler: SensitivitySampler | None) -> CalibrationResult:
+    """The one calibration loop over ``reader``: the plan's ranges, the sampler's rows, and (where the
+    optimized model is still unchecked) its outputs on the verification feeds, held to its bound."""
+    check_feeds = float_model.feeds if float_model.bound is not None else []
     kept: list[dict] = []  # the feeds read, should the optimized model fail its check
     if check_feeds:
         reader = recording = _Recording(reader, iter_feeds(reader, specs.input_specs(model), samples), kept)
     outputs = [v.name for v in model.graph.outputs]
     with tapped(model, plan.activations, keep_outputs=bool(check_feeds)) as runtime:
         calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
-                                     symmetric=policy.activation_symmetric, runtime=runtime,
+                                     symmetric=symmetric, runtime=runtime,
                                      extra=sampler.statistics() if sampler is not None else None,
                                      check_feeds=check_feeds, check_outputs=outputs)
     modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
@@ -250,29 +330,7 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
                 raise VerificationError(f"the optimize passes changed the model's semantics: {exc}", stage="all passes",
                                         fix="run `qcompile optimize` on the model to find the pass") from None
             raise OptimizedModelChanged(str(exc), kept) from None
-    clock.lap("calibrate")
-    qparams = shared_qparams(model, plan, calibration.ranges)
-    sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
-    if sampler is not None:
-        clock.lap("sensitivity")
-    fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
-    if fragile:
-        reasons = {name: f"INT8 output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
-                   for name, db in fragile.items()}
-        plan = annotate(model, policy, frozenset(exclude), float_reasons=reasons)
-        ranges = {k: v for k, v in calibration.ranges.items() if k in set(plan.activations)}
-        qparams = shared_qparams(model, plan, ranges)
-    codes = sampler.codes if sampler is not None else None
-    sampler = None
-    lowering = [QDQLoweringPass(qparams, weight_codes(codes), quantize_bias), make_pass("dead-code"),
-                make_pass("topo-sort"), make_pass("clear-shapes")]
-    model = PassManager(lowering)(model).model
-    memory.trim()
-    clock.lap("lower")
-    accuracy, latency = check_result(model, float_model, "qdq-lowering", target, guard_runs, clock)
-    notes += check_lowering(accuracy, "qdq-lowering")
-    return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
-                          smoothing_json, opset, accuracy, notes, verify_feeds, latency)
+    return calibration
 
 
 class _Recording(IterableReader):

@@ -25,6 +25,7 @@ from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
 from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, candidates
 from qcompile.passmanager import PassManager, VerifyOptions
+from qcompile.precision import PrecisionReport, lower_precision
 from qcompile.progress import bar
 from qcompile.quant.algorithms.gptq import gptq
 from qcompile.quant.algorithms.rtn import block_codes
@@ -58,6 +59,7 @@ class WeightOnlyResult:
     verification_feeds: list = field(default_factory=list, repr=False)
     phase_peak_rss_mb: dict[str, float] = field(default_factory=dict)
     latency: dict | None = None  # the speed guard: qcompile.bench.guard_report
+    high_precision: PrecisionReport | None = None  # the unquantized part in FP16/BF16 (GPU targets)
 
     @property
     def timing_feed(self) -> dict | None:
@@ -70,7 +72,9 @@ class WeightOnlyResult:
                 "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
                 "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "awq": self.awq,
                 "opset": self.opset.to_json() if self.opset else None,
-                "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None, "notes": list(self.notes)}
+                "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None,
+                "high_precision": self.high_precision.to_json() if self.high_precision else None,
+                "notes": list(self.notes)}
 
 
 def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
@@ -93,14 +97,21 @@ def quantize_weights(
     target: str = "ort-cpu",
     clock: PhaseClock | None = None,
     guard_runs: int | str | None = None,
+    high_precision: str = "fp32",
+    exclude: tuple[str, ...] = (),
 ) -> WeightOnlyResult:
-    """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model).
+    """Block-wise weight-only quantization of every eligible MatMul (in place for an ir.Model);
+    ``high_precision`` (fp32 | fp16 | bf16): what the rest runs in (qcompile.precision), ``exclude``
+    the nodes it keeps FP32.
 
     ``config.accuracy_level`` None (MatMulNBits): the level that decodes faster on this CPU, measured
     once by :func:`qcompile.targets.ort_cpu.kernel_probe.probe_nbits`.
     """
     clock = clock or PhaseClock()
     target_spec = targets.get(target)  # an unknown target fails before anything is loaded
+    if target_spec.symmetric_blocks and not config.symmetric:
+        raise InputSpecError(f"target {target!r} takes symmetric weight blocks only (zero points 0)",
+                             fix="drop --asymmetric")
     verify_options = verify_options or VerifyOptions(each_pass=False)
     float_model, original = prepare(model_or_path, target, verify_options, guard_runs, clock, optimize=optimize,
                                     reader=reader)
@@ -163,7 +174,9 @@ def quantize_weights(
         notes.append("nothing to quantize: no MatMul with a constant weight fits the weight-only recipe; the "
                      "optimized float model is the result")
     clock.lap("lower")
-    accuracy, latency = check_result(model, float_model, "weight-only lowering", target, guard_runs, clock)
-    notes += check_lowering(accuracy, "weight-only lowering")
+    model, lowered = lower_precision(model, high_precision, verify_feeds, exclude)
+    stage = "weight-only lowering" if lowered is None else "weight-only lowering and mixed-precision"
+    accuracy, latency = check_result(model, float_model, stage, target, guard_runs, clock)
+    notes += check_lowering(accuracy, stage)
     return WeightOnlyResult(model, config, algorithm, lowering.quantized, clock.seconds, lowering.embeddings,
-                            awq_report, opset, accuracy, notes, verify_feeds, clock.peak_rss_mb, latency)
+                            awq_report, opset, accuracy, notes, verify_feeds, clock.peak_rss_mb, latency, lowered)

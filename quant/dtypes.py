@@ -9,6 +9,8 @@
     int32         32    yes     -2^31 .. 2^31-1  INT32   (biases: s_b = s_x s_w)
 
 Symmetric 8-bit weights use codes ±127 (the -128 code is never produced, so negation is exact).
+FP8 E4M3 (``fn``: finite, no infinities) codes are the float8 values themselves: x/s rounded to the
+nearest E4M3 value (ties to even) after saturating to ±448, so s = amax / 448 uses the whole range.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 
 QDTypeName = Literal["uint8", "int8", "uint4", "int4", "float8e4m3fn", "int32"]
@@ -35,6 +38,11 @@ class QDType:
     def numpy(self) -> np.dtype:
         """The numpy dtype the codes are computed in (sub-byte codes live in a byte each)."""
         return np.dtype({"uint4": "uint8", "int4": "int8", "float8e4m3fn": "float32"}.get(self.name, self.name))
+
+    @property
+    def storage(self) -> np.dtype:
+        """The numpy dtype codes are stored in (float8 through ml_dtypes; sub-byte codes a byte each)."""
+        return np.dtype(ml_dtypes.float8_e4m3fn) if self.name == "float8e4m3fn" else self.numpy
 
 
 DTYPES: dict[str, QDType] = {

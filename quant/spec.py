@@ -24,6 +24,7 @@ from qcompile.quant.dtypes import QDTypeName
 SPEC_KEY = "qcompile.quant.spec"
 ORDER_KEY = "qcompile.quant.order"  # annotation order: fixes where new initializers go (deterministic)
 BIAS_KEY = "qcompile.quant.bias"  # a tuple of DerivedSpec (one per consumer: each has its own s_x)
+CONSUMERS_KEY = "qcompile.quant.consumers"  # (node name, input index) that read the DQ; absent: every consumer
 #: node.meta keys
 QUANTIZED_KEY = "qcompile.quant.quantized"  # True on a node that runs quantized
 FLOAT_REASON_KEY = "qcompile.quant.float_reason"  # why a candidate node stays float

@@ -4,6 +4,7 @@ number of samples. Rows are the tensor seen as [rows, channels] (its last axis),
 that hold a NaN or an inf (``finite_rows``).
 
     observers (qcompile.quant.observers)   ranges: minmax, percentile, entropy, mse
+    AbsMax              max |X| over the finite values                        (FP16 range checks)
     ChannelAbsMax       max_j |X_j| per channel                               (SmoothQuant)
     ChannelMoments      E|X_j| and E[X_j^2] per channel                       (AWQ scales and clipping)
     Hessian             H = sum X^T X                                         (GPTQ)
@@ -18,6 +19,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qcompile.quant.observers import MinMaxObserver, finite_rows
+
+
+@dataclass
+class AbsMax:
+    """max |x| over every finite value seen (0 before any), and how many values were not finite."""
+
+    value: float = 0.0
+    nonfinite: int = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0 or x.dtype.kind != "f":
+            return
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+            x = x[finite]
+            if x.size == 0:
+                return
+        self.value = max(self.value, float(x.max()), -float(x.min()))
 
 
 @dataclass

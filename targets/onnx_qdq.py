@@ -28,7 +28,7 @@ CONTRIB_PASSES = frozenset({"fuse-gelu"})
 
 
 def policy(*, keep_float: Iterable[str] | None = None, weight_dtype: str | None = None, per_channel: bool = True,
-           cache_dir: Path | None = None) -> tuple[QuantPolicy, dict]:
+           cache_dir: Path | None = None, precision: str = "int8") -> tuple[QuantPolicy, dict]:
     return policy_for("onnx-qdq", ANNOTATORS, per_channel=per_channel, keep_float=frozenset(keep_float or ()),
                       weight_dtype="int8", activation_dtype="int8", activation_symmetric=True), {}
 

@@ -28,6 +28,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile.quant.spec import (
     BIAS_KEY,
+    CONSUMERS_KEY,
     FLOAT_REASON_KEY,
     ORDER_KEY,
     QUANTIZED_KEY,
@@ -37,8 +38,9 @@ from qcompile.quant.spec import (
     SharedSpec,
 )
 
-ActivationDType = Literal["uint8", "int8"]
-WeightDType = Literal["int8", "uint8"]
+ActivationDType = Literal["uint8", "int8", "float8e4m3fn"]
+WeightDType = Literal["int8", "uint8", "float8e4m3fn"]
+Consumer = tuple[str, int]  # (node name, input index)
 
 @dataclass(frozen=True)
 class QuantPolicy:
@@ -54,7 +56,14 @@ class QuantPolicy:
     passthrough_ops: frozenset[str] = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
     shared_scale_ops: frozenset[str] = frozenset({"Concat"})
     residual_add: bool = False
+    #: residual Add fed by a quantized Conv: Q/DQ on the other (skip) input, so Conv + Add fuse (TensorRT)
+    residual_skip: bool = False
     activation_by_activation_matmul: bool = False
+    #: biases as INT32 (s_b = s_x s_w); False: they stay float (TensorRT fuses a float bias)
+    quantize_bias: bool = True
+    #: every consumer of a quantized activation reads its DQ (ORT fuses them all); False: only the
+    #: nodes that run quantized do, the others keep the float tensor (a residual stream stays exact)
+    dequantize_all_consumers: bool = True
     keep_float: frozenset[str] = frozenset()
     #: weight storage: int8, or uint8 (zero point 128) where u8 x s8 kernels saturate (x86 without VNNI)
     weight_dtype: WeightDType = "int8"
@@ -72,6 +81,7 @@ class QuantPolicy:
 #:     passthrough   ops that only move values (pooling, Reshape, Transpose, ...): in and out share a scale
 #:     concat        all of Concat's inputs and its output share one scale
 #:     residual-add  the output of an Add whose two inputs are quantized
+#:     residual-skip an Add fed by a quantized Conv: its other (skip) input, so the Add fuses into the Conv
 #:     attention     activation x activation MatMuls (Q·Kᵀ, scores·V), both inputs per tensor
 ANNOTATORS: dict[str, dict] = {
     "linear": {"compute_ops": {"MatMul", "Gemm"}},
@@ -80,6 +90,7 @@ ANNOTATORS: dict[str, dict] = {
     "passthrough": {"passthrough_ops": {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}},
     "concat": {"shared_scale_ops": {"Concat"}},
     "residual-add": {"residual_add": True},
+    "residual-skip": {"residual_skip": True},
     "attention": {"activation_by_activation_matmul": True},
 }
 
@@ -142,10 +153,19 @@ class QuantPlan:
     shared: list[list[str]] = field(default_factory=list)
     quantized_nodes: list[str] = field(default_factory=list)
     kept_float: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    #: per activation, the consumers that read its DQ (None: every consumer)
+    consumers: dict[str, list[Consumer] | None] = field(default_factory=dict)
 
-    def add_activation(self, name: str) -> None:
+    def add_activation(self, name: str, consumer: Consumer | None = None) -> None:
+        """Quantize activation ``name`` for ``consumer`` (None: for every consumer)."""
         if name not in self.activations:
             self.activations.append(name)
+            self.consumers[name] = []
+        readers = self.consumers.get(name)
+        if consumer is None:
+            self.consumers[name] = None
+        elif readers is not None and consumer not in readers:
+            readers.append(consumer)
 
     def to_json(self) -> dict:
         return {
@@ -195,7 +215,7 @@ def _weight_axis(node: ir.Node, rank: int, per_channel: bool) -> int | None:
     return rank - 1  # MatMul: output channels are B's last axis
 
 
-def _excluded(node: ir.Node, exclude: frozenset[str]) -> bool:
+def excluded(node: ir.Node, exclude: frozenset[str]) -> bool:
     """Excluded by op type, node name, or a shell-style pattern on the node name."""
     return node.op_type in exclude or any(fnmatch.fnmatchcase(node.name, pattern) for pattern in exclude)
 
@@ -218,10 +238,10 @@ def _clear(graph: ir.Graph) -> None:
             node.meta.pop(key, None)
         for value in (*node.inputs, *node.outputs):
             if value is not None:
-                for key in (SPEC_KEY, ORDER_KEY, BIAS_KEY):
+                for key in (SPEC_KEY, ORDER_KEY, BIAS_KEY, CONSUMERS_KEY):
                     value.meta.pop(key, None)
     for value in (*graph.inputs, *graph.initializers.values()):
-        for key in (SPEC_KEY, ORDER_KEY, BIAS_KEY):
+        for key in (SPEC_KEY, ORDER_KEY, BIAS_KEY, CONSUMERS_KEY):
             value.meta.pop(key, None)
 
 
@@ -239,6 +259,9 @@ def _write(model: ir.Model, plan: QuantPlan, policy: QuantPolicy) -> None:
         values[name].meta[SPEC_KEY] = (SharedSpec(root) if root != name else
                                        QuantSpec(policy.activation_dtype, policy.activation_symmetric))
         values[name].meta[ORDER_KEY] = order = order + 1
+        readers = plan.consumers.get(name)
+        if not policy.dequantize_all_consumers and readers is not None:
+            values[name].meta[CONSUMERS_KEY] = tuple(readers)
     for spec in plan.weights.values():
         values[spec.value].meta[SPEC_KEY] = QuantSpec(spec.dtype, True, spec.axis, role="weight")
         values[spec.value].meta[ORDER_KEY] = order = order + 1
@@ -294,6 +317,8 @@ def read_plan(model: ir.Model) -> QuantPlan:
             plan.weights[value.name] = WeightSpec(value.name, spec.axis, consumers, spec.dtype)
         else:
             plan.activations.append(value.name)
+            readers = value.meta.get(CONSUMERS_KEY)
+            plan.consumers[value.name] = list(readers) if readers is not None else None
             root = spec.value if isinstance(spec, SharedSpec) else value.name
             groups.setdefault(root, []).append(value.name)
     plan.shared = [members for members in groups.values() if len(members) > 1]
@@ -346,7 +371,7 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
         name = node.name
         if node.op_type not in policy.compute_ops:
             continue
-        if _excluded(node, exclude):
+        if excluded(node, exclude):
             plan.kept_float[name] = "excluded by the user"
             continue
         klass = op_class(node)
@@ -363,8 +388,8 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
         weight_is_const = w is not None and w.const_value is not None and w.dtype == ir.DataType.FLOAT
         if not weight_is_const:
             if node.op_type == "MatMul" and policy.activation_by_activation_matmul and _is_float_activation(w):
-                plan.add_activation(x.name)
-                plan.add_activation(w.name)
+                plan.add_activation(x.name, (name, 0))
+                plan.add_activation(w.name, (name, 1))
                 plan.quantized_nodes.append(name)
             else:
                 plan.kept_float[name] = "activation x activation (attention) stays float"
@@ -372,11 +397,11 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
         if w.shape is None or w.shape.rank() < 2:
             plan.kept_float[name] = "weight rank < 2"
             continue
-        plan.add_activation(x.name)
+        plan.add_activation(x.name, (name, 0))
         axis = _weight_axis(node, w.shape.rank(), policy.per_channel)
         spec = plan.weights.setdefault(w.name, WeightSpec(w.name, axis, dtype=policy.weight_dtype))
         spec.consumers.append((name, 1))
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if policy.quantize_bias and len(node.inputs) > 2 and node.inputs[2] is not None:
             b = node.inputs[2]
             out_channels = w.shape[spec.axis] if spec.axis is not None else None
             if (b.const_value is not None and b.shape is not None and b.shape.rank() == 1
@@ -385,8 +410,36 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
         plan.quantized_nodes.append(name)
         if node.op_type in policy.quantize_outputs_of:
             _quantize_output(node.outputs[0], policy, plan)
+    if policy.residual_skip:
+        _quantize_skip_inputs(model, plan)
     _propagate_shared(model, policy, plan)
     return plan
+
+
+def _quantize_skip_inputs(model: ir.Model, plan: QuantPlan) -> None:
+    """Residual ``Add(conv(x), skip)``: Q/DQ on ``skip`` only, so the runtime runs the Add in the
+    quantized Conv's epilogue (TensorRT: Conv + Add (+ ReLU) -> one INT8 kernel). When both inputs
+    come from quantized Convs, the later Conv takes the Add (it is computed last) and the earlier
+    one's output is the skip."""
+    quantized = set(plan.quantized_nodes)
+    position = {id(node): i for i, node in enumerate(model.graph)}
+
+    def conv_position(value: ir.Value) -> int:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Conv" or producer.name not in quantized:
+            return -1
+        return position.get(id(producer), -1)
+
+    for node in model.graph:
+        if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None for v in node.inputs):
+            continue
+        places = [conv_position(v) for v in node.inputs]
+        if max(places) < 0:
+            continue
+        skip = 0 if places[0] < places[1] else 1
+        value = node.inputs[skip]
+        if _is_float_activation(value):
+            plan.add_activation(value.name, (node.name, skip))
 
 
 def _quantize_output(out: ir.Value, policy: QuantPolicy, plan: QuantPlan) -> None:
@@ -412,7 +465,7 @@ def _propagate_shared(model: ir.Model, policy: QuantPolicy, plan: QuantPlan) -> 
     """
     quantized = set(plan.activations)
 
-    def mark(value: ir.Value) -> bool:
+    def mark(value: ir.Value) -> bool:  # every consumer reads it: these ops move the quantized tensor on
         if value.name in quantized or not _is_float(value):
             return False
         quantized.add(value.name)

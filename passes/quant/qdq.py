@@ -4,7 +4,9 @@ Weights (weights.py is folded in here, one plan, one lowering):
     W            -> DequantizeLinear(W_q: int8, s_w[C], 0, axis)           per channel (or tensor)
     bias b       -> DequantizeLinear(b_q: int32, s_x * s_w[C], 0, axis=0)
 Activations:
-    x            -> DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)  on every consumer
+    x            -> DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)  on every consumer (or, where
+                    the annotation names them, on the consumers that run quantized only)
+Element types: int8/uint8, or float8e4m3fn (opset 19) for weights and activations alike.
 
 The runtime sees ``DQ -> op -> Q`` and fuses it into an integer kernel. Graph outputs keep their
 float values. The pass makes no decisions: the plan (quant_policy.py) and the activation
@@ -22,6 +24,7 @@ import onnx_ir as ir
 from qcompile.passes.graph.rewrite import allow_initializers
 from qcompile.passes.irutil import add_initializer, drop_resident
 from qcompile.passes.quant.annotate import QuantPlan, read_plan
+from qcompile.quant.dtypes import qdtype
 from qcompile.quant.spec import QParams
 
 #: (weight name, W, axis, storage dtype) -> (codes as stored, parameters)
@@ -111,7 +114,9 @@ class QDQLoweringPass(ir.passes.InPlacePass):
             qp = self.activation_qparams.get(name)
             if value is None or qp is None:
                 continue
-            uses = list(value.uses())
+            readers = self.plan.consumers.get(name)
+            uses = [(user, index) for user, index in value.uses()
+                    if readers is None or (user.name, index) in set(readers)]
             if not uses:
                 continue
             base = name.replace("/", "_").strip("_") or "x"
@@ -119,7 +124,7 @@ class QDQLoweringPass(ir.passes.InPlacePass):
             zero = add_initializer(graph, f"{base}_act_zero_point", np.asarray(qp.zero_point))
             quant = ir.node("QuantizeLinear", [value, scale, zero], name=f"{base}_QuantizeLinear")
             quant.outputs[0].name = f"{base}_quantized"
-            quant.outputs[0].dtype = ir.DataType.from_numpy(np.dtype(qp.dtype))
+            quant.outputs[0].dtype = ir.DataType[qdtype(qp.dtype).onnx]
             dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale, zero], name=f"{base}_DequantizeLinear")
             dequant.outputs[0].name = f"{base}_dequantized"
             dequant.outputs[0].dtype = ir.DataType.FLOAT

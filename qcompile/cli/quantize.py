@@ -25,6 +25,7 @@ from qcompile.cli.common import (
     with_shape_options,
 )
 from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
+from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 
 
 @click.command()
@@ -34,8 +35,13 @@ from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, MET
 @click.option("--target", type=click.Choice(targets.names()), default=None,
               help="Where the model will run (qcompile.targets): what is quantized, how, and what it is verified "
                    "on. [default: the recipe's, ort-cpu]")
-@click.option("--recipe", "recipe_name", default="int8", show_default=True,
-              help=" | ".join(PRESETS))
+@click.option("--recipe", "recipe_name", default=None, help=" | ".join(PRESETS) + " [default: int8]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="What the quantized part runs in (fp32/fp16/bf16: nothing quantized); without --recipe it "
+                   "picks the recipe: fp16 -> fp16, int8 -> int8, fp8 -> fp8, int4 -> w4-weight-only.")
+@click.option("--high-precision", type=click.Choice(HIGH_PRECISIONS), default=None,
+              help="What the unquantized part runs in [default: the target's: fp16 on GPU targets, fp32 on CPU; "
+                   "fp32 gives the same Q/DQ in a graph ORT CPU scores natively].")
 @click.option("--recipe-file", type=click.Path(dir_okay=False), default=None, help="Load the recipe from TOML.")
 @click.option("--save-recipe", type=click.Path(dir_okay=False), default=None, help="Write the resolved recipe as TOML.")
 @click.option("--calib", "calib", default=None, metavar="SPEC",
@@ -71,7 +77,8 @@ from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, MET
 @data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
-def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib, method, per_channel, alpha,
+def quantize(model, output, target, recipe_name, precision, high_precision, recipe_file, save_recipe, calib, method,
+             per_channel, alpha,
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings,
              accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
@@ -79,13 +86,14 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
     from qcompile.errors import CheckFailedError
     from qcompile.memory import PhaseClock, peak_rss_mb, process_seconds
     from qcompile.passmanager import VerifyOptions
-    from qcompile.recipes import Recipe, preset
+    from qcompile.recipes import PRECISION_PRESETS, Recipe, preset, with_precision
 
     clock = PhaseClock()  # the command's own phases; the quantizer reports its own in between
     startup = {"startup": process_seconds()}, {"startup": peak_rss_mb()}  # interpreter, imports, arguments
 
-    base = Recipe.load(recipe_file) if recipe_file else preset(recipe_name)
-    recipe = base.with_(
+    base = Recipe.load(recipe_file) if recipe_file else preset(recipe_name or PRECISION_PRESETS.get(precision, "int8"))
+    recipe = with_precision(base, precision).with_(high_precision=high_precision, target=target)
+    recipe = recipe.with_(
         method=method, per_channel=per_channel, smoothquant=_parse_alpha(alpha), bits=int(bits) if bits else None,
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
@@ -116,21 +124,28 @@ def quantize(model, output, target, recipe_name, recipe_file, save_recipe, calib
     clock.skip()  # the pipeline's own phases account for that
     for note in result.notes:
         stderr.print(f"note: {note}")
+    serving = targets.get(target).runtime
+    untimed = _untimed_reason(serving) if timing is None else None
+    if untimed and min_speedup is not None:
+        from qcompile.errors import RuntimeUnavailableError
+
+        fail(RuntimeUnavailableError(f"--min-speedup needs {target}'s runtime here: {untimed}",
+                                     fix="nothing was written; run on a machine with it, or drop --min-speedup"))
     with contextlib.ExitStack() as stack:
         candidate = None
-        if timing is None:  # time the saved model side by side with the input (interleaved), then rename it
+        if timing is None and not untimed:  # time the saved model side by side with the input, then rename it
             candidate = Path(stack.enter_context(output_temp_dir(out))) / out.name
             modelio.save(result.model, candidate)
             clock.lap("save")
-            timing = _side_by_side(path, candidate, target, runs, shape,
+            timing = _side_by_side(path, candidate, serving, runs, shape,
                                    result.timing_feed if not (dims or batch or seq) else None)
-        else:
+        elif timing is not None:
             for entry, where in zip(timing["results"], (path, out)):
                 entry["path"] = str(where)
         clock.lap("speed_guard")
-        speedup = timing["results"][1]["speedup_vs_baseline"]
+        speedup = timing["results"][1]["speedup_vs_baseline"] if timing else None
         report = {"recipe": dataclasses.asdict(recipe), **result.to_json(), "output": str(out), "latency": timing,
-                  "speedup": speedup}
+                  "speedup": speedup, "not_timed": untimed}
         if min_speedup is not None and speedup < min_speedup:
             if as_json:
                 emit_json({**report, **_phases(startup, result, clock), "written": False})
@@ -168,6 +183,14 @@ def _phases(startup: tuple[dict, dict], result, clock) -> dict:
 
 
 
+def _untimed_reason(runtime: str) -> str | None:
+    """Why ``runtime`` cannot time the models here (None: it can)."""
+    from qcompile.runtimes import get_runtime
+
+    availability = get_runtime(runtime).available()
+    return None if availability else availability.reason
+
+
 def _side_by_side(path: Path, candidate: Path, target: str, runs: int | None, shape: dict, feed) -> dict:
     """The input and the saved candidate timed interleaved (the weight-only recipes' speed check)."""
     from qcompile.bench import GUARD_MAX_RUNS, BenchSettings, bench_models
@@ -188,12 +211,20 @@ def _calibration_samples(calib: str | None, input_specs, count: int, shape: dict
 
 def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> None:
     result = result.details  # the recipe kind's own record
-    if recipe.kind == "weight-only":
+    if recipe.kind == "float":
+        report = result.high_precision
+        if report is not None:
+            stdout.print(f"{report.high_precision}: {len(report.converted)} nodes converted, "
+                         f"{len(report.kept_fp32)} kept FP32")
+            for name, reason in list(report.kept_fp32.items())[:12]:
+                stdout.print(f"  fp32: {name} — {reason}")
+    elif recipe.kind == "weight-only":
         stdout.print(f"{recipe.name}: {len(result.quantized)} MatMul weights to INT{recipe.bits} "
                      f"(block {recipe.block_size}, {recipe.algorithm}, {recipe.format})")
     else:
         plan = result.plan
-        stdout.print(f"{recipe.name}: {len(plan.quantized_nodes)} nodes to INT8, {len(plan.kept_float)} kept float "
+        stdout.print(f"{recipe.name}: {len(plan.quantized_nodes)} nodes to {recipe.dtype.upper()}, "
+                     f"{len(plan.kept_float)} kept float "
                      f"({recipe.method}, {result.calibration.samples} samples, "
                      f"{len(plan.activations)} activation tensors)")
         for name, reason in list(plan.kept_float.items())[:12]:
@@ -202,6 +233,11 @@ def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> Non
             stdout.print(f"  … and {len(plan.kept_float) - 12} more (see --json)")
         if result.calibration.nonfinite:
             stdout.print(f"non-finite values skipped in {len(result.calibration.nonfinite)} tensors")
+    if timing is None:
+        stdout.print(f"not timed: {target} runs on its own hardware, not here; time it there with "
+                     f"`qcompile bench --target {target}`")
+        stdout.print(f"wrote {out}")
+        return
     fp32, quantized = timing["results"]
     verdict = "faster" if speedup > 1.0 else "NOT faster"
     key, how = ("min_ms", f", fastest of {fp32['runs']} and {quantized['runs']} runs timed in turn") \

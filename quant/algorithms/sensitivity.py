@@ -2,8 +2,9 @@
 
     SQNR = 10 log10( sum y^2 / sum (y - fq(x) fq(W))^2 )      in dB
 
-fq(W) is applied as int8 codes times per-channel scales; on a ``fraction`` of the output columns
-(evenly spaced) when every column would cost too much. 28 dB is about 4 % relative L2 error.
+fq(W) is applied as codes (int8, or FP8 E4M3 when x is FP8) times per-channel scales; on a
+``fraction`` of the output columns (evenly spaced) when every column would cost too much.
+28 dB is about 4 % relative L2 error.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def output_sqnr(x: np.ndarray, w: np.ndarray, x_params: QParams, axis: int | Non
                 fraction: float = 1.0) -> tuple[float, tuple[np.ndarray, QParams]]:
     """y = x W (W [K, N]) against fq(x) fq(W) on ``fraction`` of the output columns; returns the
     SQNR in dB and W's (codes, parameters) along ``axis`` for all columns."""
-    codes, wq = quantize_weight(w, axis)
+    codes, wq = quantize_weight(w, axis, "float8e4m3fn" if x_params.dtype == "float8e4m3fn" else "int8")
     n = w.shape[1]
     cols = np.unique(np.linspace(0, n - 1, max(1, math.ceil(fraction * n))).round().astype(np.int64))
     x_fq = fake_quantize(x, x_params)

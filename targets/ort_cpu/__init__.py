@@ -18,7 +18,7 @@ ANNOTATORS = ("linear", "conv", "conv-output", "passthrough", "concat")
 
 
 def policy(*, keep_float: Iterable[str] | None = None, weight_dtype: str | None = None, per_channel: bool = True,
-           cache_dir: Path | None = None) -> tuple[QuantPolicy, dict]:
+           cache_dir: Path | None = None, precision: str = "int8") -> tuple[QuantPolicy, dict]:
     """The ORT CPU policy on this machine; ``keep_float`` and ``weight_dtype`` default to what the
     kernel probe measures here (cached per CPU signature under ``cache_dir``)."""
     from qcompile.targets.ort_cpu.kernel_probe import policy_weight_dtype, probe, slower_classes

@@ -160,7 +160,8 @@ NBITS_K, NBITS_N = 1024, 4096
 
 def nbits_model(bits: int, block_size: int, accuracy_level: int, w: np.ndarray) -> bytes:
     """x [1, K] -> MatMulNBits(w, symmetric RTN) -> y, at ``accuracy_level``."""
-    from qcompile.passes.quant.nbits import pack, rtn
+    from qcompile.quant.algorithms.rtn import rtn
+    from qcompile.quant.dtypes import pack
 
     bq = rtn(w, bits, block_size, symmetric=True)
     n, k_blocks, _ = bq.codes.shape

@@ -19,13 +19,13 @@ RNG = np.random.default_rng(0)
 
 
 def test_registry_names_every_target_and_each_module_declares_it():
-    assert targets.names() == ("ort-cpu", "onnx-qdq")
+    assert targets.names() == ("ort-cpu", "onnx-qdq", "tensorrt", "ort-trt", "ort-cuda", "migraphx")
     for name in targets.names():
         target = targets.get(name)
         assert target.name == name and target.calibration_runtime == "ort-cpu"
         assert set(target.passes) <= set(qcompile.passes.PASSES)
         assert set(target.annotators) <= set(qcompile.passes.quant.annotate.ANNOTATORS)
-    with pytest.raises(UnknownNameError, match="choose from: ort-cpu, onnx-qdq"):
+    with pytest.raises(UnknownNameError, match="choose from: ort-cpu, onnx-qdq, tensorrt"):
         targets.get("tensorrt-42")
 
 
