@@ -241,10 +241,11 @@ class Pipeline:
 
 def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str | Recipe" = "int8",
              target: str | None = None, verify_options: VerifyOptions | None = None,
-             guard_runs: int | str | None = None, **changes: Any) -> Result:
+             guard_runs: int | str | None = None, statistics=None, **changes: Any) -> Result:
     """Quantize ``model`` with a recipe (a preset name or a :class:`~qcompile.recipes.Recipe`, with
     ``changes`` applied: ``method="entropy"``, ``bits=4``, ...) for ``target``: a thin layer over
-    :class:`Pipeline`. In place when given an ir.Model.
+    :class:`Pipeline`. In place when given an ir.Model. ``statistics``: a
+    :class:`~qcompile.calibrate.StatisticsCache` shared by runs for several targets.
 
         result = qcompile.quantize("model.onnx", reader, recipe="w8a8-smoothquant", target="onnx-qdq")
         qcompile.save(result.model, "model.int8.onnx")
@@ -253,4 +254,4 @@ def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str |
 
     chosen = preset(recipe) if isinstance(recipe, str) else recipe
     return Pipeline(chosen.with_(**changes), target).run(model, reader, verify_options=verify_options,
-                                                         guard_runs=guard_runs)
+                                                         guard_runs=guard_runs, statistics=statistics)

@@ -78,7 +78,8 @@ def _weight_axis(node, rank: int) -> int:
 def placement_violations(model) -> list[str]:
     """Every way ``model`` breaks the placement rules above, in words (empty: it follows them all).
 
-    Checked: each compute op has Q/DQ on all its data inputs or on none (biases never); weights are
+    Checked: each compute op has Q/DQ on all its data inputs or on none (biases never; a MatMul with
+    a blocked INT4 weight and a float activation is weight-only); weights are
     quantized initializers under a DequantizeLinear with per-channel scales on the output-channel axis
     (or blocks along K); activations per tensor; zero points 0; a QuantizeLinear never reads a compute
     op's output except for a residual Add's skip input; a dequantized activation feeds only compute
@@ -92,7 +93,7 @@ def placement_violations(model) -> list[str]:
         if node.op_type in COMPUTE_OPS:
             data = [v for v in node.inputs[:2] if v is not None]
             from_dq = [_producer_type(v) == "DequantizeLinear" for v in data]
-            if any(from_dq) and not all(from_dq):
+            if any(from_dq) and not all(from_dq) and not _weight_only(node):
                 problems.append(f"{where}: Q/DQ on some of its inputs only")
             if len(node.inputs) > 2 and _producer_type(node.inputs[2]) == "DequantizeLinear":
                 problems.append(f"{where}: its bias is quantized")
@@ -120,6 +121,15 @@ def placement_violations(model) -> list[str]:
                 if user.op_type not in COMPUTE_OPS | {"Add"}:
                     problems.append(f"{where}: a dequantized activation feeds {user.op_type} {user.name!r}")
     return problems
+
+
+def _weight_only(node) -> bool:
+    """A MatMul whose only dequantized input is a blocked weight (INT4 weight-only: activations stay float)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    dq = w.producer() if w is not None else None
+    return (node.op_type == "MatMul" and dq is not None and dq.op_type == "DequantizeLinear"
+            and dq.inputs[0].const_value is not None and dq.attributes.get_int("block_size", 0) > 0
+            and _producer_type(node.inputs[0]) != "DequantizeLinear")
 
 
 def _weight_problems(dq, where: str) -> list[str]:

@@ -219,8 +219,9 @@ def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> Non
             for name, reason in list(report.kept_fp32.items())[:12]:
                 stdout.print(f"  fp32: {name} — {reason}")
     elif recipe.kind == "weight-only":
-        stdout.print(f"{recipe.name}: {len(result.quantized)} MatMul weights to INT{recipe.bits} "
-                     f"(block {recipe.block_size}, {recipe.algorithm}, {recipe.format})")
+        config = result.config  # as lowered: the target may have changed the format
+        stdout.print(f"{recipe.name}: {len(result.quantized)} MatMul weights to INT{config.bits} "
+                     f"(block {config.block_size}, {recipe.algorithm}, {config.format})")
     else:
         plan = result.plan
         stdout.print(f"{recipe.name}: {len(plan.quantized_nodes)} nodes to {recipe.dtype.upper()}, "
