@@ -17,7 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_runtime(name: str) -> Runtime:
-    """A runtime by name, checked to be usable here."""
+    """A runtime by name (or a target's name: the runtime that serves it), checked to be usable here."""
+    from qcompile import targets
+    from qcompile.runtimes import runtime_names
+
+    if name not in runtime_names() and name in targets.names():
+        name = targets.get(name).runtime
     try:
         runtime = get_runtime(name)
     except KeyError as exc:

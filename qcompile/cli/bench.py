@@ -19,7 +19,8 @@ from qcompile.cli.common import (
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--target", default="ort-cpu", show_default=True, help="Runtime to time on.")
+@click.option("--target", default="ort-cpu", show_default=True,
+              help="Target (its serving runtime: tensorrt, ort-trt, ort-cuda, migraphx, ...) or runtime to time on.")
 @with_shape_options
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")

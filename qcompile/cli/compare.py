@@ -16,7 +16,8 @@ from qcompile.cli.common import emit_json, fail, handle_errors, resolve_model, s
               help=".npz of inputs (samples stacked or single).")
 @click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True,
               help="Random feeds (or cap on --data).")
-@click.option("--target", default="ort-cpu", show_default=True)
+@click.option("--target", default="ort-cpu", show_default=True,
+              help="Target (its serving runtime) or runtime to run both models on.")
 @with_shape_options
 @click.option("--max-rel-l2", type=float, default=None, help="Exit 1 if any output's relative L2 exceeds this.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics as JSON on stdout.")
