@@ -15,7 +15,8 @@ Scores come from the zoo's evaluators (MiniLM: retrieval R@1 on chatterbot Q/A a
 to FP32; SmolLM2: perplexity on the pydoc text), on ONNX Runtime CPU. Quantize cost: wall time and
 peak RSS of each quantizer run as a whole process (qcompile's CLI; ModelOpt's script, whose RSS
 includes its own calibration-data arrays). Calibration data: the zoo entry's reader (64 samples
-MiniLM, 32 SmolLM2), dumped once to an .npz for ModelOpt (ragged samples as ``INPUT/INDEX``).
+MiniLM, 32 SmolLM2), dumped once to an .npz for ModelOpt (ragged samples as ``INPUT/INDEX``; for its
+INT4 AWQ, which concatenates samples, MiniLM's sentences padded to 128 tokens).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def timed(command: list[str]) -> dict:
     return result
 
 
-def calibration_npz(entry, samples: int, path: Path) -> Path:
-    """The entry's calibration feeds as an .npz: stacked when every sample has one shape, else ``INPUT/INDEX``."""
-    reader = entry.calibration(samples)
+def calibration_npz(entry, samples: int, path: Path, pad_to: int | None = None) -> Path:
+    """The entry's calibration feeds as an .npz: stacked when every sample has one shape, else ``INPUT/INDEX``
+    (``pad_to``: MiniLM's sentences padded to that many tokens, one shape)."""
+    reader = entry.calibration(samples, pad_to=pad_to) if pad_to else entry.calibration(samples)
     feeds = []
     while (feed := reader.get_next()) is not None:
         feeds.append(feed)
@@ -119,13 +121,15 @@ def main() -> None:
             fp32 = score({"model": name, "quantizer": "FP32"}, entry, model, model)
             rows.append(fp32)
             calib = calibration_npz(entry, SAMPLES[name], folder / f"{name}.calib.npz") if with_modelopt else None
+            padded = (calibration_npz(entry, SAMPLES[name], folder / f"{name}.padded.npz", pad_to=128)
+                      if with_modelopt and name == "minilm" else calib)
             for row in args.rows.split(","):
                 out = folder / f"{name}.qcompile.{row}.onnx"
                 result = {"model": name, **qcompile_row(name, model, row, out)}
                 rows.append(score(result, entry, out, model) if not result.get("error") else result)
                 if with_modelopt and row in MODELOPT_ROWS:
                     out = folder / f"{name}.modelopt.{row}.onnx"
-                    result = {"model": name, **modelopt_row(model, calib, row, out)}
+                    result = {"model": name, **modelopt_row(model, padded if row == "int4" else calib, row, out)}
                     if not result.get("error"):
                         try:
                             score(result, entry, out, model)

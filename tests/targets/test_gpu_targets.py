@@ -20,8 +20,8 @@ from qcompile import modelio, specs, targets
 from qcompile.calibration import IterableReader, resolve_reader
 from qcompile.cli import main
 from qcompile.errors import InputSpecError
-from qcompile.passmanager import VerifyOptions
 from qcompile.passes.quant.emulate import emulate_low_precision
+from qcompile.passmanager import VerifyOptions
 from qcompile.targets.explicit_qdq import COMPUTE_OPS, placement_violations
 
 RNG = np.random.default_rng(7)
@@ -314,3 +314,49 @@ def test_quantize_for_a_gpu_target_writes_the_model_and_claims_no_timing(tmp_pat
                                  "--min-speedup", "1.2", "-o", str(tmp_path / "g.onnx")])
     assert gated.exit_code == 2 and "--min-speedup needs tensorrt's runtime" in gated.output
     assert not (tmp_path / "g.onnx").exists()
+
+
+@pytest.mark.parametrize("which", ["minilm", "resnet18"])
+def test_compile_every_target_artifact_or_exit_2(tmp_path, which, minilm_path, resnet18_path):
+    source = str(minilm_path if which == "minilm" else resnet18_path)
+    runner = CliRunner()
+    for target in targets.names():
+        out = tmp_path / target / "model.onnx"
+        out.parent.mkdir()
+        result = runner.invoke(main, ["compile", source, "--target", target, "-o", str(out)])
+        if targets.get(target).device == "gpu":  # no GPU runtime on this machine
+            assert result.exit_code == 2 and "error: " in result.output and not out.exists(), result.output
+        else:
+            assert result.exit_code == 0, result.output
+            assert out.is_file() and json.loads(Path(f"{out}.session.json").read_text())["runtime"] == "ort-cpu"
+
+
+def tiny(op: str) -> onnx.ModelProto:
+    """x -> op(W) -> y for ConvTranspose (weight [Cin, Cout, k, k]) or Gemm with transB (weight [N, K])."""
+    if op == "ConvTranspose":
+        w = numpy_helper.from_array(RNG.standard_normal((4, 6, 3, 3)).astype(np.float32), "w")
+        node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct")
+        x, y = [1, 4, 5, 5], [1, 6, 7, 7]
+    else:
+        w = numpy_helper.from_array(RNG.standard_normal((6, 4)).astype(np.float32), "w")
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm", transB=1)
+        x, y = [2, 4], [2, 6]
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op, axis", [("ConvTranspose", 1), ("Gemm", 0)])
+def test_weights_per_output_channel_on_the_ops_own_axis(tmp_path, op, axis):
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(tiny(op), path)
+    shape = [1, 4, 5, 5] if op == "ConvTranspose" else [2, 4]
+    feeds = [{"x": RNG.standard_normal(shape).astype(np.float32)} for _ in range(4)]
+    result = qcompile.quantize(path, IterableReader(feeds), target="tensorrt", min_sqnr_db=None,
+                               high_precision="fp32", verify_options=VerifyOptions(each_pass=False, feeds=feeds[:2]))
+    weight_dq = [n for n in result.model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value]
+    assert len(weight_dq) == 1 and weight_dq[0].attributes.get_int("axis", 1) == axis
+    assert weight_dq[0].inputs[1].const_value.size == 6  # one scale per output channel
+    assert placement_violations(result.model) == []
