@@ -2,7 +2,7 @@
 NVIDIA ModelOpt 0.47's ``modelopt.onnx.quantization``, on the same FP32 export and calibration data.
 
     python tools/bench_gpu_targets.py [--models minilm,smollm2] [--rows int8,int8-sq,fp8,int4]
-                                      [--no-modelopt] [--json-out FILE]
+                                      [--no-modelopt] [--modelopt-method int8=max] [--json-out FILE]
 
 Rows per model: FP32; qcompile ``--target tensorrt`` for INT8, INT8 + SmoothQuant (the w8a8-smoothquant
 recipe), FP8 E4M3 and INT4 weight-only (GPTQ, block 128, blocked DequantizeLinear), all written with
@@ -85,8 +85,9 @@ def qcompile_row(name: str, model: Path, row: str, out: Path) -> dict:
     return {"quantizer": f"qcompile tensorrt {row}", **timed(command)}
 
 
-def modelopt_row(model: Path, calib: Path, row: str, out: Path) -> dict:
+def modelopt_row(model: Path, calib: Path, row: str, out: Path, methods: dict[str, str]) -> dict:
     mode, method = MODELOPT_ROWS[row]
+    method = methods.get(row, method)
     command = [str(MODELOPT_PYTHON), str(ROOT / "tools" / "modelopt_ptq.py"), "--model", str(model), "--calib",
                str(calib), "--mode", mode, "--calibration-method", method, "--high-precision", "fp32", "-o", str(out),
                "--log-level", "ERROR"]
@@ -107,11 +108,14 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--rows", default=",".join(QCOMPILE_ROWS))
     parser.add_argument("--no-modelopt", action="store_true")
+    parser.add_argument("--modelopt-method", action="append", default=[], metavar="ROW=METHOD",
+                        help="ModelOpt's calibration method for a row (default int8=entropy, fp8=max, int4=awq_clip)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     from qcompile.models import cached_export, get_entry
 
     with_modelopt = not args.no_modelopt and MODELOPT_PYTHON.exists()
+    methods = dict(item.split("=", 1) for item in args.modelopt_method)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         folder = Path(tmp)
@@ -129,7 +133,8 @@ def main() -> None:
                 rows.append(score(result, entry, out, model) if not result.get("error") else result)
                 if with_modelopt and row in MODELOPT_ROWS:
                     out = folder / f"{name}.modelopt.{row}.onnx"
-                    result = {"model": name, **modelopt_row(model, padded if row == "int4" else calib, row, out)}
+                    result = {"model": name, **modelopt_row(model, padded if row == "int4" else calib, row, out,
+                                                             methods)}
                     if not result.get("error"):
                         try:
                             score(result, entry, out, model)
