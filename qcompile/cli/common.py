@@ -23,7 +23,7 @@ from qcompile.progress import bar, stderr
 
 __all__ = ["stdout", "stderr", "emit_json", "debugging", "fail", "handle_errors", "refuse_overwriting_input",
            "output_temp_dir", "commit_saved", "resolve_model", "shape_options", "with_shape_options", "data_feeds",
-           "data_option"]
+           "data_option", "calibration_samples"]
 
 stdout = Console(soft_wrap=True)
 
@@ -160,3 +160,12 @@ def data_feeds(data: str | None, model, limit: int | None = None) -> list[dict] 
 
 data_option = click.option("--data", type=click.Path(dir_okay=False), default=None,
                            help="Real inputs (.npz named after the inputs) for verification and timing feeds.")
+
+
+def calibration_samples(calib: str | None, input_specs, count: int, shape: dict) -> list[dict] | None:
+    """The first ``count`` samples of a real calibration source, to verify on (None for random data)."""
+    if not calib or calib == "random":
+        return None
+    from qcompile.calibration import iter_feeds, resolve_reader
+
+    return list(iter_feeds(resolve_reader(calib, input_specs, count, **shape), input_specs, count)) or None

@@ -17,6 +17,7 @@ import click
 
 from qcompile import modelio, specs, targets
 from qcompile.cli.common import (
+    calibration_samples,
     data_feeds,
     data_option,
     emit_json,
@@ -84,6 +85,7 @@ def compile_(model, target_list, output, precision, recipe_name, recipe_file, hi
 
         work = Path(stack.enter_context(output_temp_dir(out)))
         statistics = StatisticsCache()
+        sources: set[Path] = set()  # the ONNX each engine was built from: staged, not an artifact
         for name in names:
             final = _artifact_path(out, name, path, single=len(names) == 1)
             staged = work / (final.name if len(names) == 1 else final.relative_to(out))
@@ -95,7 +97,9 @@ def compile_(model, target_list, output, precision, recipe_name, recipe_file, hi
                                 calib=calib, data=data, statistics=statistics)
             info = build(onnx, name, staged, profiles=ranges, feed=feed)
             built.append((staged, final, info))
-        _commit(work, out, single=len(names) == 1)
+            if engine:
+                sources.add(onnx)
+        _commit(work, out, single=len(names) == 1, skip=sources)
     results = [{**info, "artifact": str(final),
                 **({"session_json": f"{final}.session.json"} if "session_json" in info else {})}
                for _, final, info in built]
@@ -131,6 +135,7 @@ def _ready_model(path: Path, target: str, dest: Path, *, quantizing: bool, preci
     recipe = with_precision(base, precision).with_(high_precision=high_precision, target=target)
     input_specs = specs.input_specs(source)
     reader = resolve_reader(calib, input_specs, recipe.samples) if calib else None  # fresh per target
+    feeds = feeds or calibration_samples(calib, input_specs, 2, {})  # real data verifies, as in quantize
     result = Pipeline(recipe).run(source, reader, verify_options=VerifyOptions(each_pass=False, feeds=feeds),
                                   statistics=statistics)
     for note in result.notes:
@@ -139,14 +144,18 @@ def _ready_model(path: Path, target: str, dest: Path, *, quantizing: bool, preci
     return result.timing_feed
 
 
-def _commit(work: Path, out: Path, *, single: bool) -> None:
-    """Move the staged artifacts into place (renames on one file system)."""
+def _commit(work: Path, out: Path, *, single: bool, skip: set[Path]) -> None:
+    """Move the staged artifacts into place (renames on one file system), not the files in ``skip``
+    (or their data files)."""
     from qcompile import interrupts
+
+    def staged_only(item: Path) -> bool:
+        return any(item.parent == s.parent and item.name.startswith(s.name) for s in skip)
 
     with interrupts.deferred():
         if single:
             for item in sorted(work.iterdir()):
-                if item.name.startswith(out.name) and not _engine_source(item):
+                if item.name.startswith(out.name) and not staged_only(item):
                     os.replace(item, out.parent / item.name)
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -154,11 +163,6 @@ def _commit(work: Path, out: Path, *, single: bool) -> None:
             target_dir = out / folder.name
             target_dir.mkdir(exist_ok=True)
             for item in folder.iterdir():
-                if not _engine_source(item):
+                if not staged_only(item):
                     os.replace(item, target_dir / item.name)
 
-
-def _engine_source(item: Path) -> bool:
-    """The ONNX an engine was built from (``<engine>.onnx``, its data): staged, not an artifact."""
-    stem, _, rest = item.name.partition(ENGINE_SUFFIX + ".onnx")
-    return bool(stem) and _ == ENGINE_SUFFIX + ".onnx"

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from qcompile import modelio, specs, targets
 from qcompile.cli.common import (
+    calibration_samples,
     commit_saved,
     data_feeds,
     data_option,
@@ -114,7 +115,7 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     shape = {"dims": specs.parse_dims(dims), "batch": batch, "seq": seq}
     input_specs = specs.input_specs(source)
     reader = resolve_reader(calib, input_specs, recipe.samples, **shape) if calib else None
-    verify_feeds = data_feeds(data, source, limit=4) or _calibration_samples(calib, input_specs, 2, shape)
+    verify_feeds = data_feeds(data, source, limit=4) or calibration_samples(calib, input_specs, 2, shape)
     verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
     clock.lap("read")
     from qcompile.pipeline import Pipeline
@@ -198,15 +199,6 @@ def _side_by_side(path: Path, candidate: Path, target: str, runs: int | None, sh
     return bench_models([path, candidate], BenchSettings(target=target, runs=runs or GUARD_MAX_RUNS, **shape),
                         labels=["fp32", "quantized"], feed=feed)
 
-
-
-def _calibration_samples(calib: str | None, input_specs, count: int, shape: dict) -> list[dict] | None:
-    """The first ``count`` samples of a real calibration source, to verify on (None for random data)."""
-    if not calib or calib == "random":
-        return None
-    from qcompile.calibration import iter_feeds, resolve_reader
-
-    return list(iter_feeds(resolve_reader(calib, input_specs, count, **shape), input_specs, count)) or None
 
 
 def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> None:

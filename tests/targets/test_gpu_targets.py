@@ -360,3 +360,33 @@ def test_weights_per_output_channel_on_the_ops_own_axis(tmp_path, op, axis):
     assert len(weight_dq) == 1 and weight_dq[0].attributes.get_int("axis", 1) == axis
     assert weight_dq[0].inputs[1].const_value.size == 6  # one scale per output channel
     assert placement_violations(result.model) == []
+
+
+def test_compile_tensorrt_writes_an_engine_and_its_json_through_the_api(tmp_path, monkeypatch, digits_path):
+    """With a TensorRT that checks every call (tests/runtimes/fakes: strongly typed, no precision flags),
+    `compile` quantizes for TensorRT, builds the engine from the target-ready ONNX and writes the
+    engine and its JSON only; the ONNX it was built from stays behind in the temporary folder."""
+    import sys
+
+    from qcompile.runtimes import gpu_timing
+
+    fakes = Path(__file__).resolve().parents[1] / "runtimes" / "fakes"
+    for name in [m for m in sys.modules if m.split(".")[0] in ("tensorrt", "cuda", "migraphx")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(fakes))
+    monkeypatch.setenv("FAKE_TENSORRT_FLAVOUR", "11")
+    monkeypatch.setattr(gpu_timing, "nvidia_driver_missing", lambda *a, **k: None)
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out" / "digits.trt"
+    out.parent.mkdir()
+    result = CliRunner().invoke(main, ["compile", str(digits_path), "--target", "tensorrt", "--precision", "int8",
+                                       "--calib", "zoo:digits_cnn", "--profile", "batch=1:1:8", "-o", str(out),
+                                       "--json"])
+    try:
+        assert result.exit_code == 0, result.output
+        info = json.loads(Path(f"{out}.json").read_text())
+        assert out.is_file() and info["cache_key"] and "STRONGLY_TYPED" in json.dumps(info)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["digits.trt", "digits.trt.json"]
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] in ("tensorrt", "cuda", "migraphx")]:
+            del sys.modules[name]
