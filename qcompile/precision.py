@@ -69,9 +69,13 @@ def lower_precision(model: ir.Model, high_precision: str, feeds: list[dict],
         return model, None
     from qcompile.passes.quant.mixed_precision import MixedPrecisionPass
 
+    from qcompile.passes import make_pass
+
     patterns = frozenset(exclude)
     keep = frozenset(node.name for node in model.graph if patterns and excluded(node, patterns))
+    # types first (a lowered model's intermediate values carry none): every float tensor is measured
+    model = PassManager([make_pass("shape-inference")])(model).model
     absmax = float_absmax(model, feeds) if high_precision == "fp16" else None
     mixed = MixedPrecisionPass(FLOAT_TYPES[high_precision], keep_fp32=keep, absmax=absmax)
-    model = PassManager([mixed])(model).model
+    model = PassManager([mixed, make_pass("clear-shapes")])(model).model
     return model, PrecisionReport(high_precision, list(mixed.converted), dict(mixed.kept_fp32))

@@ -132,6 +132,21 @@ def evaluate(entry: corpus.Entry, folder: Path, candidate: Path, feeds: list) ->
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
 
 
+def emulated(path: Path) -> Path:
+    """``path``, or where it holds FP16/BF16 tensors (a GPU target's model), its FP32-emulated twin beside it
+    (ORT CPU lacks FP16 kernels for many ops: passes/quant/emulate.py)."""
+    from qcompile import modelio
+    from qcompile.passes.quant.emulate import emulate_low_precision
+    from qcompile.precision import has_low_precision
+
+    model = modelio.load(path)
+    if not has_low_precision(model):
+        return path
+    twin = path.with_name(path.stem + ".emulated.onnx")
+    modelio.save(emulate_low_precision(model), twin)
+    return twin
+
+
 def bench_entry(entry: corpus.Entry, out_root: Path, work: Path, opts: argparse.Namespace, caps: dict) -> dict:
     folder = out_root / entry.name
     if not (opts.reuse and (folder / "meta.json").is_file()):
@@ -150,17 +165,17 @@ def bench_entry(entry: corpus.Entry, out_root: Path, work: Path, opts: argparse.
 
     q_out = work / f"{entry.name}.q.onnx"
     extra = [] if opts.bare else ((["--data", str(folder / "data.npz")] if caps["quantize_data"] else []) + shape)
-    row["quantize"] = run_cli(["quantize", str(model), "-o", str(q_out), "--target", "ort-cpu",
+    row["quantize"] = run_cli(["quantize", str(model), "-o", str(q_out), "--target", opts.target,
                                "--calib", str(folder / "calib"), "--json", "--runs", str(opts.runs), *extra],
                               opts.timeout)
     if row["quantize"]["rc"] == 0:
-        row["quantize"]["metrics"] = evaluate(entry, folder, q_out, feeds)
+        row["quantize"]["metrics"] = evaluate(entry, folder, emulated(q_out), feeds)
         report = row["quantize"]["json"] or {}
         row["quantize"]["speedup"] = report.get("speedup")
         row["quantize"]["plan"] = report.get("plan")
         row["quantize"]["opset"] = report.get("opset")
         row["quantize"]["notes"] = report.get("notes")
-    for name in (opt_out, q_out):
+    for name in (opt_out, q_out, q_out.with_name(q_out.stem + ".emulated.onnx")):
         for path in (name, Path(str(name) + ".data")):
             path.unlink(missing_ok=True)
     return row
@@ -228,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="only the small entries (the CI ones)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs for quantize's speed check")
     parser.add_argument("--bare", action="store_true", help="pass no --data/--dim, as a new user would")
+    parser.add_argument("--target", default="ort-cpu", help="quantize's --target (GPU targets scored emulated)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per command")
     parser.add_argument("--reuse", action="store_true", help="reuse prepared folders if present")
     parser.add_argument("--out", type=Path, default=None, help="prepared data (default: the cache)")
