@@ -67,9 +67,8 @@ def lower_precision(model: ir.Model, high_precision: str, feeds: list[dict],
     ``exclude``: node names, op types or patterns kept FP32 (the recipe's exclusions)."""
     if high_precision == "fp32":
         return model, None
-    from qcompile.passes.quant.mixed_precision import MixedPrecisionPass
-
     from qcompile.passes import make_pass
+    from qcompile.passes.quant.mixed_precision import MixedPrecisionPass
 
     patterns = frozenset(exclude)
     keep = frozenset(node.name for node in model.graph if patterns and excluded(node, patterns))
