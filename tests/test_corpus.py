@@ -84,7 +84,7 @@ def results(tmp_path_factory):
     caps = {"optimize_data": bench_corpus.cli_has("optimize", "--data"),
             "quantize_data": bench_corpus.cli_has("quantize", "--data")}
     root = tmp_path_factory.mktemp("corpus")
-    opts = argparse.Namespace(reuse=False, bare=False, runs=3, timeout=600.0)
+    opts = argparse.Namespace(reuse=False, bare=False, runs=3, timeout=600.0, target="ort-cpu")
     done: dict[str, dict] = {}
 
     def get(name: str) -> dict:
