@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable
 
 from qcompile.errors import InputSpecError
-from qcompile.passes.quant.annotate import QuantPolicy, policy_for
+from qcompile.passes.quant.annotate import QuantPolicy, policy_for, weight_axis
 
 ANNOTATORS = ("linear", "conv", "residual-skip")
 #: the quantized element type of each static precision
@@ -63,16 +63,6 @@ COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 def _producer_type(value) -> str | None:
     producer = value.producer() if value is not None else None
     return producer.op_type if producer is not None else None
-
-
-def _weight_axis(node, rank: int) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if node.attributes.get_int("transB", 0) else 1
-    return rank - 1
 
 
 def placement_violations(model) -> list[str]:
@@ -148,6 +138,6 @@ def _weight_problems(dq, where: str) -> list[str]:
         if block:
             if user.op_type != "MatMul" or axis != 0:
                 problems.append(f"{where}: weight blocks not along K of a MatMul")
-        elif scale is not None and scale.size > 1 and axis != _weight_axis(user, rank):
+        elif scale is not None and scale.size > 1 and axis != weight_axis(user, rank):
             problems.append(f"{where}: per-channel axis {axis}, not {user.op_type}'s output channels")
     return problems

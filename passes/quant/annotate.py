@@ -201,7 +201,8 @@ def _constant_only(value: ir.Value) -> bool:
     return True
 
 
-def _weight_axis(node: ir.Node, rank: int, per_channel: bool) -> int | None:
+def weight_axis(node: ir.Node, rank: int, per_channel: bool = True) -> int | None:
+    """The per-channel axis of ``node``'s constant weight (its output channels), or None: per tensor."""
     if not per_channel:
         return None
     if node.op_type == "Conv":
@@ -398,7 +399,7 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
             plan.kept_float[name] = "weight rank < 2"
             continue
         plan.add_activation(x.name, (name, 0))
-        axis = _weight_axis(node, w.shape.rank(), policy.per_channel)
+        axis = weight_axis(node, w.shape.rank(), policy.per_channel)
         spec = plan.weights.setdefault(w.name, WeightSpec(w.name, axis, dtype=policy.weight_dtype))
         spec.consumers.append((name, 1))
         if policy.quantize_bias and len(node.inputs) > 2 and node.inputs[2] is not None:
