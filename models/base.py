@@ -28,8 +28,10 @@ class ZooEntry:
     """One model of the zoo: how to build it, what it takes, how to feed and judge it.
 
     ``export(path, **options)`` writes the ONNX file; ``calibration(n)`` returns a reader of n real
-    feeds (random for speed-only entries); ``evaluate(model_path, target, reference)`` returns the
-    task metric as a dict (empty for speed-only entries, which have random weights).
+    feeds (random for speed-only entries); ``heldout(n)``, n feeds of the same kind drawn apart from
+    both the calibration and the evaluation data (what an accuracy budget is measured on);
+    ``evaluate(model_path, target, reference)`` returns the task metric as a dict (empty for
+    speed-only entries, which have random weights), ``metric`` naming its headline key.
     """
 
     name: str
@@ -42,6 +44,9 @@ class ZooEntry:
     evaluate: Callable[..., dict[str, Any]]
     bench_dims: Mapping[str, int] = field(default_factory=dict)
     default_options: Mapping[str, Any] = field(default_factory=dict)
+    heldout: Callable[[int], FeedReader] | None = None
+    metric: str | None = None
+    higher_is_better: bool = True
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +55,7 @@ class ZooEntry:
             "description": self.description,
             "real_weights": self.real_weights,
             "task": self.task,
+            "metric": self.metric,
             "options": dict(self.default_options),
         }
 

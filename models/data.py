@@ -50,10 +50,13 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def pydoc_sentences(n: int, *, min_words: int = 5, max_words: int = 40) -> list[str]:
-    """``n`` English sentences from the pydoc prose (calibration text that is not in any eval set)."""
+def pydoc_sentences(n: int, *, min_words: int = 5, max_words: int = 40, from_end: bool = False) -> list[str]:
+    """``n`` English sentences from the pydoc prose (calibration text that is not in any eval set);
+    ``from_end``: read from the last sentence backwards (held-out text: apart from the calibration
+    sentences while the two add up to fewer than the prose holds, about 2,500)."""
     sentences = []
-    for sentence in re.split(r"(?<=[.!?])\s+", pydoc_text()):
+    split = re.split(r"(?<=[.!?])\s+", pydoc_text())
+    for sentence in reversed(split) if from_end else split:
         words = sentence.split()
         if min_words <= len(words) <= max_words and not sentence.lstrip().startswith(">>>"):
             sentences.append(" ".join(words))

@@ -67,6 +67,13 @@ def calibration(n: int) -> FeedReader:
     return FeedReader({"image": x_tr[i : i + 1]} for i in range(min(n, len(x_tr))))
 
 
+def heldout(n: int) -> FeedReader:
+    """n training images from the end of the split (calibration reads from its start; the
+    evaluation images are the other 30 %)."""
+    x_tr, _, _, _ = split()
+    return FeedReader({"image": x_tr[len(x_tr) - 1 - i : len(x_tr) - i]} for i in range(min(n, len(x_tr))))
+
+
 def evaluate(model_path: str | Path, target: str = "ort-cpu", reference: str | Path | None = None) -> dict[str, Any]:
     from qcompile import execute
 
@@ -86,4 +93,6 @@ ENTRY = ZooEntry(
     calibration=calibration,
     evaluate=evaluate,
     bench_dims={"batch": 1},
+    heldout=heldout,
+    metric="top1",
 )

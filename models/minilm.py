@@ -72,6 +72,12 @@ def calibration(n: int, pad_to: int | None = None) -> FeedReader:
     return FeedReader(encode([s]) for s in data.pydoc_sentences(n))
 
 
+def heldout(n: int) -> FeedReader:
+    """n feeds of one sentence each from the end of the pydoc prose: apart from calibration's
+    sentences (its start) and the retrieval evaluation set."""
+    return FeedReader(encode([s]) for s in data.pydoc_sentences(n, from_end=True))
+
+
 def embed(run, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """Sentence embeddings through ``run(feed) -> last_hidden_state``."""
     out = []
@@ -129,4 +135,6 @@ ENTRY = ZooEntry(
     evaluate=evaluate,
     bench_dims={"batch": 1, "sequence": 128},
     default_options={"exporter": "torchscript"},
+    heldout=heldout,
+    metric="r_at_1",
 )

@@ -90,9 +90,23 @@ def eval_tokens() -> np.ndarray:
     return ids[:EVAL_TOKENS].astype(np.int64)
 
 
+#: Characters of the pydoc text: evaluation [0, 40k), calibration [40k, 400k), held-out [400k, end).
+CALIBRATION_SPAN, HELDOUT_START = (40_000, 400_000), 400_000
+
+
 def calibration(n: int, seq: int = 128) -> FeedReader:
     """n windows of ``seq`` tokens from pydoc text *after* the evaluation span."""
-    ids = tokenizer()(data.pydoc_text()[40_000:400_000], return_tensors="np")["input_ids"][0].astype(np.int64)
+    return _windows(data.pydoc_text()[slice(*CALIBRATION_SPAN)], n, seq)
+
+
+def heldout(n: int, seq: int = 128) -> FeedReader:
+    """n windows of ``seq`` tokens from the end of the pydoc text, past both the evaluation and the
+    calibration spans (about 16k tokens: up to 128 windows)."""
+    return _windows(data.pydoc_text()[HELDOUT_START:], n, seq)
+
+
+def _windows(text: str, n: int, seq: int) -> FeedReader:
+    ids = tokenizer()(text, return_tensors="np")["input_ids"][0].astype(np.int64)
 
     def feeds():
         for i in range(n):
@@ -140,4 +154,7 @@ ENTRY = ZooEntry(
     evaluate=evaluate,
     bench_dims={"batch": 1, "sequence": 128},
     default_options={"exporter": "torchscript"},
+    heldout=heldout,
+    metric="perplexity",
+    higher_is_better=False,
 )

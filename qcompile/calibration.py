@@ -6,7 +6,8 @@ Built-ins, by the SPEC string the CLI takes:
     PATH.npz            one .npz, arrays named after the inputs, samples stacked on a new axis 0
     FOLDER/             a folder of .npz files, one feed each (sorted by name)
     module:callable     a function returning a reader or an iterable of feeds
-    zoo:NAME            the zoo entry's reader over its real data
+    zoo:NAME            the zoo entry's reader over its real data (its calibration data; for gates and
+                        accuracy budgets its held-out data, apart from calibration and evaluation)
 
 A user's ``onnxruntime.quantization.CalibrationDataReader`` works unchanged. Every feed is validated
 against the model's inputs. An empty reader, a feed with NaN in an input (NaN is no value: it would
@@ -230,17 +231,25 @@ def callable_reader(spec: str) -> CalibrationReader:
                              fix="fix the callable (it is your code)") from None
 
 
-def resolve_reader(spec: str, input_specs: list[specs.InputSpec], samples: int, **shape) -> CalibrationReader:
-    """A reader for a CLI SPEC string (see the module docstring)."""
+def resolve_reader(spec: str, input_specs: list[specs.InputSpec], samples: int, *, heldout: bool = False,
+                   **shape) -> CalibrationReader:
+    """A reader for a CLI SPEC string (see the module docstring); ``heldout``: ``zoo:NAME`` reads the
+    entry's held-out data (apart from its calibration and evaluation data) instead of calibration's."""
     if spec == "random":
         return random_reader(input_specs, samples, **shape)
     if spec.startswith("zoo:"):
         from qcompile.models import get_entry
 
         try:
-            return get_entry(spec[4:]).calibration(samples)
+            entry = get_entry(spec[4:])
         except KeyError as exc:
             raise UnknownNameError(str(exc.args[0]), fix="see `qcompile zoo list`") from None
+        if not heldout:
+            return entry.calibration(samples)
+        if entry.heldout is None:
+            raise InputSpecError(f"zoo entry {entry.name!r} has no held-out data", where=spec,
+                                 fix="give your own data (.npz, folder or module:callable)")
+        return entry.heldout(samples)
     path = Path(spec)
     if path.is_dir():
         return npz_folder_reader(path, input_specs)

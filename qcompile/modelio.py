@@ -508,6 +508,29 @@ def save(
     return path
 
 
+def write_text(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write a small file (a report, a log, JUnit XML) atomically: a temp file beside it, then a rename."""
+    path = Path(path)
+    parent = path.parent.resolve()
+    if path.is_dir() or not parent.is_dir():
+        raise OutputPathError("cannot write a file here" if path.is_dir() else "output folder does not exist",
+                              where=str(path), fix="name a file in an existing folder")
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets; a report is read by others
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        with interrupts.deferred():
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def convert_opset(model: ir.Model, target_opset: int) -> ir.Model:
     """Convert the default-domain opset of ``model`` to ``target_opset`` (in place)."""
     from onnxscript import version_converter
