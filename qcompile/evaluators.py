@@ -257,13 +257,45 @@ class ReferenceRun:
         self.outputs = ref_outputs if metric.pairwise else []
 
     def score(self, candidate: str | Path, target: str | None = None) -> Score:
+        return self.evaluate(candidate, target=target)[0]
+
+    def evaluate(self, candidate: str | Path, timing_runs: int = 0,
+                 target: str | None = None) -> tuple[Score, float | None]:
+        """The candidate's score and, with ``timing_runs``, its fastest of that many runs on the first
+        feed (ms), timed in the same session after scoring (warm)."""
+        from qcompile import execute
+
         target = target or self.target
         if self.metric.kind == "task":
-            return Score(self.metric, self.value, _task_value(self.metric, str(candidate), target), 0)
-        accumulator = self.metric.accumulator()
-        for i, (outputs, feed) in enumerate(zip(_iter_run(str(candidate), self.feeds, target), self.feeds)):
-            accumulator.add(self.outputs[i] if self.outputs else {}, outputs, feed)
-        return Score(self.metric, self.value, accumulator.value(), len(self.feeds))
+            score = Score(self.metric, self.value, _task_value(self.metric, str(candidate), target), 0)
+            if not timing_runs:
+                return score, None
+        accumulator = self.metric.accumulator() if self.metric.kind != "task" else None
+        with execute.loaded(str(candidate), target) as runtime:
+            if accumulator is not None:
+                for i, feed in enumerate(self.feeds):
+                    accumulator.add(self.outputs[i] if self.outputs else {}, runtime.run(feed), feed)
+                score = Score(self.metric, self.value, accumulator.value(), len(self.feeds))
+            latency = None
+            if timing_runs and self.feeds:
+                import time
+
+                runtime.run(self.feeds[0])
+                best = math.inf
+                for _ in range(timing_runs):
+                    started = time.perf_counter()
+                    runtime.run(self.feeds[0])
+                    best = min(best, time.perf_counter() - started)
+                latency = best * 1000.0
+        return score, latency
+
+
+def evaluate_task(reference: ReferenceRun, item: tuple[str, int]) -> dict:
+    """One candidate evaluation as an executor task (qcompile/executor.py): ``item`` is (model path,
+    timing runs); the reference is shipped once."""
+    path, runs = item
+    score, latency = reference.evaluate(path, runs)
+    return {"path": path, "score": score.to_json(), "latency_ms": latency}
 
 
 def _task_value(metric: Metric, path: str, target: str) -> float:

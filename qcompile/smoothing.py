@@ -32,6 +32,8 @@ class SmoothingResult:
     model: ir.Model
     alphas: dict[str, float] = field(default_factory=dict)
     groups: int = 0
+    #: the activations divided by their smoothing scales (their values changed, names kept)
+    scaled: frozenset[str] = frozenset()
 
     def to_json(self) -> dict:
         return {"groups": self.groups, "alphas": {k: round(v, 2) for k, v in self.alphas.items()}}
@@ -68,7 +70,7 @@ def smooth(
         scales[group.activation] = smoothing_scales(act_max, w_max, chosen)
     manager = PassManager([SmoothQuantPass(groups, scales)], verify=verify,
                           verify_options=VerifyOptions(feeds=list(feeds[:2]) or None))
-    return SmoothingResult(manager(model).model, alphas, len(groups))
+    return SmoothingResult(manager(model).model, alphas, len(groups), frozenset(scales))
 
 
 __all__ = ["ALPHA_GRID", "SmoothGroup", "SmoothingResult", "smooth"]

@@ -17,7 +17,7 @@ from typing import Iterable, Literal, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import memory, modelio, specs, targets
+from qcompile import memory, modelio, records, specs, targets
 from qcompile.cache import cache_root
 from qcompile.calibrate import CalibrationResult, StatisticsCache, collect_ranges, graph_fingerprint, tapped
 from qcompile.calibration import CalibrationReader, IterableReader, describe, iter_feeds
@@ -291,19 +291,28 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
         qparams = shared_qparams(model, plan, ranges, scale_dtype)
     codes = sampler.codes if sampler is not None else None
     sampler = None
-    lowering = [QDQLoweringPass(qparams, weight_codes(codes, scale_dtype), quantize_bias), make_pass("dead-code"),
-                make_pass("topo-sort"), make_pass("clear-shapes")]
-    model = PassManager(lowering)(model).model
-    memory.trim()
+    model, lowered = lower_plan(model, plan, qparams, weight_codes(codes, scale_dtype), high_precision,
+                                verify_feeds, exclude, smoothing.scaled if smoothing else frozenset())
     clock.lap("lower")
-    model, lowered = lower_precision(model, high_precision, verify_feeds, exclude)
-    if lowered is not None:
-        clock.lap("high_precision")
     stage = "qdq-lowering" if lowered is None else "qdq-lowering and mixed-precision"
     accuracy, latency = check_result(model, float_model, stage, target, guard_runs, clock)
     notes += check_lowering(accuracy, stage)
     return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
                           smoothing_json, opset, accuracy, notes, verify_feeds, latency, lowered)
+
+
+def lower_plan(model: ir.Model, plan: QuantPlan, qparams: Mapping[str, QParams], codes, high_precision: str,
+               verify_feeds: list, exclude: Iterable[str],
+               scaled: frozenset[str]) -> tuple[ir.Model, PrecisionReport | None]:
+    """Lower the annotated ``model`` (in place): Q/DQ, clean-up, the high-precision part, and the
+    records of what was quantized (qcompile/records.py)."""
+    qdq = QDQLoweringPass(qparams, codes, quantize_bias)
+    model = PassManager([qdq, make_pass("dead-code"), make_pass("topo-sort"), make_pass("clear-shapes")])(model).model
+    memory.trim()
+    model, lowered = lower_precision(model, high_precision, verify_feeds, exclude)
+    records.attach(model, records.build(model, set(plan.quantized_nodes), qdq.activation_dq, qdq.weight_dq,
+                                        qdq.weight_sqnr_db, set(scaled)))
+    return model, lowered
 
 
 def _calibrate(model: ir.Model, plan: QuantPlan, float_model: FloatModel, reader: CalibrationReader, *,

@@ -49,6 +49,11 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         self.weight_codes = weight_codes
         self.bias_codes = bias_codes
         self.weight_qparams: dict[str, QParams] = {}
+        #: what was lowered, for the model's records (qcompile/records.py): float name -> DQ output name
+        self.activation_dq: dict[str, str] = {}
+        self.weight_dq: dict[str, str] = {}
+        #: per weight, 10 log10(|W|^2 / |W - DQ(W_q)|^2): the weight's own quantization SQNR in dB
+        self.weight_sqnr_db: dict[str, float] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.plan = read_plan(model)
@@ -82,11 +87,14 @@ class QDQLoweringPass(ir.passes.InPlacePass):
         modified = False
         for spec in self.plan.weights.values():
             weight = values[spec.value]
-            q, qp = self.weight_codes(spec.value, weight.const_value.numpy(), spec.axis, spec.dtype)
+            w = weight.const_value.numpy()
+            q, qp = self.weight_codes(spec.value, w, spec.axis, spec.dtype)
+            self.weight_sqnr_db[spec.value] = _sqnr_db(w, _dequantize(q, qp))
             drop_resident(weight.const_value)  # read once; a large model's pages need not stay resident
             self.weight_qparams[spec.value] = qp
             first = nodes[spec.consumers[0][0]]
             dq = self._dq(graph, spec.value, q, qp, first)
+            self.weight_dq[spec.value] = dq.name
             for node_name, index in spec.consumers:
                 nodes[node_name].replace_input_with(index, dq)
             modified = True
@@ -136,5 +144,24 @@ class QDQLoweringPass(ir.passes.InPlacePass):
                 graph.insert_before(first, [quant, dequant])
             for user, index in uses:
                 user.replace_input_with(index, dequant.outputs[0])
+            self.activation_dq[name] = dequant.outputs[0].name
             modified = True
         return modified
+
+
+def _dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """(q - z) * s, with per-channel parameters broadcast along ``qp.axis``."""
+    scale = np.asarray(qp.scale, dtype=np.float32)
+    zero = np.asarray(qp.zero_point).astype(np.float32)
+    if qp.axis is not None and scale.ndim == 1:
+        shape = [1] * q.ndim
+        shape[qp.axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (q.astype(np.float32) - zero) * scale
+
+
+def _sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
+    """In float32 (a dB figure; no float64 copy of a large weight)."""
+    x, e = np.asarray(x, dtype=np.float32).ravel(), (np.asarray(x, dtype=np.float32) - y).ravel()
+    signal, noise = float(x @ x), float(e @ e)
+    return float("inf") if noise == 0.0 else (float("-inf") if signal == 0.0 else 10.0 * np.log10(signal / noise))
