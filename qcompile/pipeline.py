@@ -191,12 +191,15 @@ class Pipeline:
         self.recipe = dataclasses.replace(recipe, target=self.target.name).validate()  # the recipe reproduces the run
 
     def run(self, model: ir.Model | str | os.PathLike, reader=None, *, verify_options: VerifyOptions | None = None,
-            guard_runs: int | str | None = None, keep_float=None, weight_dtype=None, statistics=None) -> Result:
+            guard_runs: int | str | None = None, keep_float=None, weight_dtype=None, statistics=None,
+            budget=None) -> Result:
         """Quantize ``model`` (in place when an ir.Model) with calibration data from ``reader``.
 
         ``guard_runs`` (a number or "auto"): time the original and the result in turn (``latency``);
         ``keep_float`` / ``weight_dtype``: override what the target measures (static recipes);
-        ``statistics``: a qcompile.calibrate.StatisticsCache shared with runs for other targets."""
+        ``statistics``: a qcompile.calibrate.StatisticsCache shared with runs for other targets;
+        ``budget``: a qcompile.budget.BudgetSpec (static recipes): what stays float is searched
+        against an accuracy budget on held-out data instead of the per-node SQNR guard."""
         from qcompile.errors import InputSpecError
         from qcompile.memory import PhaseClock
 
@@ -205,6 +208,9 @@ class Pipeline:
         self.target.require_precision(recipe.precision(self.target.high_precision))
         if recipe.kind != "float":
             self.target.require_precision(high_precision)
+        if budget is not None and recipe.kind != "static-int8":
+            raise InputSpecError(f"--accuracy-budget needs a static recipe (W8A8, FP8), not {recipe.name!r}",
+                                 fix="choose int8, int8-sq or fp8, or drop --accuracy-budget")
         if recipe.needs_calibration and reader is None:
             raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
         if self.target.device != "cpu":
@@ -223,7 +229,7 @@ class Pipeline:
                                smoothquant=recipe.smoothquant, quantize_attention=recipe.quantize_attention,
                                verify_options=verify_options, guard_runs=guard_runs, keep_float=keep_float,
                                weight_dtype=weight_dtype, clock=clock, precision=recipe.dtype,
-                               high_precision=high_precision, statistics=statistics)
+                               high_precision=high_precision, statistics=statistics, budget=budget)
         else:
             from qcompile.passes.quant.nbits import WeightOnlyConfig
             from qcompile.weight_only import quantize_weights
@@ -241,7 +247,7 @@ class Pipeline:
 
 def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str | Recipe" = "int8",
              target: str | None = None, verify_options: VerifyOptions | None = None,
-             guard_runs: int | str | None = None, statistics=None, **changes: Any) -> Result:
+             guard_runs: int | str | None = None, statistics=None, budget=None, **changes: Any) -> Result:
     """Quantize ``model`` with a recipe (a preset name or a :class:`~qcompile.recipes.Recipe`, with
     ``changes`` applied: ``method="entropy"``, ``bits=4``, ...) for ``target``: a thin layer over
     :class:`Pipeline`. In place when given an ir.Model. ``statistics``: a
@@ -254,4 +260,5 @@ def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str |
 
     chosen = preset(recipe) if isinstance(recipe, str) else recipe
     return Pipeline(chosen.with_(**changes), target).run(model, reader, verify_options=verify_options,
-                                                         guard_runs=guard_runs, statistics=statistics)
+                                                         guard_runs=guard_runs, statistics=statistics,
+                                                         budget=budget)

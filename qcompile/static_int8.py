@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompile import memory, modelio, records, specs, targets
+from qcompile.budget import BudgetResult, BudgetSpec
 from qcompile.cache import cache_root
 from qcompile.calibrate import CalibrationResult, StatisticsCache, collect_ranges, graph_fingerprint, tapped
 from qcompile.calibration import CalibrationReader, IterableReader, describe, iter_feeds
@@ -87,6 +89,7 @@ class QuantizeResult:
     verification_feeds: list = field(default_factory=list, repr=False)
     latency: dict | None = None  # the speed guard (``guard_runs``): qcompile.bench.guard_report
     high_precision: PrecisionReport | None = None  # the unquantized part in FP16/BF16 (GPU targets)
+    budget: BudgetResult | None = None  # the accuracy-budget search, when one ran (qcompile/budget.py)
 
     @property
     def timing_feed(self) -> dict | None:
@@ -112,6 +115,7 @@ class QuantizeResult:
             "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None,
             "latency": self.latency,
             "high_precision": self.high_precision.to_json() if self.high_precision else None,
+            "accuracy_budget": self.budget.to_json() if self.budget else None,
             "notes": list(self.notes),
         }
 
@@ -147,6 +151,7 @@ def quantize_static(
     precision: str = "int8",
     high_precision: str = "fp32",
     statistics: StatisticsCache | None = None,
+    budget: BudgetSpec | None = None,
 ) -> QuantizeResult:
     """Quantize a float model to static INT8 QDQ for ``target`` with ranges from ``reader``.
 
@@ -163,6 +168,9 @@ def quantize_static(
     19) is the quantized element type; ``high_precision`` (fp32 | fp16 | bf16) what the rest runs in
     (qcompile.precision). ``statistics``: calibration statistics shared with other runs on the same
     graph and data (computed on the first, reused by the next: qcompile.calibrate.StatisticsCache).
+    ``budget`` replaces the per-node SQNR guard by an accuracy budget on held-out data
+    (qcompile/budget.py): everything quantizable is planned, then layers fall back until the end
+    metric holds; ``budget`` on the result says how (``met`` False: the closest candidate is the result).
 
     Checks, each on the verification feeds (``verify_options``): the original model runs and gives
     the reference outputs; the optimized model passes the checker and stays within its passes'
@@ -182,7 +190,7 @@ def quantize_static(
     args = dict(target=target, method=method, per_channel=per_channel, exclude=exclude, samples=samples,
                 keep_float=keep_float, min_sqnr_db=min_sqnr_db, smoothquant=smoothquant, weight_dtype=weight_dtype,
                 quantize_attention=quantize_attention, guard_runs=guard_runs, precision=precision,
-                high_precision=high_precision, statistics=statistics)
+                high_precision=high_precision, statistics=statistics, budget=budget)
     try:
         return _quantize_float(float_model, reader, clock, **args)
     except OptimizedModelChanged as exc:
@@ -198,10 +206,12 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
                     keep_float: Iterable[str] | None, min_sqnr_db: float | None, smoothquant: float | str | None,
                     weight_dtype: WeightDType | None, quantize_attention: bool,
                     guard_runs: int | str | None, precision: str, high_precision: str,
-                    statistics: StatisticsCache | None) -> QuantizeResult:
+                    statistics: StatisticsCache | None, budget: BudgetSpec | None) -> QuantizeResult:
     """Plan, calibrate, lower and check (see :func:`quantize`)."""
     model, verify_feeds, notes = float_model.model, float_model.feeds, float_model.notes
     target_spec = targets.get(target)
+    if budget is not None:
+        min_sqnr_db = None  # the most aggressive plan: the budget decides what falls back
     minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset,
                   QDQ_FP8 if precision == "fp8" else 0)
     reason = ("FP8 Q/DQ needs opset 19" if precision == "fp8" else
@@ -291,14 +301,88 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
         qparams = shared_qparams(model, plan, ranges, scale_dtype)
     codes = sampler.codes if sampler is not None else None
     sampler = None
-    model, lowered = lower_plan(model, plan, qparams, weight_codes(codes, scale_dtype), high_precision,
-                                verify_feeds, exclude, smoothing.scaled if smoothing else frozenset())
-    clock.lap("lower")
+    scaled = smoothing.scaled if smoothing else frozenset()
+    searched = None
+    if budget is not None:
+        model, plan, searched = _budget_search(model, plan, policy, exclude, calibration.ranges, scale_dtype,
+                                               high_precision, verify_feeds, scaled, budget, target)
+        notes.append(_budget_note(searched))
+        lowered = None
+        clock.lap("budget_search")
+    else:
+        model, lowered = lower_plan(model, plan, qparams, weight_codes(codes, scale_dtype), high_precision,
+                                    verify_feeds, exclude, scaled)
+        clock.lap("lower")
     stage = "qdq-lowering" if lowered is None else "qdq-lowering and mixed-precision"
     accuracy, latency = check_result(model, float_model, stage, target, guard_runs, clock)
     notes += check_lowering(accuracy, stage)
     return QuantizeResult(model, plan, calibration, policy, ratios, method, sqnr, clock.seconds, clock.peak_rss_mb,
-                          smoothing_json, opset, accuracy, notes, verify_feeds, latency, lowered)
+                          smoothing_json, opset, accuracy, notes, verify_feeds, latency, lowered, searched)
+
+
+def _budget_search(model: ir.Model, plan: QuantPlan, policy: QuantPolicy, exclude: Iterable[str],
+                   ranges: Mapping[str, tuple[float, float]], scale_dtype: str | None, high_precision: str,
+                   verify_feeds: list, scaled: frozenset[str], spec: BudgetSpec,
+                   target: str) -> tuple[ir.Model, QuantPlan, BudgetResult]:
+    """The accuracy-budget search (qcompile/budget.py) over candidates lowered from ``model``, which
+    is saved first (each candidate starts from that float copy, memory-mapped)."""
+    import shutil
+    import tempfile
+    import weakref
+
+    from qcompile.analyze import measure_layers
+    from qcompile.budget import fallback_order, search
+    from qcompile.evaluators import ReferenceRun
+
+    workdir = Path(tempfile.mkdtemp(prefix="qcompile-budget-"))
+    try:
+        float_path = modelio.save(model, workdir / "float.onnx")
+        memo: dict[tuple, tuple] = {}
+        codes = weight_codes(None, scale_dtype)
+
+        def cached_codes(name, w, axis, dtype):  # one weight's codes serve every candidate
+            key = (name, axis, dtype)
+            if key not in memo:
+                memo[key] = codes(name, w, axis, dtype)
+            return memo[key]
+
+        plans: dict[int, QuantPlan] = {}
+
+        def build(kept: list[str]) -> Path:
+            candidate = PassManager([make_pass("shape-inference")])(modelio.load(float_path)).model
+            reasons = {name: "kept float by the accuracy budget" for name in kept}
+            trial_plan = annotate(candidate, policy, frozenset(exclude), float_reasons=reasons or None)
+            used = {k: v for k, v in ranges.items() if k in set(trial_plan.activations)}
+            qparams = shared_qparams(candidate, trial_plan, used, scale_dtype)
+            candidate, _ = lower_plan(candidate, trial_plan, qparams, cached_codes, high_precision, verify_feeds,
+                                      exclude, scaled)
+            plans[len(kept)] = trial_plan
+            return modelio.save(candidate, workdir / f"candidate-{len(kept)}.onnx")
+
+        first = build([])
+        reference = ReferenceRun(spec.metric, float_path, spec.feeds, targets.get(target).check_runtime)
+        layers = measure_layers(first, None, spec.feeds[:4])
+        result = search(build, first, fallback_order(layers), reference, spec)
+        best = result.best
+        chosen = modelio.load(best.path)
+        for path in workdir.glob("candidate-*.onnx*"):
+            if not str(path).startswith(best.path):
+                path.unlink()
+        weakref.finalize(chosen, shutil.rmtree, workdir, True)  # its weights may be read from there
+        return chosen, plans[best.kept_float], result
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _budget_note(result: BudgetResult) -> str:
+    best, spec = result.best, result.spec
+    verdict = "within" if result.met else "NOT within"
+    drop = "n/a" if best.drop is None else f"{best.drop:.4g}"
+    return (f"accuracy budget: {spec.metric.name} drop {drop} {verdict} {spec.max_drop:g} on "
+            f"{len(spec.feeds)} held-out samples ({spec.data or 'given data'}), {best.kept_float} of "
+            f"{len(result.order)} layers kept float, after {len(result.trials)} trials"
+            + (f" ({result.stopped})" if result.stopped else ""))
 
 
 def lower_plan(model: ir.Model, plan: QuantPlan, qparams: Mapping[str, QParams], codes, high_precision: str,

@@ -25,6 +25,8 @@ from qcompile.cli.common import (
     stdout,
     with_shape_options,
 )
+from qcompile.evaluators import METRIC_HELP
+from qcompile.executor import EXECUTORS
 from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
 from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 
@@ -76,12 +78,30 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
               help="Timed runs per model for the speed check (default: at least 2, up to 20, within about 0.5 s).")
 @with_shape_options
 @data_option
+@click.option("--accuracy-budget", type=float, default=None, metavar="X",
+              help="Static recipes: plan everything quantizable, then keep layers float until --metric on "
+                   "held-out data is at most X worse than FP32 (0.01 = 1 %); replaces the --min-sqnr guard.")
+@click.option("--metric", "metric_name", default=None, metavar="NAME",
+              help=f"The budget's metric [default: perplexity for a causal LM, else cosine]: {METRIC_HELP}")
+@click.option("--budget-data", default=None, metavar="SPEC",
+              help="Held-out inputs for the budget (never the evaluation set) [default: with --calib zoo:NAME, "
+                   "that entry's held-out split].")
+@click.option("--budget-samples", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--budget-trials", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Candidates evaluated at most.")
+@click.option("--budget-seconds", type=float, default=1800.0, show_default=True, help="Search time at most.")
+@click.option("--executor", "executor_spec", default="inprocess", show_default=True, metavar="SPEC",
+              help="Where candidates are evaluated: " + " | ".join(EXECUTORS))
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Write a report (.md or .html): the budget search, precision per op type, environment.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
 def quantize(model, output, target, recipe_name, precision, high_precision, recipe_file, save_recipe, calib, method,
              per_channel, alpha,
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings,
-             accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data, as_json):
+             accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data, accuracy_budget,
+             metric_name, budget_data, budget_samples, budget_trials, budget_seconds, executor_spec, report,
+             as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     from qcompile.calibration import resolve_reader
     from qcompile.errors import CheckFailedError
@@ -117,10 +137,40 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     reader = resolve_reader(calib, input_specs, recipe.samples, **shape) if calib else None
     verify_feeds = data_feeds(data, source, limit=4) or calibration_samples(calib, input_specs, 2, shape)
     verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
+    executor = None
+    budget = None
+    if accuracy_budget is not None:
+        from qcompile.executor import make_executor
+
+        executor = make_executor(executor_spec)
+        budget = _budget_spec(accuracy_budget, metric_name, budget_data or _heldout_of(calib), input_specs,
+                              budget_samples, budget_trials, budget_seconds, executor, source)
+    elif metric_name or budget_data:
+        raise click.UsageError("--metric and --budget-data go with --accuracy-budget")
     clock.lap("read")
     from qcompile.pipeline import Pipeline
 
-    result = Pipeline(recipe).run(source, reader, verify_options=verify_options, guard_runs=runs or "auto")
+    try:
+        result = Pipeline(recipe).run(source, reader, verify_options=verify_options, guard_runs=runs or "auto",
+                                      budget=budget)
+    finally:
+        if executor is not None:
+            executor.close()
+    if getattr(result, "budget", None) is not None:
+        _write_budget_outputs(result, out, report)
+        if not result.budget.met:
+            from qcompile.errors import CheckFailedError
+
+            closest = _closest_path(out)
+            modelio.save(result.model, closest)
+            best = result.budget.best
+            fail(CheckFailedError(
+                f"the accuracy budget {accuracy_budget:g} on {budget.metric.name} cannot be met within "
+                f"{len(result.budget.trials)} trials ({result.budget.stopped or 'every layer tried'}): the closest "
+                f"candidate keeps {best.kept_float} layers float, drop {best.drop:.4g}",
+                fix=f"{out} not written; the closest is {closest}, the search log {_log_path(out)}"))
+    elif report:
+        _write_budget_outputs(result, out, report)
     timing = result.latency
     clock.skip()  # the pipeline's own phases account for that
     for note in result.notes:
@@ -164,6 +214,65 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
         emit_json({**report, **_phases(startup, result, clock)})
         return
     _print_quantize_summary(recipe, result, timing, speedup, target, out)
+
+
+def _heldout_of(calib: str | None) -> str | None:
+    """The budget's default data: a zoo entry's held-out split (a user's own data has none we know of)."""
+    return calib if calib and calib.startswith("zoo:") else None
+
+
+def _budget_spec(max_drop, metric_name, data, input_specs, samples, trials, seconds, executor, source):
+    from qcompile.budget import BudgetSpec
+    from qcompile.calibration import iter_feeds, resolve_reader
+    from qcompile.errors import InputSpecError
+    from qcompile.evaluators import parse_metric
+
+    if data is None:
+        raise InputSpecError("--accuracy-budget needs held-out data", where="--budget-data",
+                             fix="give inputs that are neither the calibration nor the evaluation set")
+    if max_drop < 0:
+        raise InputSpecError(f"--accuracy-budget {max_drop:g} is negative", fix="give a drop >= 0 (0.01 = 1 %)")
+    names = {spec.name for spec in input_specs}
+    outputs = {v.name for v in source.graph.outputs}
+    metric = parse_metric(metric_name or ("perplexity" if "input_ids" in names and "logits" in outputs else "cosine"))
+    if metric.kind == "task":
+        raise InputSpecError(f"{metric.name} is measured on the evaluation set: a budget tuned on it is no budget",
+                             where="--metric", fix="use cosine, perplexity, top1 or your own module:function on "
+                                                   "--budget-data")
+    feeds = list(iter_feeds(resolve_reader(data, input_specs, samples, heldout=True), input_specs, samples))
+    return BudgetSpec(metric, max_drop, feeds, max_trials=trials, max_seconds=seconds, executor=executor,
+                      data=data + (" (held-out split)" if data.startswith("zoo:") else ""))
+
+
+def _log_path(out: Path) -> Path:
+    return out.with_name(out.name + ".budget.json")
+
+
+def _closest_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.closest{out.suffix or '.onnx'}")
+
+
+def _write_budget_outputs(result, out: Path, report: str | None) -> None:
+    """The search log (always, beside the output) and the report."""
+    import json
+    import shlex
+    import sys
+
+    budget = getattr(result, "budget", None)
+    if budget is not None:
+        modelio.write_text(_log_path(out), json.dumps(budget.to_json(), indent=1, default=str))
+    if report:
+        from qcompile.report import environment, precision_by_op, write_report
+
+        data = {"title": f"qcompile quantize: {out.name}", "command": shlex.join(["qcompile", *sys.argv[1:]]),
+                "summary": [["recipe", result.recipe.name], ["target", result.target], ["output", str(out)]],
+                "precision_by_op": precision_by_op(result.model), "environment": environment()}
+        if budget is not None:
+            data["summary"] += [["budget", f"{budget.spec.metric.name} drop <= {budget.spec.max_drop:g}"],
+                                ["met", "yes" if budget.met else "NO"],
+                                ["layers kept float", f"{budget.best.kept_float} of {len(budget.order)}"]]
+            data.update(budget.report_data())
+        write_report(report, data)
 
 
 def _phases(startup: tuple[dict, dict], result, clock) -> dict:

@@ -1,0 +1,170 @@
+"""Accuracy-budget mixed precision: the fastest plan whose end metric stays within a budget.
+
+    1. trial 0: everything quantizable quantized (the most aggressive plan), measured on held-out data
+    2. per quantized layer, cost / saving = 10^(-local SQNR / 10) / MACs (qcompile/analyze.py): the
+       noise it adds per multiply-add it moves to INT8; layers are fallen back in that order
+    3. the number k of layers kept float is searched on [0, N] (k = 0 over budget, k = N float):
+       each round evaluates ``parallelism`` values of k spread over the open interval (one: bisection),
+       assuming more float never costs accuracy; bounded by ``max_trials`` and ``max_seconds``
+    4. of the candidates within budget, the one with the lowest measured latency on the target wins;
+       none within: the closest (smallest drop) is reported, and the caller fails (exit 1)
+
+Drop is qcompile.evaluators' relative drop against the float model on the same held-out feeds. Each
+candidate is built by the pipeline's own lowering (the same code as the final model) and evaluated
+through an executor (qcompile/executor.py): the reference is computed once and shipped, candidates by path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qcompile.evaluators import Metric, ReferenceRun, evaluate_task
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """What the user asked: ``metric`` on ``feeds`` (held out) at most ``max_drop`` worse than FP32."""
+
+    metric: Metric
+    max_drop: float
+    feeds: list = field(default_factory=list, repr=False, compare=False)
+    max_trials: int = 12
+    max_seconds: float = 1800.0
+    timing_runs: int = 10
+    executor: Any = field(default=None, compare=False)
+    data: str = ""  # where the feeds came from, in words
+
+
+@dataclass
+class Trial:
+    index: int
+    kept_float: int
+    value: float
+    drop: float | None
+    within: bool
+    latency_ms: float | None
+    path: str
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BudgetResult:
+    spec: BudgetSpec
+    reference_value: float
+    order: list[str]
+    trials: list[Trial] = field(default_factory=list)
+    chosen: int | None = None  # index into trials (within budget)
+    stopped: str = ""
+
+    @property
+    def met(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def best(self) -> Trial:
+        """The chosen trial, or the closest to the budget."""
+        if self.chosen is not None:
+            return self.trials[self.chosen]
+        return min(self.trials, key=lambda t: (math.inf if t.drop is None else t.drop, t.kept_float))
+
+    def kept_float(self) -> list[str]:
+        return self.order[: self.best.kept_float]
+
+    def to_json(self) -> dict:
+        return {"metric": self.spec.metric.name, "max_drop": self.spec.max_drop, "data": self.spec.data,
+                "samples": len(self.spec.feeds), "reference": self.reference_value, "met": self.met,
+                "chosen": self.chosen, "best": self.best.index, "stopped": self.stopped,
+                "fallback_order": self.order, "trials": [t.to_json() for t in self.trials]}
+
+    def report_data(self) -> dict:
+        """Candidates and search path for qcompile.report."""
+        metric = self.spec.metric
+        return {
+            "metric_name": metric.name, "higher_is_better": metric.higher_is_better,
+            "budget": {"metric": metric.name, "limit": _limit(metric, self.reference_value, self.spec.max_drop),
+                       "reference": self.reference_value},
+            "candidates": [{"name": f"trial {t.index}: {t.kept_float} float", "latency_ms": t.latency_ms,
+                            "metric": t.value, "within_budget": t.within, "chosen": t.index == self.best.index}
+                           for t in self.trials],
+            "search": [{"trial": t.index, "kept_float": t.kept_float, "metric": t.value, "latency_ms": t.latency_ms,
+                        "within_budget": t.within, "note": f"drop {t.drop:.4g}" if t.drop is not None else ""}
+                       for t in self.trials],
+        }
+
+
+def _limit(metric: Metric, reference: float, max_drop: float) -> float:
+    """The metric value the budget allows (module docstring's drop, inverted)."""
+    scale = 1.0 if reference == 0 else abs(reference)
+    return reference - max_drop * scale if metric.higher_is_better else reference + max_drop * scale
+
+
+def fallback_order(layers) -> list[str]:
+    """Layers by noise per multiply-add, most first (analyze.Layer: local_sqnr_db, macs)."""
+    def cost(layer) -> float:
+        noise = 0.0 if math.isinf(layer.local_sqnr_db) else 10.0 ** (-layer.local_sqnr_db / 10.0)
+        return noise / max(layer.macs, 1)
+
+    return [layer.node for layer in sorted(layers, key=lambda layer: (-cost(layer), layer.node))]
+
+
+def search(build: Callable[[list[str]], Path], first: Path, order: list[str], reference: ReferenceRun,
+           spec: BudgetSpec, log: Callable[[Trial], None] | None = None) -> BudgetResult:
+    """The search (module docstring): ``build(nodes)`` writes the candidate with ``nodes`` float;
+    ``first`` is the all-quantized candidate, already built; ``order`` the fallback order."""
+    from qcompile.executor import InProcess
+
+    executor = spec.executor or InProcess()
+    started = time.perf_counter()
+    result = BudgetResult(spec, reference.value, order)
+    evaluated: dict[int, Trial] = {}
+
+    def run(ks: list[int]) -> None:
+        paths = [first if k == 0 else build(order[:k]) for k in ks]
+        t0 = time.perf_counter()
+        rows = executor.map(evaluate_task, [(str(p), spec.timing_runs) for p in paths], shared=reference)
+        each = (time.perf_counter() - t0) / max(len(ks), 1)
+        for k, path, row in zip(ks, paths, rows):
+            drop = row["score"]["drop"]
+            trial = Trial(len(result.trials), k, row["score"]["candidate"], drop,
+                          drop is not None and drop <= spec.max_drop, row["latency_ms"], str(path), each)
+            result.trials.append(trial)
+            evaluated[k] = trial
+            if log:
+                log(trial)
+
+    def out_of_budget() -> str:
+        if len(result.trials) >= spec.max_trials:
+            return f"trial limit {spec.max_trials}"
+        if time.perf_counter() - started >= spec.max_seconds:
+            return f"time limit {spec.max_seconds:g} s"
+        return ""
+
+    run([0])
+    lo, hi = 0, len(order)  # k = lo is over budget (once measured); k = hi: everything float
+    while not evaluated[0].within and hi - lo > 1:
+        result.stopped = out_of_budget()
+        if result.stopped:
+            break
+        count = max(1, min(executor.parallelism, spec.max_trials - len(result.trials), hi - lo - 1))
+        ks = sorted({lo + (hi - lo) * (i + 1) // (count + 1) for i in range(count)} - set(evaluated))
+        if not ks:
+            break
+        run(ks)
+        passing = [k for k in evaluated if evaluated[k].within]
+        hi = min(passing, default=hi)
+        lo = max((k for k in evaluated if not evaluated[k].within and k < hi), default=lo)
+    if not any(t.within for t in result.trials) and hi == len(order) and hi not in evaluated \
+            and not out_of_budget() and order:
+        run([hi])  # is the budget reachable at all?
+    within = [t for t in result.trials if t.within]
+    if within:
+        fastest = min(within, key=lambda t: (math.inf if t.latency_ms is None else t.latency_ms, t.kept_float))
+        result.chosen = fastest.index
+    return result
