@@ -6,7 +6,8 @@
     3. the number k of layers kept float is searched on [0, N] (k = 0 over budget, k = N float):
        each round evaluates ``parallelism`` values of k spread over the open interval (one: bisection),
        assuming more float never costs accuracy; bounded by ``max_trials`` and ``max_seconds``
-    4. of the candidates within budget, the one with the lowest measured latency on the target wins;
+    4. of the candidates within budget, the one with the lowest measured latency on the target wins
+       (the one with fewest layers float unless another is measurably faster: LATENCY_MARGIN);
        none within: the closest (smallest drop) is reported, and the caller fails (exit 1)
 
 Drop is qcompile.evaluators' relative drop against the float model on the same held-out feeds. Each
@@ -163,8 +164,20 @@ def search(build: Callable[[list[str]], Path], first: Path, order: list[str], re
     if not any(t.within for t in result.trials) and hi == len(order) and hi not in evaluated \
             and not out_of_budget() and order:
         run([hi])  # is the budget reachable at all?
-    within = [t for t in result.trials if t.within]
-    if within:
-        fastest = min(within, key=lambda t: (math.inf if t.latency_ms is None else t.latency_ms, t.kept_float))
-        result.chosen = fastest.index
+    result.chosen = choose([t for t in result.trials if t.within])
     return result
+
+
+#: A within-budget candidate with more layers float replaces the one with fewest only when it measures
+#: this much faster: below it, fastest-of-N timings on a shared machine do not tell the two apart.
+LATENCY_MARGIN = 0.05
+
+
+def choose(within: list[Trial]) -> int | None:
+    """The index of the fastest candidate within budget (module docstring; :data:`LATENCY_MARGIN`)."""
+    if not within:
+        return None
+    fewest = min(within, key=lambda t: t.kept_float)
+    timed = [t for t in within if t.latency_ms is not None and fewest.latency_ms is not None
+             and t.latency_ms < fewest.latency_ms * (1.0 - LATENCY_MARGIN)]
+    return min(timed, key=lambda t: t.latency_ms).index if timed else fewest.index

@@ -167,7 +167,7 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
             fail(CheckFailedError(
                 f"the accuracy budget {accuracy_budget:g} on {budget.metric.name} cannot be met within "
                 f"{len(result.budget.trials)} trials ({result.budget.stopped or 'every layer tried'}): the closest "
-                f"candidate keeps {best.kept_float} layers float, drop {best.drop:.4g}",
+                f"candidate keeps {best.kept_float} layers float, drop {best.drop}",
                 fix=f"{out} not written; the closest is {closest}, the search log {_log_path(out)}"))
     elif report:
         _write_budget_outputs(result, out, report)
@@ -230,11 +230,12 @@ def _budget_spec(max_drop, metric_name, data, input_specs, samples, trials, seco
     if data is None:
         raise InputSpecError("--accuracy-budget needs held-out data", where="--budget-data",
                              fix="give inputs that are neither the calibration nor the evaluation set")
-    if max_drop < 0:
-        raise InputSpecError(f"--accuracy-budget {max_drop:g} is negative", fix="give a drop >= 0 (0.01 = 1 %)")
     names = {spec.name for spec in input_specs}
     outputs = {v.name for v in source.graph.outputs}
     metric = parse_metric(metric_name or ("perplexity" if "input_ids" in names and "logits" in outputs else "cosine"))
+    from qcompile.gate import Thresholds
+
+    Thresholds(max_drop=max_drop).validate(metric)  # sqnr has no relative drop
     if metric.kind == "task":
         raise InputSpecError(f"{metric.name} is measured on the evaluation set: a budget tuned on it is no budget",
                              where="--metric", fix="use cosine, perplexity, top1 or your own module:function on "

@@ -1,0 +1,167 @@
+"""analyze and the accuracy budget on a model with a planted bad layer; the budget that cannot be met;
+the Ray executor against the in-process one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from qcompile import modelio, records
+from qcompile.analyze import analyze, measure_layers
+from qcompile.budget import BudgetSpec
+from qcompile.calibration import IterableReader
+from qcompile.cli import main
+from qcompile.evaluators import parse_metric
+
+WIDTH, LAYERS = 64, 4
+
+
+def _mlp(path) -> None:
+    """x -> (MatMul W_i, Relu) x LAYERS -> y: every layer alike, so none is worse by itself (no bias:
+    MatMul + Add would fuse into a Gemm of another name)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, last = [], [], "x"
+    for i in range(LAYERS):
+        inits.append(numpy_helper.from_array((rng.normal(size=(WIDTH, WIDTH)) / np.sqrt(WIDTH) * 1.4)
+                                             .astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [last, f"w{i}"], [f"a{i}"], name=f"layer{i}"))
+        out = "y" if i == LAYERS - 1 else f"h{i}"
+        nodes.append(helper.make_node("Relu" if i < LAYERS - 1 else "Identity", [f"a{i}"], [out], name=f"act{i}"))
+        last = out
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", WIDTH])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", WIDTH])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _feeds(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(8, WIDTH)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlp")
+    path = folder / "mlp.onnx"
+    _mlp(path)
+    quantized = qcompile.quantize(str(path), IterableReader(_feeds(16, 1)), recipe="int8", min_sqnr_db=None)
+    q_path = folder / "mlp.int8.onnx"
+    modelio.save(quantized.model, q_path)
+    return path, q_path, folder
+
+
+def _plant(q_path, out, node: str, factor: float = 0.02) -> str:
+    """A wrong (too small: clipping) scale on the Q/DQ of ``node``'s input activation; its tensor."""
+    model = modelio.load(q_path)
+    rec = records.read(model, str(q_path))
+    tensor = next(n["activations"][0] for n in rec["nodes"] if n["node"] == node)
+    dq_name = next(a["dq"] for a in rec["activations"] if a["tensor"] == tensor)
+    dq = next(n for n in model.graph if n.outputs[0].name == dq_name)
+    scale = dq.inputs[1]
+    scale.const_value = ir_tensor(scale.const_value.numpy() * factor, scale.name)
+    modelio.save(model, out)
+    return tensor
+
+
+def ir_tensor(array, name):
+    import onnx_ir as ir
+
+    return ir.tensor(np.asarray(array, dtype=np.float32), name=name)
+
+
+def test_records_name_every_quantized_layer(mlp):
+    _, q_path, _ = mlp
+    rec = records.read(modelio.load(q_path), "x")
+    assert sorted(n["node"] for n in rec["nodes"]) == [f"layer{i}" for i in range(LAYERS)]
+    assert all(w["sqnr_db"] > 30 for w in rec["weights"])  # int8 per-channel weights: ~40 dB
+
+
+def test_analyze_ranks_the_planted_layer_first(mlp):
+    ref, q_path, folder = mlp
+    planted = folder / "planted.onnx"
+    _plant(q_path, planted, "layer2")
+    feeds = _feeds(4, 7)
+    layers = measure_layers(planted, ref, feeds)
+    assert layers[0].node == "layer2"
+    assert layers[0].local_sqnr_db < layers[1].local_sqnr_db - 10  # by far
+    result = analyze(ref, planted, feeds, parse_metric("cosine"), top=2)
+    first = result.layers[0]
+    assert first.metric_change < 0 and first.metric_float > result.quantized_value  # float repairs it
+    assert abs(result.layers[1].metric_change) < abs(first.metric_change)
+
+
+def test_budget_repairs_a_planted_layer(mlp, monkeypatch):
+    """A wrong scale injected into layer 2's activation parameters during quantization: the budget
+    search falls back exactly that layer first, and one layer is enough."""
+    ref, _, _ = mlp
+    from qcompile import static_int8
+
+    real = static_int8.shared_qparams
+    planted = {}
+
+    def wrong_scale(model, plan, ranges, scale_dtype=None):
+        params = real(model, plan, ranges, scale_dtype)
+        tensor = next(n.inputs[0].name for n in model.graph if n.name == "layer2")
+        if tensor in params:
+            import dataclasses
+
+            params[tensor] = dataclasses.replace(params[tensor], scale=params[tensor].scale * 0.02)
+            planted["tensor"] = tensor
+        return params
+
+    monkeypatch.setattr(static_int8, "shared_qparams", wrong_scale)
+    spec = BudgetSpec(parse_metric("cosine"), 0.002, _feeds(8, 3), max_trials=8)
+    result = qcompile.quantize(str(ref), IterableReader(_feeds(16, 1)), recipe="int8", budget=spec)
+    budget = result.budget
+    assert planted and not budget.trials[0].within  # the most aggressive plan is over budget
+    assert budget.met and budget.kept_float() == ["layer2"]
+    assert result.plan.kept_float["layer2"] == "kept float by the accuracy budget"
+    assert set(result.plan.quantized_nodes) == {"layer0", "layer1", "layer3"}
+
+
+def test_impossible_budget_writes_the_closest_and_the_log(mlp, tmp_path):
+    ref, _, _ = mlp
+    data = tmp_path / "held.npz"
+    np.savez(data, x=np.stack([f["x"] for f in _feeds(4, 5)]))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in _feeds(8, 1)]))
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(out), "--calib", str(calib),
+                                       "--accuracy-budget", "0", "--budget-data", str(data), "--budget-trials", "2",
+                                       "--metric", "cosine"], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert not out.exists()
+    closest = tmp_path / "q.closest.onnx"
+    onnx.checker.check_model(str(closest))
+    log = json.loads((tmp_path / "q.onnx.budget.json").read_text())
+    assert not log["met"] and len(log["trials"]) == 2 and "closest" in result.output
+    sqnr = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(out), "--calib", str(calib),
+                                     "--accuracy-budget", "0.1", "--budget-data", str(data), "--metric", "sqnr"])
+    assert sqnr.exit_code == 2 and not out.exists()  # sqnr has no relative drop: a usage error
+
+
+def test_ray_executor_equals_in_process(mlp):
+    ray = pytest.importorskip("ray")
+    from qcompile.executor import InProcess, RayExecutor
+
+    ref, q_path, folder = mlp
+    planted = folder / "planted-ray.onnx"
+    _plant(q_path, planted, "layer1")
+    feeds = _feeds(4, 9)
+    local = analyze(ref, planted, feeds, parse_metric("cosine"), top=3, executor=InProcess())
+    executor = RayExecutor(num_cpus=2)
+    try:
+        assert ray.is_initialized() and executor.parallelism == 2
+        remote = analyze(ref, planted, feeds, parse_metric("cosine"), top=3, executor=executor)
+    finally:
+        executor.close()
+    assert [layer.node for layer in remote.layers] == [layer.node for layer in local.layers]
+    assert [layer.metric_change for layer in remote.layers[:3]] == pytest.approx(
+        [layer.metric_change for layer in local.layers[:3]], rel=1e-9, abs=1e-12)
+    assert local.layers[0].node == "layer1" and local.layers[0].metric_change < 0
+    assert remote.quantized_value == pytest.approx(local.quantized_value, rel=1e-12)
