@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from qcompile import interrupts
-from qcompile.cli import analyze, bench, compare, compile, demo, gate, inspect, optimize, quantize, zoo
+from qcompile.cli import analyze, bench, compare, compile, demo, gate, inspect, optimize, quantize, sweep, zoo
 
 __all__ = ["main"]
 
@@ -36,6 +36,6 @@ def main(debug: bool, custom_ops: tuple[str, ...]) -> None:
 
 # attributes of this package stay the modules (qcompile.cli.quantize is the module, its command is .quantize)
 for command in (inspect.inspect, optimize.optimize, bench.bench, compare.compare, quantize.quantize,
-                compile.compile_, gate.gate, analyze.analyze, zoo.zoo, demo.demo):
+                compile.compile_, gate.gate, analyze.analyze, sweep.sweep, zoo.zoo, demo.demo):
     main.add_command(command)
 del command
