@@ -165,3 +165,23 @@ def test_ray_executor_equals_in_process(mlp):
         [layer.metric_change for layer in local.layers[:3]], rel=1e-9, abs=1e-12)
     assert local.layers[0].node == "layer1" and local.layers[0].metric_change < 0
     assert remote.quantized_value == pytest.approx(local.quantized_value, rel=1e-12)
+
+
+def test_sweep_measures_runnable_targets_and_reports(mlp, tmp_path):
+    ref, _, _ = mlp
+    calib, data = tmp_path / "calib.npz", tmp_path / "held.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in _feeds(8, 1)]))
+    np.savez(data, x=np.stack([f["x"] for f in _feeds(4, 5)]))
+    report = tmp_path / "sweep.md"
+    result = CliRunner().invoke(main, ["sweep", str(ref), "int8", "w8-weight-only", "--targets", "ort-cpu,tensorrt",
+                                       "--calib", str(calib), "--data", str(data), "-o", str(tmp_path / "out"),
+                                       "--json", "--report", str(report)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = {(r["recipe"], r["target"]): r for r in json.loads(result.output)["rows"]}
+    assert len(rows) == 4
+    for recipe in ("int8", "w8-weight-only"):
+        cpu = rows[(recipe, "ort-cpu")]
+        assert 0.99 < cpu["value"] <= 1.0 and cpu["latency_ms"] > 0
+        onnx.checker.check_model(cpu["path"])
+        assert rows[(recipe, "tensorrt")]["value"] is None and "not evaluated" in rows[(recipe, "tensorrt")]["note"]
+    assert "data:image/png;base64," in report.read_text()  # the latency-vs-metric scatter

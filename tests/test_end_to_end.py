@@ -26,6 +26,12 @@ def test_demo_runs_and_reports(tmp_path, minilm_path):
     assert int8["r_at_1"] >= 0.390 and int8["embedding_cosine"] >= 0.99
     assert report["quantization"]["plan"]["quantized_nodes"] >= 20
     assert (tmp_path / "demo" / "minilm.int8.onnx").is_file()
+    gate = report["gate"]  # the demo ends with a gate: INT8 vs FP32 cosine on held-out sentences
+    cosine = next(c for c in gate["checks"] if c["name"] == "cosine drop")
+    assert cosine["passed"] and 0 < cosine["value"] < 0.01 and gate["score"]["samples"] == 16
+    assert any(c["name"] == "latency ratio" for c in gate["checks"])
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert gate["report"].endswith("report.html") and html.count("data:image/png;base64,") >= 2
 
 
 @pytest.mark.slow

@@ -28,4 +28,9 @@ def demo(out_dir: str, runs: int, as_json: bool) -> None:
         table.add_row(row["model"], str(row["nodes"]), f"{row['median_ms']:.2f}", f"{row['speedup']:.3f}×",
                       f"{row['r_at_1']:.3f}", f"{row['embedding_cosine']:.6f}")
     stdout.print(table)
+    gate = report["gate"]
+    verdict = "PASS" if gate["passed"] else "FAIL"
+    checks = ", ".join(f"{c['name']} {c['value']:.4g} ({c['limit']})" for c in gate["checks"])
+    stdout.print(f"gate: {verdict} — {checks}")
+    stdout.print(f"report: {gate['report']}")
     stdout.print(f"files in {out_dir}/")
