@@ -13,8 +13,8 @@ from qcompile.bench import BenchSettings, bench_models
 from qcompile.evaluators import parse_metric
 from qcompile.gate import Thresholds, run_gate
 from qcompile.passmanager import VerifyOptions, count_nodes
-from qcompile.report import environment, precision_by_op, write_report
 from qcompile.pipeline import optimize_with_stats
+from qcompile.report import environment, precision_by_op, write_report
 from qcompile.static_int8 import quantize_static as quantize
 
 
