@@ -38,6 +38,7 @@ class BudgetSpec:
     timing_runs: int = 10
     executor: Any = field(default=None, compare=False)
     data: str = ""  # where the feeds came from, in words
+    order: str = "noise-per-mac"  # ORDERS: how layers are ranked for falling back
 
 
 @dataclass
@@ -106,11 +107,15 @@ def _limit(metric: Metric, reference: float, max_drop: float) -> float:
     return reference - max_drop * scale if metric.higher_is_better else reference + max_drop * scale
 
 
-def fallback_order(layers) -> list[str]:
-    """Layers by noise per multiply-add, most first (analyze.Layer: local_sqnr_db, macs)."""
+#: noise-per-mac: 10^(-local SQNR/10) / MACs (accuracy cost per latency saved); noise: the noise alone
+ORDERS = ("noise-per-mac", "noise")
+
+
+def fallback_order(layers, order: str = "noise-per-mac") -> list[str]:
+    """Layers by noise (per multiply-add), most first (analyze.Layer: local_sqnr_db, macs)."""
     def cost(layer) -> float:
         noise = 0.0 if math.isinf(layer.local_sqnr_db) else 10.0 ** (-layer.local_sqnr_db / 10.0)
-        return noise / max(layer.macs, 1)
+        return noise / max(layer.macs, 1) if order == "noise-per-mac" else noise
 
     return [layer.node for layer in sorted(layers, key=lambda layer: (-cost(layer), layer.node))]
 

@@ -23,7 +23,7 @@ from qcompile.budget import BudgetResult, BudgetSpec
 from qcompile.cache import cache_root
 from qcompile.calibrate import CalibrationResult, StatisticsCache, collect_ranges, graph_fingerprint, tapped
 from qcompile.calibration import CalibrationReader, IterableReader, describe, iter_feeds
-from qcompile.errors import InputModelError, VerificationError
+from qcompile.errors import InputModelError, InputSpecError, VerificationError
 from qcompile.memory import PhaseClock
 from qcompile.metrics import Comparison
 from qcompile.opsets import QDQ_FP8, QDQ_PER_CHANNEL, QDQ_PER_TENSOR, OpsetChange, ensure_opset, opset_of
@@ -212,6 +212,10 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     target_spec = targets.get(target)
     if budget is not None:
         min_sqnr_db = None  # the most aggressive plan: the budget decides what falls back
+        if high_precision != "fp32":  # candidates are scored natively on the check runtime (ORT CPU)
+            raise InputSpecError(f"--accuracy-budget scores candidates on ORT CPU, which does not run the "
+                                  f"{high_precision} part natively", where=target,
+                                  fix="add --high-precision fp32 (the same Q/DQ placement), or drop the budget")
     minimum = max(QDQ_PER_CHANNEL if per_channel else QDQ_PER_TENSOR, target_spec.min_opset,
                   QDQ_FP8 if precision == "fp8" else 0)
     reason = ("FP8 Q/DQ needs opset 19" if precision == "fp8" else
@@ -263,7 +267,7 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
                               clock.peak_rss_mb, smoothing_json, opset, accuracy, notes, verify_feeds, latency,
                               lowered)
     sampler = None
-    if min_sqnr_db is not None:  # the rows kept for it are resident with the calibration session's weights
+    if min_sqnr_db is not None or budget is not None:  # its rows are resident with the calibration weights
         observed, quantized = set(plan.activations), set(plan.quantized_nodes)
         nodes = [n for n in model.graph if n.name in quantized and n.inputs[0].name in observed]
         sampler = SensitivitySampler(model, nodes, {name: spec.axis for name, spec in plan.weights.items()},
@@ -292,7 +296,7 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
     if sampler is not None:
         clock.lap("sensitivity")
-    fragile = {name: db for name, db in sqnr.items() if db < min_sqnr_db}
+    fragile = {name: db for name, db in sqnr.items() if min_sqnr_db is not None and db < min_sqnr_db}
     if fragile:
         reasons = {name: f"{precision.upper()} output SQNR {db:.1f} dB < {min_sqnr_db:g} dB on calibration data"
                    for name, db in fragile.items()}
@@ -305,7 +309,7 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     searched = None
     if budget is not None:
         model, plan, searched = _budget_search(model, plan, policy, exclude, calibration.ranges, scale_dtype,
-                                               high_precision, verify_feeds, scaled, budget, target)
+                                               high_precision, verify_feeds, scaled, budget, target, sqnr, codes)
         notes.append(_budget_note(searched))
         lowered = None
         clock.lap("budget_search")
@@ -322,10 +326,12 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
 
 def _budget_search(model: ir.Model, plan: QuantPlan, policy: QuantPolicy, exclude: Iterable[str],
                    ranges: Mapping[str, tuple[float, float]], scale_dtype: str | None, high_precision: str,
-                   verify_feeds: list, scaled: frozenset[str], spec: BudgetSpec,
-                   target: str) -> tuple[ir.Model, QuantPlan, BudgetResult]:
+                   verify_feeds: list, scaled: frozenset[str], spec: BudgetSpec, target: str,
+                   sqnr: Mapping[str, float], sampled_codes: dict | None) -> tuple[ir.Model, QuantPlan, BudgetResult]:
     """The accuracy-budget search (qcompile/budget.py) over candidates lowered from ``model``, which
-    is saved first (each candidate starts from that float copy, memory-mapped)."""
+    is saved first (each candidate starts from that float copy, memory-mapped). A layer's noise is
+    its INT8 output SQNR on calibration rows where the sensitivity sampler measured one (MatMul/Gemm:
+    ``sqnr``, the fixed guard's own measure), else its local SQNR on held-out data (analyze.py)."""
     import shutil
     import tempfile
     import weakref
@@ -338,7 +344,7 @@ def _budget_search(model: ir.Model, plan: QuantPlan, policy: QuantPolicy, exclud
     try:
         float_path = modelio.save(model, workdir / "float.onnx")
         memo: dict[tuple, tuple] = {}
-        codes = weight_codes(None, scale_dtype)
+        codes = weight_codes(sampled_codes, scale_dtype)
 
         def cached_codes(name, w, axis, dtype):  # one weight's codes serve every candidate
             key = (name, axis, dtype)
@@ -362,7 +368,10 @@ def _budget_search(model: ir.Model, plan: QuantPlan, policy: QuantPolicy, exclud
         first = build([])
         reference = ReferenceRun(spec.metric, float_path, spec.feeds, targets.get(target).check_runtime)
         layers = measure_layers(first, None, spec.feeds[:4])
-        result = search(build, first, fallback_order(layers), reference, spec)
+        for layer in layers:
+            if layer.node in sqnr:
+                layer.local_sqnr_db = sqnr[layer.node]
+        result = search(build, first, fallback_order(layers, spec.order), reference, spec)
         best = result.best
         chosen = modelio.load(best.path)
         for path in workdir.glob("candidate-*.onnx*"):

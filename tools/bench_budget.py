@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qcompile import modelio
 from qcompile.bench import BenchSettings, bench_models
-from qcompile.budget import BudgetSpec
+from qcompile.budget import ORDERS, BudgetSpec
 from qcompile.evaluators import parse_metric
 from qcompile.models import cached_export, get_entry
 from qcompile.pipeline import quantize
@@ -29,11 +29,11 @@ from qcompile.targets.ort_cpu.kernel_probe import cpu_signature
 
 SETUPS = {  # recipe, its guard, budget metric, calibration samples
     "minilm": ("int8", 28.0, "cosine", 64),
-    "smollm2": ("w8a8-smoothquant", 34.0, "perplexity", 32),
+    "smollm2": ("w8a8-smoothquant", 34.0, "perplexity", 64),
 }
 
 
-def run_model(name: str, folder: Path, budget: float, runs: int) -> list[dict]:
+def run_model(name: str, folder: Path, budget: float, runs: int, order: str) -> list[dict]:
     entry = get_entry(name)
     recipe, guard, metric, samples = SETUPS[name]
     source = cached_export(entry)
@@ -44,10 +44,10 @@ def run_model(name: str, folder: Path, budget: float, runs: int) -> list[dict]:
                  "kept_float": len(guarded.plan.kept_float), "quantized": len(guarded.plan.quantized_nodes),
                  "path": str(modelio.save(guarded.model, folder / f"{name}.guard.onnx"))})
     del guarded
-    spec = BudgetSpec(parse_metric(metric), budget, list(entry.heldout(16)), data=f"zoo:{name} held-out")
+    spec = BudgetSpec(parse_metric(metric), budget, list(entry.heldout(16)), data=f"zoo:{name} held-out", order=order)
     t0 = time.perf_counter()
     budgeted = quantize(str(source), entry.calibration(samples), recipe=recipe, budget=spec)
-    rows.append({"model": name, "variant": f"{recipe}, budget {metric} {budget:g}",
+    rows.append({"model": name, "variant": f"{recipe}, budget {metric} {budget:g} ({order})",
                  "seconds": time.perf_counter() - t0, "kept_float": len(budgeted.plan.kept_float),
                  "quantized": len(budgeted.plan.quantized_nodes), "trials": len(budgeted.budget.trials),
                  "met": budgeted.budget.met, "heldout_drop": budgeted.budget.best.drop,
@@ -102,13 +102,14 @@ def main() -> None:
     parser.add_argument("--minilm-budget", type=float, default=0.005)
     parser.add_argument("--smollm2-budget", type=float, default=0.01)
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--order", choices=ORDERS, default=ORDERS[0], help="the budget's fallback order")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         folder = Path(tmp)
         for name in args.models.split(","):
-            rows += run_model(name, folder, getattr(args, f"{name}_budget"), args.runs)
+            rows += run_model(name, folder, getattr(args, f"{name}_budget"), args.runs, args.order)
             print(markdown(rows), flush=True)
         cli = time_cli(folder) if "minilm" in args.models else {}
     print(f"\n{cpu_signature()}\n")
