@@ -305,7 +305,8 @@ def test_write_report_leaves_nothing_on_failure(tmp_path, monkeypatch):
 def test_environment_lists_versions_without_importing_torch(tmp_path):
     code = ("import json, sys; from qcompile.report import environment; env = environment(); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(json.dumps(env))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)  # not the checkout: its qcompile/ would shadow the installed package
+    # run outside the checkout: its qcompile/ would shadow the installed package
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     env = json.loads(proc.stdout)
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
