@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompile.models import causal_lm
 from qcompile.models.base import FeedReader, ZooEntry, require, torch_export
 from qcompile.models.vision import no_metric
 
-DEFAULTS = {"width": 256, "depth": 2, "heads": 4, "vocab": 8192, "max_seq": 1024}
+DEFAULTS = {"width": 256, "depth": 2, "heads": 4, "vocab": 8192, "max_seq": 1024, "cache": False}
 
 
 def build(width: int, depth: int, heads: int, vocab: int, max_seq: int, seed: int = 0):
@@ -39,6 +40,17 @@ def build(width: int, depth: int, heads: int, vocab: int, max_seq: int, seed: in
             x = x + self.proj(attn.transpose(1, 2).reshape(b, t, width))
             return x + self.mlp(self.ln2(x))
 
+        def cached(self, x, bias, past_k, past_v):
+            """The block over new tokens x attending to the cache and themselves: (y, k_all, v_all)."""
+            b, t, _ = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(width, dim=-1)
+            q, k, v = (z.reshape(b, t, heads, width // heads).transpose(1, 2) for z in (q, k, v))
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / (width // heads) ** 0.5) + bias
+            attn = torch.softmax(scores, dim=-1) @ v
+            x = x + self.proj(attn.transpose(1, 2).reshape(b, t, width))
+            return x + self.mlp(self.ln2(x)), k, v
+
     class GPT(nn.Module):
         def __init__(self):
             super().__init__()
@@ -57,6 +69,21 @@ def build(width: int, depth: int, heads: int, vocab: int, max_seq: int, seed: in
                 x = block(x, mask)
             return self.head(self.ln(x))
 
+        def cached(self, input_ids, attention_mask, position_ids, *past):
+            """KV-cache form: causal over past + new tokens, padding (mask 0) excluded, -1e4 as -inf."""
+            t, past_len = input_ids.shape[1], past[0].shape[2]
+            x = self.tok(input_ids) + self.pos(position_ids)
+            keys = torch.arange(past_len + t, device=input_ids.device)
+            queries = torch.arange(t, device=input_ids.device) + past_len
+            causal = (keys[None, :] > queries[:, None]).to(x.dtype) * -1e4
+            padding = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -1e4
+            bias = causal[None, None] + padding
+            present = []
+            for i, block in enumerate(self.blocks):
+                x, k, v = block.cached(x, bias, past[2 * i], past[2 * i + 1])
+                present += [k, v]
+            return (self.head(self.ln(x)), *present)
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = GPT()
@@ -66,9 +93,29 @@ def build(width: int, depth: int, heads: int, vocab: int, max_seq: int, seed: in
     return net.eval()
 
 
-def export(path: Path, **options) -> None:
+def export(path: Path, cache: bool = False, **options) -> None:
+    """(input_ids) -> logits, or (``cache``) the KV-cache form of models/causal_lm.py."""
     torch = require("torch")
-    net = build(**{**DEFAULTS, **options})
+    config = {key: value for key, value in {**DEFAULTS, **options}.items() if key != "cache"}
+    net = build(**config)
+    if cache:
+        heads, width = config["heads"], config["width"]
+
+        class CacheForm(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask, position_ids, *past):
+                return self.inner.cached(input_ids, attention_mask, position_ids, *past)
+
+        facts = {"type": "gpt2", "num_attention_heads": heads, "num_key_value_heads": heads,
+                 "num_hidden_layers": config["depth"], "hidden_size": width, "head_size": width // heads,
+                 "vocab_size": config["vocab"], "context_length": config["max_seq"],
+                 "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+        causal_lm.export_cached(CacheForm(net), path, layers=config["depth"], kv_heads=heads,
+                                head_dim=width // heads, vocab=config["vocab"], facts=facts)
+        return
     ids = torch.zeros(1, 8, dtype=torch.int64)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
     torch_export(net, (ids,), path, ["input_ids"], ["logits"], axes)

@@ -2,7 +2,8 @@
 
 The GGUF is dequantised once by transformers (~40 s) and cached as a safetensors folder; the export
 is (input_ids, attention_mask) int64 [batch, seq] -> logits, TorchScript exporter, opset 17 (or
-``exporter="dynamo"``: opset 18), no KV cache. Metric: perplexity on CPython's pydoc topics text,
+``exporter="dynamo"``: opset 18), no KV cache; ``cache=true`` exports the KV-cache form
+(models/causal_lm.py) that decoding runs. Metric: perplexity on CPython's pydoc topics text,
 512-token windows over the first 2,048 tokens. The package is never imported (its __init__ needs
 llama_cpp): only its folder is located.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from qcompile.errors import DependencyError
-from qcompile.models import data
+from qcompile.models import causal_lm, data
 from qcompile.models.base import FeedReader, ZooEntry, cache_root, hf_offline, require, torch_export
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,12 +64,16 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(hf_folder()))
 
 
-def export(path: Path, exporter: str = "torchscript") -> None:
+def export(path: Path, exporter: str = "torchscript", cache: bool = False) -> None:
+    """The no-cache export, or (``cache``) the KV-cache form of models/causal_lm.py."""
     torch = require("torch")
     transformers = require("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(hf_folder()), dtype=torch.float32, attn_implementation="eager"
     )
+    if cache:
+        _export_cached(model, path, exporter)
+        return
     model.config.use_cache = False
 
     class Wrapper(torch.nn.Module):
@@ -83,6 +88,37 @@ def export(path: Path, exporter: str = "torchscript") -> None:
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "logits": {0: "batch", 1: "sequence"}}
     torch_export(Wrapper(model), (ids, torch.ones_like(ids)), path, INPUTS, ["logits"], axes, exporter=exporter)
+
+
+def _export_cached(model, path: Path, exporter: str) -> None:
+    torch = require("torch")
+    transformers = require("transformers")
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    class CacheWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = transformers.DynamicCache(config=config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    facts = {"type": config.model_type, "num_attention_heads": heads, "num_key_value_heads": config.num_key_value_heads,
+             "num_hidden_layers": layers, "hidden_size": config.hidden_size, "head_size": head_dim,
+             "vocab_size": config.vocab_size, "context_length": config.max_position_embeddings,
+             "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
+             "tokenizer_folder": str(hf_folder())}
+    causal_lm.export_cached(CacheWrapper(model), path, layers=layers, kv_heads=config.num_key_value_heads,
+                            head_dim=head_dim, vocab=config.vocab_size, facts=facts, exporter=exporter)
 
 
 def eval_tokens() -> np.ndarray:
@@ -135,11 +171,12 @@ def perplexity(run, tokens: np.ndarray, window: int = WINDOW) -> float:
 
 
 def evaluate(model_path: str | Path, target: str = "ort-cpu", reference: str | Path | None = None) -> dict[str, Any]:
-    from qcompile import execute
+    from qcompile import decoder, execute, modelio, specs
 
     tokens = eval_tokens()
+    input_specs = specs.input_specs(modelio.load(model_path, check=False))
     with execute.loaded(str(model_path), target) as runtime:
-        ppl = perplexity(lambda feed: runtime.run(feed)["logits"], tokens)
+        ppl = perplexity(lambda feed: runtime.run(decoder.complete(input_specs, feed))["logits"], tokens)
     return {"perplexity": ppl, "tokens": int(len(tokens)), "window": WINDOW}
 
 
@@ -153,7 +190,7 @@ ENTRY = ZooEntry(
     calibration=calibration,
     evaluate=evaluate,
     bench_dims={"batch": 1, "sequence": 128},
-    default_options={"exporter": "torchscript"},
+    default_options={"exporter": "torchscript", "cache": False},
     heldout=heldout,
     metric="perplexity",
     higher_is_better=False,

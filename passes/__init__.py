@@ -21,10 +21,12 @@ from qcompile.passes.graph.cleanup import (
     topo_sort,
 )
 from qcompile.passes.graph.folding import constant_folding
+from qcompile.passes.graph.fuse_attention import fuse_attention
 from qcompile.passes.graph.fuse_batchnorm import fuse_batchnorm
 from qcompile.passes.graph.fuse_gelu import fuse_gelu
 from qcompile.passes.graph.fuse_gemm import fuse_gemm
 from qcompile.passes.graph.fuse_layernorm import fuse_layernorm
+from qcompile.passes.graph.fuse_skip_norm import fuse_skip_norm
 from qcompile.passes.graph.shapes import clear_shapes, shape_inference
 
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
@@ -40,6 +42,8 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fuse-gemm": fuse_gemm,
     "fuse-layernorm": fuse_layernorm,
     "fuse-gelu": fuse_gelu,
+    "fuse-attention": fuse_attention,
+    "fuse-skip-norm": fuse_skip_norm,
     "dead-code": dead_code,
     "topo-sort": topo_sort,
     "clear-shapes": clear_shapes,
@@ -57,6 +61,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "fuse-batchnorm",
     "fuse-layernorm",
     "fuse-gelu",
+    "fuse-attention",
+    "fuse-skip-norm",
     "fuse-gemm",
     "dead-code",
     "topo-sort",
@@ -74,11 +80,17 @@ PASS_BOUNDS: dict[str, float] = {
     "fuse-layernorm": FUSION_REL_L2,
     "fuse-gelu": FUSION_REL_L2,
     "fuse-gemm": FUSION_REL_L2,
+    "fuse-skip-norm": FUSION_REL_L2,
+    "fuse-attention": FUSION_REL_L2,
 }
 
 #: Passes that change annotations only (value shapes and types), never what the graph computes:
 #: the pass manager verifies them exactly by comparing the graph's structure, without a run.
 ANNOTATION_ONLY: frozenset[str] = frozenset({"shape-inference", "clear-shapes"})
+
+#: Passes that write ONNX Runtime's contrib ops (com.microsoft) below the opset where a standard op
+#: exists: only ONNX Runtime targets run them (a GPU compiler's ONNX parser has no such ops).
+CONTRIB_PASSES: frozenset[str] = frozenset({"fuse-gelu", "fuse-skip-norm", "fuse-attention"})
 
 #: Run once after the default pipeline reaches its fixed point.
 FINAL_PASSES: tuple[str, ...] = ("clear-shapes",)
@@ -98,4 +110,4 @@ def make_pass(name: str) -> ir.passes.PassBase:
     return made
 
 
-__all__ = ["DEFAULT_PIPELINE", "FINAL_PASSES", "PASSES", "make_pass"]
+__all__ = ["CONTRIB_PASSES", "DEFAULT_PIPELINE", "FINAL_PASSES", "PASSES", "make_pass"]

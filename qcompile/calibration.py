@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 
-from qcompile import specs
+from qcompile import decoder, specs
 from qcompile.errors import InputSpecError, QCompileError, UnknownNameError
 from qcompile.feeds import load_npz_feeds
 
@@ -118,7 +118,7 @@ def iter_feeds(
         if not isinstance(feed, Mapping):
             raise InputSpecError(f"{where} is a {type(feed).__name__}, not a dict of input name -> array",
                                  fix="make the reader yield {input_name: numpy array} dicts")
-        feed = {name: np.asarray(value) for name, value in feed.items()}
+        feed = decoder.complete(input_specs, {name: np.asarray(value) for name, value in feed.items()})
         specs.validate_feed(input_specs, feed, where=where)
         _check_finite_inputs(feed, where)
         count += 1

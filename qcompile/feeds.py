@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcompile import decoder
 from qcompile.errors import InputSpecError
 from qcompile.specs import InputSpec, validate_feed
 
@@ -100,6 +101,7 @@ def load_npz_feeds(path: str | Path, input_specs: list[InputSpec],
         feeds = [arrays]
     if limit is not None:
         feeds = feeds[:limit]
+    feeds = [decoder.complete(input_specs, feed) for feed in feeds]  # a cache decoder's prompt-only samples
     for i, feed in enumerate(feeds):
         validate_feed(input_specs, feed, where=f"sample {i} of {path}")
     return feeds

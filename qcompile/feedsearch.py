@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from qcompile import specs
+from qcompile import decoder, specs
 from qcompile.errors import BackendFailedError, InputModelError
 from qcompile.specs import InputSpec
 
@@ -34,8 +34,8 @@ Feed = dict[str, np.ndarray]
 def spatial_axes(spec: InputSpec) -> tuple[int, ...]:
     """The symbolic H, W axes of an image-like input, or () when it is not one."""
     shape = spec.shape
-    if len(shape) != 4 or not np.issubdtype(spec.dtype, np.floating):
-        return ()
+    if len(shape) != 4 or not np.issubdtype(spec.dtype, np.floating) or decoder.PAST.match(spec.name):
+        return ()  # a KV cache [B, kv_heads, past, head_dim] is no image
     for channel_axis, spatial in ((1, (2, 3)), (3, (1, 2))):
         channels = shape[channel_axis]
         if isinstance(channels, int) and 1 <= channels <= 4 and any(not isinstance(shape[a], int) for a in spatial):

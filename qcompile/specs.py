@@ -14,6 +14,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import decoder
 from qcompile.errors import InputSpecError
 
 DEFAULT_BATCH = 1
@@ -117,7 +118,8 @@ def random_feed(
                 f"cannot make random data for input {spec.name!r} of type {spec.dtype}",
                 fix="pass real data with --data",
             )
-    return feed
+    sig = decoder.signature(specs)
+    return sig.fit(feed) if sig else feed
 
 
 def validate_feed(specs: list[InputSpec], feed: Mapping[str, np.ndarray], where: str = "feed") -> None:

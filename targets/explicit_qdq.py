@@ -34,8 +34,6 @@ from qcompile.passes.quant.annotate import QuantPolicy, policy_for, weight_axis
 ANNOTATORS = ("linear", "conv", "residual-skip")
 #: the quantized element type of each static precision
 PRECISION_DTYPES = {"int8": "int8", "fp8": "float8e4m3fn"}
-#: fuse-gelu writes com.microsoft.Gelu below opset 20: a GPU compiler's ONNX parser has no such op
-CONTRIB_PASSES = frozenset({"fuse-gelu"})
 
 
 def make_policy(name: str, annotators: tuple[str, ...] = ANNOTATORS):

@@ -10,9 +10,9 @@ placeholder; the real module comes with ROCm.
 
 from __future__ import annotations
 
-from qcompile.passes import DEFAULT_PIPELINE
+from qcompile.passes import CONTRIB_PASSES, DEFAULT_PIPELINE
 from qcompile.targets import Target
-from qcompile.targets.explicit_qdq import CONTRIB_PASSES, make_policy
+from qcompile.targets.explicit_qdq import make_policy
 
 ANNOTATORS = ("linear", "conv")
 

@@ -18,13 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from qcompile.passes import DEFAULT_PIPELINE
+from qcompile.passes import CONTRIB_PASSES, DEFAULT_PIPELINE
 from qcompile.passes.quant.annotate import QuantPolicy, policy_for
 from qcompile.targets import Target
 
 ANNOTATORS = ("linear", "conv", "conv-output", "passthrough", "concat")
-#: fuse-gelu writes com.microsoft.Gelu below opset 20
-CONTRIB_PASSES = frozenset({"fuse-gelu"})
 
 
 def policy(*, keep_float: Iterable[str] | None = None, weight_dtype: str | None = None, per_channel: bool = True,

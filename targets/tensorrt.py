@@ -14,9 +14,9 @@ Here (no GPU) the model is verified on ONNX Runtime CPU with its FP16 parts emul
 
 from __future__ import annotations
 
-from qcompile.passes import DEFAULT_PIPELINE
+from qcompile.passes import CONTRIB_PASSES, DEFAULT_PIPELINE
 from qcompile.targets import Target
-from qcompile.targets.explicit_qdq import ANNOTATORS, CONTRIB_PASSES, make_policy
+from qcompile.targets.explicit_qdq import ANNOTATORS, make_policy
 
 TARGET = Target(
     name="tensorrt",

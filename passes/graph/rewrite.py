@@ -29,8 +29,14 @@ class RuleSetPass(RewritePass):
         if self.count:
             # Rewrites leave the replaced nodes' producers dangling; drop them here.
             ir.passes.common.RemoveUnusedNodesPass()(model)
+            _sort_graphs(model)  # a replacement with several outputs can land before a reader of one
             allow_initializers(model)  # folded BatchNorm weights are new initializers
         return ir.passes.PassResult(model, bool(self.count))
+
+
+def _sort_graphs(model: ir.Model) -> None:
+    for graph in (model.graph, *model.graph.subgraphs()):
+        graph.sort()
 
 
 def _has_op(model: ir.Model, op_types: frozenset[str]) -> bool:

@@ -31,6 +31,9 @@ def zoo_list(as_json: bool) -> None:
     stdout.print(table)
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _zoo_options(entry, items: tuple[str, ...]) -> dict:
     """KEY=VALUE builder options, typed like the entry's defaults."""
     parsed = {}
@@ -40,6 +43,11 @@ def _zoo_options(entry, items: tuple[str, ...]) -> dict:
             raise UnknownNameError(f"{entry.name} has no option {key!r}",
                                    fix=f"options: {', '.join(entry.default_options) or 'none'}")
         default = entry.default_options[key]
+        if isinstance(default, bool):
+            if not sep or value.lower() not in BOOLEANS:
+                raise InputSpecError(f"bad --option {item!r}", fix=f"write it as {key}=true or {key}=false")
+            parsed[key] = BOOLEANS[value.lower()]
+            continue
         if not sep or (isinstance(default, int) and not (value.isdigit() and int(value) > 0)):
             raise InputSpecError(f"bad --option {item!r}", fix=f"write it as KEY=VALUE, e.g. {key}={default}")
         parsed[key] = int(value) if isinstance(default, int) else value
