@@ -15,6 +15,7 @@ from qcompile.cli.common import (
     stdout,
     with_shape_options,
 )
+from qcompile.decode_bench import LOOPS
 
 
 @click.command()
@@ -28,12 +29,24 @@ from qcompile.cli.common import (
               help="Keep timing at least this many seconds.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: runtime's).")
 @data_option
+@click.option("--decode", "decode", type=click.IntRange(min=1), default=None, metavar="NEW",
+              help="KV-cache decoders: greedily generate NEW tokens after a --prompt; report prefill ms and "
+                   "decode tokens/s (interleaved rounds: --runs, default 3 here).")
+@click.option("--prompt", "prompt", type=click.IntRange(min=1), default=128, show_default=True,
+              help="With --decode: prompt length in tokens.")
+@click.option("--loop", "loop", type=click.Choice(LOOPS), default="ort", show_default=True,
+              help="With --decode: qcompile's step loop on ONNX Runtime, or ONNX Runtime GenAI's (genai_config.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 @handle_errors
-def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, data, as_json):
+def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, data, decode, prompt, loop, as_json):
     """Time MODELS (paths or zoo:NAME) side by side on the same feed; ratios vs the first."""
     from qcompile.bench import BenchSettings, bench_models
 
+    if decode is not None:
+        _bench_decode(models, target, threads, decode, prompt, loop,
+                      runs if click.get_current_context().get_parameter_source("runs").name != "DEFAULT" else 3,
+                      as_json)
+        return
     paths = [resolve_model(m) for m in models]
     settings = BenchSettings(target=target, batch=batch, seq=seq, dims=specs.parse_dims(dims), runs=runs,
                              warmup=warmup, min_time_s=min_time, threads=threads)
@@ -49,3 +62,22 @@ def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, dat
                       f"{r['speedup_vs_baseline']:.3f}×")
     stdout.print(table)
     stdout.print(f"target {target}; feed {report['feed_shapes']}; {runs} interleaved runs after {warmup} warm-up")
+
+
+def _bench_decode(models, target, threads, new_tokens, prompt, loop, rounds, as_json) -> None:
+    from qcompile.decode_bench import DecodeSettings, decode_models
+
+    paths = [resolve_model(m) for m in models]
+    settings = DecodeSettings(prompt=prompt, new_tokens=new_tokens, rounds=rounds, threads=threads, target=target)
+    report = decode_models(paths, settings, labels=list(models), loops=[loop] * len(paths))
+    if as_json:
+        emit_json(report)
+        return
+    table = Table("model", "prefill ms", "decode tok/s", "KV bytes/token", "tokens = first's")
+    for r in report["results"]:
+        per_token = r["kv_bytes_per_token"]
+        table.add_row(r["name"], f"{r['prefill_ms']:.1f}", f"{r['decode_tokens_per_s']:.1f}",
+                      "—" if per_token is None else f"{per_token:,}", "yes" if r["tokens_match_first"] else "NO")
+    stdout.print(table)
+    stdout.print(f"{loop} loop on {target}; prompt {prompt}, {new_tokens} greedy new tokens, batch 1; "
+                 f"{rounds} interleaved rounds after a warm-up (medians)")

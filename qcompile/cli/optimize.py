@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from qcompile import modelio, specs
+from qcompile import genai, modelio, specs
 from qcompile.cli.common import (
     data_feeds,
     data_option,
@@ -59,6 +59,7 @@ def optimize(model, output, passes, verify, strict, target_opset, tolerance, ext
     if not verify:  # unverified passes still never write an invalid or unrunnable file
         checked_outputs(result.model, [], "the optimize pipeline")
     modelio.save(result.model, out, external_data=external_data)
+    genai.write_beside(result.model, out, path)  # a KV-cache decoder runs in ONNX Runtime GenAI as written
     first, last = result.stats[0], result.stats[-1]
     summary = {
         "input": str(path),

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import onnx_ir as ir
 
-from qcompile import modelio, specs, targets
+from qcompile import genai, modelio, specs, targets
 from qcompile.cli.common import (
     calibration_samples,
     commit_saved,
@@ -206,6 +206,7 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
             commit_saved(candidate, out, read_by_input)
         else:
             modelio.save(result.model, out)
+        genai.write_beside(result.model, out, path)  # a KV-cache decoder runs in ONNX Runtime GenAI as written
         clock.lap("save")
     report["written"] = True
     if save_recipe:  # only once the run succeeded: a failed run leaves nothing behind

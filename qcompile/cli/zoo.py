@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from qcompile import modelio
+from qcompile import genai, modelio
 from qcompile.cli.common import emit_json, handle_errors, stdout
 from qcompile.errors import InputSpecError, UnknownNameError
 from qcompile.progress import bar
@@ -73,4 +73,5 @@ def zoo_export(name: str, output: str, options: tuple[str, ...]) -> None:
         path = cached_export(entry, parsed)
     model = modelio.load(path)
     modelio.save(model, output)
+    genai.write_beside(model, output, path)
     click.echo(f"wrote {output} ({entry.description})")
