@@ -95,7 +95,8 @@ def genai_loop(path: str | Path, settings: DecodeSettings) -> Iterator[Generate]
     config = og.Config(str(folder))
     if settings.threads:
         # GenAI's session options cannot turn ORT's spin-waiting off: its loop runs with ORT's default (on)
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": settings.threads}}}}))
+        threads = {"intra_op_num_threads": settings.threads}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
     model = og.Model(config)
 
     def generate(prompt: np.ndarray, new: int) -> decoder.Generation:
