@@ -175,8 +175,10 @@ def evaluate(model_path: str | Path, target: str = "ort-cpu", reference: str | P
 
     tokens = eval_tokens()
     input_specs = specs.input_specs(modelio.load(model_path, check=False))
+    sig = decoder.signature_of(model_path) if decoder.signature(input_specs) else None
+    complete = sig.complete if sig else dict
     with execute.loaded(str(model_path), target) as runtime:
-        ppl = perplexity(lambda feed: runtime.run(decoder.complete(input_specs, feed))["logits"], tokens)
+        ppl = perplexity(lambda feed: runtime.run(complete(feed))["logits"], tokens)
     return {"perplexity": ppl, "tokens": int(len(tokens)), "window": WINDOW}
 
 

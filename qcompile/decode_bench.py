@@ -31,7 +31,7 @@ from qcompile.errors import DependencyError, InputSpecError
 from qcompile.runtimes import RuntimeOptions
 
 LOOPS = ("ort", "genai")
-GENAI_CONFIG = "genai_config.json"
+GENAI_CONFIG = decoder.GENAI_CONFIG
 
 
 @dataclass(frozen=True)
@@ -48,33 +48,9 @@ class DecodeSettings:
 Generate = Callable[[np.ndarray, int], decoder.Generation]
 
 
-def model_signature(path: str | Path) -> decoder.CacheSignature:
-    """The cache signature of a model file, or InputSpecError (exit 2) when it has no KV cache."""
-    sig = decoder.signature(specs.input_specs(modelio.load(path, check=False)))
-    if sig is None:
-        raise InputSpecError("the model has no KV cache (inputs past_key_values.{i}.key|value)", where=str(path),
-                             fix="export it with a cache, e.g. `qcompile zoo export smollm2 --option cache=true`")
-    if sig.head_dim is None or sig.kv_heads is None:
-        sig = _with_config_heads(sig, Path(path).parent / GENAI_CONFIG)
-    return sig
-
-
-def _with_config_heads(sig: decoder.CacheSignature, config_path: Path) -> decoder.CacheSignature:
-    """Fill symbolic kv_heads / head_dim from a genai_config.json beside the model."""
-    import dataclasses
-    import json
-
-    if not config_path.is_file():
-        raise InputSpecError("the KV cache's head count or size is symbolic and no genai_config.json says it",
-                             where=str(config_path.parent), fix="give the cache inputs static head dims")
-    dec = json.loads(config_path.read_text())["model"]["decoder"]
-    return dataclasses.replace(sig, kv_heads=sig.kv_heads or int(dec["num_key_value_heads"]),
-                               head_dim=sig.head_dim or int(dec["head_size"]))
-
-
 @contextlib.contextmanager
 def ort_loop(path: str | Path, settings: DecodeSettings) -> Iterator[Generate]:
-    sig = model_signature(path)
+    sig = decoder.signature_of(path)
     options = RuntimeOptions(threads=settings.threads, spin_wait=settings.spin_wait)
     with execute.loaded(str(path), settings.target, options) as runtime:
         yield lambda prompt, new: decoder.greedy(runtime.run, sig, prompt, new)
@@ -133,7 +109,7 @@ def decode_models(paths: Sequence[str | Path], settings: DecodeSettings, labels:
     for loop in loops:
         if loop not in LOOPS:
             raise InputSpecError(f"unknown decode loop {loop!r}", fix=f"use one of: {', '.join(LOOPS)}")
-    sigs = [model_signature(p) for p in paths]
+    sigs = [decoder.signature_of(p) for p in paths]
     if prompt is None:
         prompt = prompt_tokens(settings, specs.input_specs(modelio.load(paths[0], check=False))[0].int_high)
     runs: dict[str, list[decoder.Generation]] = {label: [] for label in labels}

@@ -16,12 +16,17 @@ positions consistent with the past length they were given, or the model cannot r
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
+
+from qcompile.errors import InputSpecError
 
 if TYPE_CHECKING:
     from qcompile.specs import InputSpec
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT_NAME = "present.{layer}.{kind}"
 IDS, MASK, POSITIONS = "input_ids", "attention_mask", "position_ids"
+GENAI_CONFIG = "genai_config.json"
 #: Cache axes: [batch, kv_heads, length, head_dim].
 LENGTH_AXIS = 2
 
@@ -131,6 +137,26 @@ def signature(input_specs: Sequence[InputSpec]) -> CacheSignature | None:
     return CacheSignature(layers, static(1), static(3), np.dtype(first.dtype), frozenset(by_name))
 
 
+def signature_of(path: str | Path) -> CacheSignature:
+    """The cache signature of a model file (symbolic kv_heads / head_dim filled from a
+    genai_config.json beside it), or InputSpecError (exit 2) when the model has no KV cache."""
+    from qcompile import modelio, specs
+
+    sig = signature(specs.input_specs(modelio.load(path, check=False)))
+    if sig is None:
+        raise InputSpecError("the model has no KV cache (inputs past_key_values.{i}.key|value)", where=str(path),
+                             fix="export it with a cache, e.g. `qcompile zoo export smollm2 --option cache=true`")
+    if sig.head_dim is not None and sig.kv_heads is not None:
+        return sig
+    config_path = Path(path).parent / GENAI_CONFIG
+    if not config_path.is_file():
+        raise InputSpecError("the KV cache's head count or size is symbolic and no genai_config.json says it",
+                             where=str(path), fix="give the cache inputs static head dims")
+    dec = json.loads(config_path.read_text())["model"]["decoder"]
+    return dataclasses.replace(sig, kv_heads=sig.kv_heads or int(dec["num_key_value_heads"]),
+                               head_dim=sig.head_dim or int(dec["head_size"]))
+
+
 def complete(input_specs: Sequence[InputSpec], feed: Mapping[str, np.ndarray]) -> Feed:
     """``feed`` completed for a cache decoder (see :meth:`CacheSignature.complete`); unchanged otherwise."""
     sig = signature(input_specs)
@@ -186,3 +212,13 @@ def greedy(
         result.tokens.append(token)
         length += 1
     return result
+
+
+def describe_shapes(shapes: Mapping[str, Sequence[int]]) -> str:
+    """Feed shapes for a message, a KV cache's 2 x layers inputs folded into one entry."""
+    past = [name for name in shapes if PAST.match(name)]
+    rest = {name: list(shape) for name, shape in shapes.items() if name not in past}
+    text = ", ".join(f"{name} {shape}" for name, shape in rest.items())
+    if past:
+        text += f", {len(past)} cache inputs {list(shapes[past[0]])}"
+    return text

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from qcompile import decoder, modelio, specs
 
-CONFIG = "genai_config.json"
+CONFIG = decoder.GENAI_CONFIG
 DECODER_METADATA = "qcompile.decoder"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt")

@@ -9,14 +9,15 @@ For W [K, N] (MatMul's B) cut into blocks of ``block_size`` rows along K, per ou
     dequantised:                   w ~ d * (code - zp)
 
 Lowered either as ORT's ``com.microsoft.MatMulNBits`` (B packed [N, K/block, block*b/8] low bits
-first, scales [N * K/block], zero points packed likewise) or as a standard blocked
+first, scales [N, K/block], zero points packed likewise) or as a standard blocked
 ``DequantizeLinear`` (opset 21, int4/uint4 or int8/uint8 along axis 0, ``block_size``) feeding MatMul.
 Codes come from the caller, one weight at a time (qcompile.quant.algorithms: RTN, GPTQ, AWQ).
 
 Embeddings (``include_embeddings``): a Gather from a constant table E [V, D] is quantized the same
 way, in blocks along D per row (symmetric), and lowered as ORT's ``com.microsoft.GatherBlockQuantized``
 (the packed table [V, D*b/8], scales [V, D/block]; only the gathered rows are dequantized) or as a
-blocked ``DequantizeLinear`` (axis 1) feeding the Gather.
+blocked ``DequantizeLinear`` (axis 1) feeding the Gather. A table tied to a quantized LM head
+(E = W^T) is not stored twice: its Gather reads the head's packed codes and scales.
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ def embedding_candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.N
     return found
 
 
+def _tied(jobs: list[tuple], gathers: list[ir.Node]) -> dict[int, tuple[ir.Node, ir.Node]]:
+    """Gathers whose table E [V, D] is a quantized MatMul's weight transposed (W = E^T: a tied LM
+    head), by id: {id(gather): (gather, matmul)}."""
+    heads = [job[0] for job in jobs if is_lm_head(job[0])]
+    tied = {}
+    for gather in gathers:
+        table = gather.inputs[0]
+        for head in heads:
+            w = head.inputs[1]
+            if list(w.shape) == list(table.shape)[::-1] and np.array_equal(w.const_value.numpy().T,
+                                                                           table.const_value.numpy()):
+                tied[id(gather)] = (gather, head)
+                break
+    return tied
+
+
 class WeightOnlyPass(ir.passes.InPlacePass):
     """Replace MatMul weights (and Gather tables) by block-quantized ones, codes from ``codes``."""
 
@@ -101,6 +118,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         self.codes = codes
         self.quantized: list[str] = []  # MatMul nodes
         self.embeddings: list[str] = []  # Gather nodes
+        self._lowered: dict[int, ir.Node] = {}  # id(MatMul) -> its MatMulNBits
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
@@ -111,12 +129,17 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         ort = cfg.format == "matmulnbits"
         jobs = [(node, node.inputs[1], self._matmul_codes, self._to_matmulnbits if ort else self._to_blocked_dq,
                  self.quantized) for node in candidates(model, cfg)]
+        gathers = embedding_candidates(model, cfg)
+        tied = _tied(jobs, gathers) if ort and cfg.symmetric else {}
         jobs += [(node, node.inputs[0], self._row_codes,
                   self._to_gather_block_quantized if ort else self._to_blocked_dq_gather,
-                  self.embeddings) for node in embedding_candidates(model, cfg)]
+                  self.embeddings) for node in gathers if id(node) not in tied]
         for node, weight, codes_of, lower, record in jobs:
             lower(graph, node, codes_of(weight), weight.name.replace("/", "_").replace(":", "_"))
             record.append(node.name)
+        for gather, head in tied.values():
+            self._share_with_head(graph, gather, self._lowered[id(head)])
+            self.embeddings.append(gather.name)
         if cfg.format == "matmulnbits" and (self.quantized or self.embeddings):
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, bool(self.quantized or self.embeddings))
@@ -131,7 +154,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         cfg = self.config
         n, k_blocks, _ = bq.codes.shape
         b = add_initializer(graph, f"{base}_q{cfg.bits}", pack(bq.codes, cfg.bits))
-        scales = add_initializer(graph, f"{base}_scales", bq.scales.reshape(-1).astype(np.float32))
+        scales = add_initializer(graph, f"{base}_scales", bq.scales.reshape(n, k_blocks).astype(np.float32))
         inputs = [node.inputs[0], b, scales]
         if not cfg.symmetric:
             zp = bq.zero_points
@@ -148,6 +171,32 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         )
         # the new output takes the old one's name, type and shape (it may be a graph output)
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        self._lowered[id(node)] = new
+
+    def _share_with_head(self, graph: ir.Graph, gather: ir.Node, head: ir.Node) -> None:
+        """A table tied to the LM head (E = W^T) gathers from the head's MatMulNBits codes: its packed
+        B [V, K/block, block*b/8] seen as [V, K/block * block*b/8] (one copy on disk, as ONNX Runtime
+        GenAI's builder shares them), the same scales [V, K/block]. Rows padded to whole blocks
+        (K not a multiple of the block) come out padded, so their padding is sliced off."""
+        cfg = self.config
+        b, scales = head.inputs[1], head.inputs[2]
+        rows, k_blocks, blob = b.shape
+        width = int(head.attributes.get_int("K"))
+        shape = add_initializer(graph, f"{b.name}_rows", np.array([rows, k_blocks * blob], dtype=np.int64))
+        reshape = ir.node("Reshape", [b, shape], name=f"{gather.name}_tied_rows")
+        new = ir.node(
+            "GatherBlockQuantized", [reshape.outputs[0], gather.inputs[1], scales], domain="com.microsoft",
+            name=f"{gather.name}_GatherBlockQuantized",
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": cfg.bits},
+        )
+        nodes, out = [reshape, new], new.outputs[0]
+        if width != k_blocks * cfg.block_size:
+            starts, ends, axes = (add_initializer(graph, f"{gather.name}_{n}", np.array([v], dtype=np.int64))
+                                  for n, v in (("start", 0), ("end", width), ("axis", -1)))
+            cut = ir.node("Slice", [out, starts, ends, axes], name=f"{gather.name}_unpad")
+            nodes.append(cut)
+            out = cut.outputs[0]
+        ir.convenience.replace_nodes_and_values(graph, gather, [gather], nodes, gather.outputs, [out])
 
     def _to_blocked_dq(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from qcompile import modelio, specs
+from qcompile import decoder, modelio, specs
 from qcompile.cli.common import (
     data_feeds,
     data_option,
@@ -61,7 +61,8 @@ def bench(models, target, batch, seq, dims, runs, warmup, min_time, threads, dat
                       f"{r['mean_ms']:.3f} ± {r['stdev_ms']:.3f}", f"{r['throughput']:.1f}",
                       f"{r['speedup_vs_baseline']:.3f}×")
     stdout.print(table)
-    stdout.print(f"target {target}; feed {report['feed_shapes']}; {runs} interleaved runs after {warmup} warm-up")
+    shapes = decoder.describe_shapes(report["feed_shapes"])
+    stdout.print(f"target {target}; feed {shapes}; {runs} interleaved runs after {warmup} warm-up")
 
 
 def _bench_decode(models, target, threads, new_tokens, prompt, loop, rounds, as_json) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import onnx_ir as ir
 
-from qcompile import genai, modelio, specs, targets
+from qcompile import decoder, genai, modelio, specs, targets
 from qcompile.cli.common import (
     calibration_samples,
     commit_saved,
@@ -346,8 +346,9 @@ def _print_quantize_summary(recipe, result, timing, speedup, target, out) -> Non
     verdict = "faster" if speedup > 1.0 else "NOT faster"
     key, how = ("min_ms", f", fastest of {fp32['runs']} and {quantized['runs']} runs timed in turn") \
         if timing.get("statistic") == "min" else ("median_ms", "")
-    stdout.print(f"latency on {target} {timing['feed_shapes']}: FP32 {fp32[key]:.2f} ms, quantized "
-                 f"{quantized[key]:.2f} ms — {speedup:.2f}x, {verdict}{how}")
+    shapes = decoder.describe_shapes(timing["feed_shapes"])
+    stdout.print(f"latency on {target} ({shapes}): FP32 {fp32[key]:.2f} ms, quantized {quantized[key]:.2f} ms "
+                 f"— {speedup:.2f}x, {verdict}{how}")
     stdout.print(f"wrote {out}")
 
 
