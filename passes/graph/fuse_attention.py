@@ -7,19 +7,25 @@ The exported form (Hugging Face Llama/GPT through torch's exporters), per layer:
     K = Concat(past_key, k);  V = Concat(past_value, v)                      (optional: no cache)
     p = Softmax(c * q @ repeat(K)^T + causal_bias);  y = Reshape(T(p @ repeat(V)))   [B, S, H*D]
 
-becomes::
+becomes, when q, k, v are projections of one x (three MatMuls with constant weights, or one fused
+QKV MatMul split in three)::
 
-    q', k' = RotaryEmbedding(q_proj, position_ids), RotaryEmbedding(k_proj, position_ids)
-    y, K, V = GroupQueryAttention(q', k', v_proj, past_key, past_value, seqlens_k, total_length, scale=c)
+    qkv = MatMul(x, [Wq | Wk | Wv])                     (+ [bq | bk | bv])
+    y, K, V = GroupQueryAttention(qkv, past_key, past_value, seqlens_k, total_length,
+                                  cos_cache, sin_cache, position_ids, do_rotary=1, scale=c)
 
+and otherwise ``RotaryEmbedding(q_proj, position_ids)``, ``RotaryEmbedding(k_proj, position_ids)``
+and ``GroupQueryAttention(q', k', v_proj, past_key, past_value, seqlens_k, total_length)``.
 ``seqlens_k = sum(attention_mask, 1) - 1`` and ``total_length = attention_mask.shape[1]`` are
 computed once. The rotary tables are the model's own: its cos/sin subgraph is evaluated (ONNX's
-reference evaluator) on positions 0 .. max_positions-1, and used only if it has the rotate-half
-layout (both halves equal). ``repeat`` (GQA's Unsqueeze/Expand/Reshape) is matched by shape.
+reference evaluator) on positions 0 .. max_positions-1 (the recorded context length, else 4096),
+and used only if it has the rotate-half layout (both halves equal). ``repeat`` (GQA's
+Unsqueeze/Expand/Reshape) is matched by shape.
 
 Contract, as ONNX Runtime GenAI's builder has it: the attention mask is ones with right padding
-at most (what a generation loop feeds); GroupQueryAttention is causal, so an attention is fused
-only when its additive bias comes from a comparison (a causal mask) and not from a float input.
+at most (what a generation loop feeds), and in a prompt the position ids count up from the first
+(the kernel reads the first one); GroupQueryAttention is causal, so an attention is fused only
+when its additive bias comes from a comparison (a causal mask) and reads no float input.
 Semantics are checked numerically by the pass manager like every fusion. Only for ONNX Runtime
 targets (``CONTRIB_PASSES``).
 """
@@ -408,30 +414,90 @@ class AttentionFusionPass(ir.passes.InPlacePass):
 
     def _fuse(self, graph: ir.Graph, m: Match, rotary, lengths, table_id: int) -> None:
         anchor = m.output.producer()
-        new_nodes = []
-        query, key = m.query.projection, m.key.projection
+        seqlens, total = lengths
+        packed, new_nodes = _packed_projection(graph, m)
+        attributes = {"num_heads": m.query.heads, "kv_num_heads": m.key.heads, "scale": float(m.scale)}
+        rotary_inputs: list[ir.Value | None] = []
         if rotary is not None:
             position, cos_table, sin_table = rotary
             cos_cache, sin_cache = (_initializer(graph, f"qcompile_rotary_{kind}_{table_id}", table)
                                     for kind, table in (("cos", cos_table), ("sin", sin_table)))
-            rotated = []
-            for projection, heads in ((query, m.query.heads), (key, m.key.heads)):
-                node = ir.node("RotaryEmbedding", [projection, position, cos_cache, sin_cache],
-                               {"num_heads": heads, "interleaved": 0}, domain=MS)
-                new_nodes.append(node)
-                node.outputs[0].shape, node.outputs[0].type = projection.shape, projection.type
-                rotated.append(node.outputs[0])
-            query, key = rotated
-        seqlens, total = lengths
+            rotary_inputs = [cos_cache, sin_cache, position]
+        if packed is not None:  # one projection; the rope (with the model's position ids) inside the kernel
+            qkv = [packed, None, None]
+            if rotary is not None:
+                attributes.update(do_rotary=1, rotary_interleaved=0)
+        else:
+            query, key = m.query.projection, m.key.projection
+            if rotary is not None:
+                rotated = []
+                for projection, heads in ((query, m.query.heads), (key, m.key.heads)):
+                    node = ir.node("RotaryEmbedding", [projection, position, cos_cache, sin_cache],
+                                   {"num_heads": heads, "interleaved": 0}, domain=MS)
+                    new_nodes.append(node)
+                    node.outputs[0].shape, node.outputs[0].type = projection.shape, projection.type
+                    rotated.append(node.outputs[0])
+                query, key = rotated
+                rotary_inputs = []
+            qkv = [query, key, m.value]
         attention = ir.node(
-            "GroupQueryAttention", [query, key, m.value, m.past_key, m.past_value, seqlens, total],
-            {"num_heads": m.query.heads, "kv_num_heads": m.key.heads, "scale": float(m.scale)},
-            domain=MS, num_outputs=3)
+            "GroupQueryAttention", [*qkv, m.past_key, m.past_value, seqlens, total, *rotary_inputs],
+            attributes, domain=MS, num_outputs=3)
         new_nodes.append(attention)
         graph.insert_before(anchor, new_nodes)
         out, present_key, present_value = attention.outputs
         for old, new in ((m.output, out), (m.present_key, present_key), (m.present_value, present_value)):
             _replace(graph, old, new)
+
+
+def _single_use(value: ir.Value) -> bool:
+    return len(list(value.uses())) == 1 and not value.is_graph_output()
+
+
+def _packed_projection(graph: ir.Graph, m: Match) -> tuple[ir.Value | None, list[ir.Node]]:
+    """One [B, S, (H + 2 KVH) D] projection for q, k, v, and the nodes that make it (appended by the
+    caller), or (None, []): when the three are outputs 0, 1, 2 of one Split along the last axis
+    (a fused QKV Linear), that Split's input; when they are MatMul(x, W) (+ constant bias) of one x
+    with constant weights, a MatMul of x with [Wq | Wk | Wv] (+ [bq | bk | bv])."""
+    projections = [m.query.projection, m.key.projection, m.value]
+    if not all(_single_use(v) for v in projections):
+        return None, []
+    split = projections[0].producer()
+    if (split is not None and split.op_type == "Split" and all(v.producer() is split for v in projections)
+            and [v.index() for v in projections] == [0, 1, 2] and len(split.outputs) == 3
+            and split.attributes.get_int("axis", 0) in (-1, 2)):
+        return split.inputs[0], []
+    parts = [_linear(v) for v in projections]
+    if None in parts or len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1:
+        return None, []
+    x = parts[0][0]
+    weight = _initializer(graph, f"{m.query.projection.name}_qkv_weight",
+                          np.concatenate([w for _, w, _ in parts], axis=1))
+    matmul = ir.node("MatMul", [x, weight])
+    nodes = [matmul]
+    if parts[0][2] is not None:
+        bias = _initializer(graph, f"{m.query.projection.name}_qkv_bias", np.concatenate([b for _, _, b in parts]))
+        nodes.append(ir.node("Add", [matmul.outputs[0], bias]))
+    return nodes[-1].outputs[0], nodes
+
+
+def _linear(value: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
+    """(x, W, b) where value = MatMul(x, W) (+ b), W a constant float [K, N], b a constant [N]."""
+    bias = None
+    add = _producer(value, "Add")
+    if add is not None:
+        constant = next((v for v in add.inputs if v is not None and v.const_value is not None), None)
+        other = next((v for v in add.inputs if v is not constant), None)
+        if constant is None or other is None or not _single_use(other):
+            return None
+        bias, value = constant.const_value.numpy(), other
+    matmul = _producer(value, "MatMul")
+    if matmul is None or matmul.inputs[1] is None or matmul.inputs[1].const_value is None:
+        return None
+    weight = matmul.inputs[1].const_value.numpy()
+    if weight.ndim != 2 or weight.dtype != np.float32 or (bias is not None and bias.shape != (weight.shape[1],)):
+        return None
+    return matmul.inputs[0], weight, bias
 
 
 def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

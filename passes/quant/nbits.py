@@ -34,7 +34,7 @@ from qcompile.quant.dtypes import pack
 from qcompile.quant.spec import BlockCodes
 
 Format = Literal["matmulnbits", "dq"]
-CodesFn = Callable[[str, str, np.ndarray], BlockCodes]
+CodesFn = Callable[[str, str, np.ndarray, int], BlockCodes]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class WeightOnlyConfig:
     include_embeddings: bool = False  # Gather tables, always symmetric
     accuracy_level: int | None = None  # MatMulNBits: 0 float compute, 4 int8 compute of A; None: 0 here,
                                        # the fastest on the CPU in qcompile.weight_only.quantize_weights
+    lm_head_bits: int | None = None  # the LM head (and a table tied to it) in other bits, e.g. 8 under W4
+
+    def bits_for(self, node: ir.Node) -> int:
+        """The bits of one MatMul's weight: ``lm_head_bits`` for the LM head when set."""
+        return self.lm_head_bits if self.lm_head_bits and is_lm_head(node) else self.bits
 
 
 def is_lm_head(node: ir.Node) -> bool:
@@ -88,17 +93,17 @@ def embedding_candidates(model: ir.Model, config: WeightOnlyConfig) -> list[ir.N
     return found
 
 
-def _tied(jobs: list[tuple], gathers: list[ir.Node]) -> dict[int, tuple[ir.Node, ir.Node]]:
-    """Gathers whose table E [V, D] is a quantized MatMul's weight transposed (W = E^T: a tied LM
-    head), by id: {id(gather): (gather, matmul)}."""
-    heads = [job[0] for job in jobs if is_lm_head(job[0])]
+def tied_heads(heads: list[ir.Node], gathers: list[ir.Node]) -> dict[int, tuple[ir.Node, ir.Node]]:
+    """Gathers whose table E [V, D] is an LM head MatMul's weight transposed (W = E^T: tied
+    embeddings), by id: {id(gather): (gather, head)}."""
     tied = {}
     for gather in gathers:
         table = gather.inputs[0]
         for head in heads:
             w = head.inputs[1]
-            if list(w.shape) == list(table.shape)[::-1] and np.array_equal(w.const_value.numpy().T,
-                                                                           table.const_value.numpy()):
+            if not is_lm_head(head) or list(w.shape) != list(table.shape)[::-1]:
+                continue
+            if np.array_equal(w.const_value.numpy().T, table.const_value.numpy()):
                 tied[id(gather)] = (gather, head)
                 break
     return tied
@@ -110,7 +115,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
     name = "weight-only"
 
     def __init__(self, config: WeightOnlyConfig, codes: CodesFn) -> None:
-        """``codes(kind, name, w)``: the block codes of weight ``name`` (``kind`` "matmul": W [K, N];
+        """``codes(kind, name, w, bits)``: the block codes of weight ``name`` (``kind`` "matmul": W [K, N];
         "embedding": a table seen as [D, V], symmetric blocks along D), computed by the caller
         (qcompile.quant: RTN, GPTQ or AWQ) one weight at a time."""
         super().__init__()
@@ -130,12 +135,12 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         jobs = [(node, node.inputs[1], self._matmul_codes, self._to_matmulnbits if ort else self._to_blocked_dq,
                  self.quantized) for node in candidates(model, cfg)]
         gathers = embedding_candidates(model, cfg)
-        tied = _tied(jobs, gathers) if ort and cfg.symmetric else {}
+        tied = tied_heads([job[0] for job in jobs], gathers) if ort and cfg.symmetric else {}
         jobs += [(node, node.inputs[0], self._row_codes,
                   self._to_gather_block_quantized if ort else self._to_blocked_dq_gather,
                   self.embeddings) for node in gathers if id(node) not in tied]
         for node, weight, codes_of, lower, record in jobs:
-            lower(graph, node, codes_of(weight), weight.name.replace("/", "_").replace(":", "_"))
+            lower(graph, node, codes_of(node, weight), weight.name.replace("/", "_").replace(":", "_"))
             record.append(node.name)
         for gather, head in tied.values():
             self._share_with_head(graph, gather, self._lowered[id(head)])
@@ -144,29 +149,30 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, bool(self.quantized or self.embeddings))
 
-    def _matmul_codes(self, weight: ir.Value) -> BlockCodes:
-        return self.codes("matmul", weight.name, weight.const_value.numpy())
+    def _matmul_codes(self, node: ir.Node, weight: ir.Value) -> BlockCodes:
+        return self.codes("matmul", weight.name, weight.const_value.numpy(), self.config.bits_for(node))
 
-    def _row_codes(self, table: ir.Value) -> BlockCodes:
-        return self.codes("embedding", table.name, table.const_value.numpy().T)
+    def _row_codes(self, node: ir.Node, table: ir.Value) -> BlockCodes:
+        return self.codes("embedding", table.name, table.const_value.numpy().T, self.config.bits)
 
     def _to_matmulnbits(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
+        bits = cfg.bits_for(node)
         n, k_blocks, _ = bq.codes.shape
-        b = add_initializer(graph, f"{base}_q{cfg.bits}", pack(bq.codes, cfg.bits))
+        b = add_initializer(graph, f"{base}_q{bits}", pack(bq.codes, bits))
         scales = add_initializer(graph, f"{base}_scales", bq.scales.reshape(n, k_blocks).astype(np.float32))
         inputs = [node.inputs[0], b, scales]
         if not cfg.symmetric:
             zp = bq.zero_points
-            if cfg.bits < 8:
-                per_byte = 8 // cfg.bits
+            if bits < 8:
+                per_byte = 8 // bits
                 padded = np.full((n, -(-k_blocks // per_byte) * per_byte), 0, dtype=np.uint8)
                 padded[:, :k_blocks] = zp
-                zp = pack(padded, cfg.bits)
+                zp = pack(padded, bits)
             inputs.append(add_initializer(graph, f"{base}_zero_points", zp.reshape(-1)))
         new = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_MatMulNBits",
-            attributes={"K": bq.k, "N": n, "bits": cfg.bits, "block_size": cfg.block_size,
+            attributes={"K": bq.k, "N": n, "bits": bits, "block_size": cfg.block_size,
                         "accuracy_level": cfg.accuracy_level or 0},
         )
         # the new output takes the old one's name, type and shape (it may be a graph output)
@@ -187,7 +193,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         new = ir.node(
             "GatherBlockQuantized", [reshape.outputs[0], gather.inputs[1], scales], domain="com.microsoft",
             name=f"{gather.name}_GatherBlockQuantized",
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": cfg.bits},
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size,
+                        "bits": head.attributes.get_int("bits")},
         )
         nodes, out = [reshape, new], new.outputs[0]
         if width != k_blocks * cfg.block_size:
@@ -200,17 +207,18 @@ class WeightOnlyPass(ir.passes.InPlacePass):
 
     def _to_blocked_dq(self, graph: ir.Graph, node: ir.Node, bq: BlockCodes, base: str) -> None:
         cfg = self.config
+        bits = cfg.bits_for(node)
         n, k_blocks, block = bq.codes.shape
         codes = bq.codes.reshape(n, k_blocks * block)[:, : bq.k].T  # [K, N]
-        half = 2 ** (cfg.bits - 1)
+        half = 2 ** (bits - 1)
         if cfg.symmetric:  # signed storage, zero point 0
             signed = (codes.astype(np.int16) - half).astype(np.int8)
-            dtype = ir.DataType.INT4 if cfg.bits == 4 else ir.DataType.INT8
-            q = add_initializer(graph, f"{base}_q{cfg.bits}", signed, dtype)
+            dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+            q = add_initializer(graph, f"{base}_q{bits}", signed, dtype)
             zp_array, zp_dtype = np.zeros((k_blocks, n), dtype=np.int8), dtype
         else:
-            dtype = ir.DataType.UINT4 if cfg.bits == 4 else ir.DataType.UINT8
-            q = add_initializer(graph, f"{base}_q{cfg.bits}", codes.astype(np.uint8), dtype)
+            dtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
+            q = add_initializer(graph, f"{base}_q{bits}", codes.astype(np.uint8), dtype)
             zp_array, zp_dtype = bq.zero_points.T.astype(np.uint8).copy(), dtype
         scales = add_initializer(graph, f"{base}_scales", bq.scales.T.astype(np.float32).copy())
         zero = add_initializer(graph, f"{base}_zero_points", zp_array, zp_dtype)

@@ -65,6 +65,9 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 @click.option("--include-lm-head", is_flag=True, default=False, help="Weight-only: quantize the LM head too.")
 @click.option("--include-embeddings", is_flag=True, default=False,
               help="Weight-only: quantize embedding tables (Gather) too, symmetric blocks along each row.")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Weight-only with --include-lm-head: the LM head (and an embedding table tied to it) in these bits, "
+                   "e.g. 8 under a W4 recipe.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits compute: 0 float, 4 int8 activations (default: the faster on this CPU, measured).")
 @click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE",
@@ -99,9 +102,9 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 def quantize(model, output, target, recipe_name, precision, high_precision, recipe_file, save_recipe, calib, method,
              per_channel, alpha,
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings,
-             accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data, accuracy_budget,
-             metric_name, budget_data, budget_samples, budget_trials, budget_seconds, executor_spec, report,
-             as_json):
+             lm_head_bits, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data,
+             accuracy_budget, metric_name, budget_data, budget_samples, budget_trials, budget_seconds, executor_spec,
+             report, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
     from qcompile.calibration import resolve_reader
     from qcompile.errors import CheckFailedError
@@ -119,6 +122,7 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
         include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
+        lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
         quantize_attention=True if quantize_attention else None, target=target,
         exclude=tuple(dict.fromkeys([*base.exclude, *exclude])) if exclude else None,
     )

@@ -1,0 +1,225 @@
+"""KV-cache decoders: exports, consistent feeds, the attention and skip-norm fusions, cache shapes
+across prefill and decode, quantized cache models that generate, genai_config.json, bench --decode."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from qcompile import decoder, modelio, specs
+from qcompile.models import cached_export, gpt_synth
+
+TINY_LLAMA = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+
+
+def op_counts(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def session_runner(path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed)))
+
+
+def random_cache_feed(sig: decoder.CacheSignature, past: int, seq: int, seed: int = 0, vocab: int = 512):
+    rng = np.random.default_rng(seed)
+    feed = {"input_ids": rng.integers(0, vocab, (1, seq), dtype=np.int64)}
+    feed.update({name: rng.standard_normal((1, sig.kv_heads, past, sig.head_dim)).astype(np.float32)
+                 for name in sig.past_names})
+    return sig.fit(feed)
+
+
+def qcompile(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A Llama-architecture decoder (GQA: 4 heads over 2 KV heads, rotary, RMSNorm, tied head),
+    random weights, exported by transformers + torch as users export theirs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qcompile.models import causal_lm
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA, attn_implementation="eager"))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    causal_lm.export_hf(model, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_fused(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-llama-fused") / "model.onnx"
+    done = qcompile("optimize", tiny_llama, "-o", out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_signature_and_feeds(tiny_llama):
+    sig = decoder.signature(specs.input_specs(modelio.load(tiny_llama)))
+    assert (sig.layers, sig.kv_heads, sig.head_dim) == (2, 2, 16)
+    assert sig.bytes_per_token() == 2 * 2 * 2 * 16 * 4
+    prompt = sig.complete({"input_ids": np.array([[5, 6, 7]])})
+    assert prompt["attention_mask"].shape == (1, 3) and prompt["position_ids"].tolist() == [[0, 1, 2]]
+    assert all(prompt[name].shape == (1, 2, 0, 16) for name in sig.past_names)
+    step = random_cache_feed(sig, past=5, seq=2)
+    assert step["attention_mask"].shape == (1, 7) and step["position_ids"].tolist() == [[5, 6]]
+    assert decoder.signature(specs.input_specs(modelio.load(cached_export(gpt_synth.ENTRY)))) is None
+
+
+def test_cache_shapes_across_prefill_and_decode_match_full_recompute(tiny_llama):
+    sig = decoder.signature_of(tiny_llama)
+    run = session_runner(tiny_llama)
+    shapes = []
+
+    def recording(feed):
+        outputs = run(feed)
+        shapes.append((feed["past_key_values.0.key"].shape[2], outputs["present.0.key"].shape,
+                       outputs["logits"].shape))
+        return outputs
+
+    prompt = np.arange(10, 22)[None]
+    generation = decoder.greedy(recording, sig, prompt, 6)
+    assert shapes[0] == (0, (1, 2, 12, 16), (1, 12, 512))
+    assert [s[0] for s in shapes[1:]] == [12, 13, 14, 15, 16]
+    assert all(s[1] == (1, 2, s[0] + 1, 16) and s[2] == (1, 1, 512) for s in shapes[1:])
+    tokens = list(prompt[0])  # the same tokens from prefills alone (no cache reuse)
+    for _ in range(6):
+        tokens.append(int(run(sig.complete({"input_ids": np.array([tokens])}))["logits"][0, -1].argmax()))
+    assert generation.tokens == tokens[12:]
+
+
+def test_llama_attention_fuses_into_gqa_rotary_and_skip_norm(tiny_llama, tiny_llama_fused):
+    before, after = op_counts(tiny_llama), op_counts(tiny_llama_fused)
+    assert before["Softmax"] == 2 and after["Softmax"] == 0
+    # q, k, v packed into one MatMul per layer, the rope inside the kernel
+    assert after["GroupQueryAttention"] == 2 and after["RotaryEmbedding"] == 0
+    assert after["MatMul"] == 2 * 5 + 1  # per layer: qkv, o, gate, up, down; and the head
+    # 2 layers x 2 norms + the final one, each after a residual add, except the first layer's input norm
+    assert after["SkipSimplifiedLayerNormalization"] == 4
+    assert sum(after.values()) < sum(before.values()) / 3
+    sig = decoder.signature_of(tiny_llama)
+    reference, fused = session_runner(tiny_llama), session_runner(tiny_llama_fused)
+    for past, seq, offset in ((0, 9, 0), (7, 1, 0), (5, 4, 0), (0, 6, 3), (4, 1, 2)):
+        feed = random_cache_feed(sig, past, seq, seed=past)
+        feed["position_ids"] = feed["position_ids"] + offset  # position ids are honoured, not assumed
+        want, got = reference(feed), fused(feed)
+        for name, value in want.items():
+            rel = np.linalg.norm(got[name] - value) / np.linalg.norm(value)
+            assert rel < 1e-5, (name, past, seq, rel)
+
+
+def test_gpt_attention_with_learned_positions_fuses(tmp_path):
+    source = cached_export(gpt_synth.ENTRY, {"cache": True})
+    out = tmp_path / "model.onnx"
+    done = qcompile("optimize", source, "-o", out)
+    assert done.returncode == 0, done.stderr
+    counts = op_counts(out)
+    depth = gpt_synth.DEFAULTS["depth"]
+    assert counts["GroupQueryAttention"] == depth and counts["Softmax"] == 0 and counts["RotaryEmbedding"] == 0
+    assert counts["SkipLayerNormalization"] == 2 * depth + 1
+    sig = decoder.signature_of(source)
+    for past, seq in ((0, 12), (6, 1)):
+        feed = random_cache_feed(sig, past, seq, vocab=gpt_synth.DEFAULTS["vocab"])
+        want, got = session_runner(source)(feed), session_runner(out)(feed)
+        assert np.linalg.norm(got["logits"] - want["logits"]) / np.linalg.norm(want["logits"]) < 1e-5
+
+
+def test_encoder_attention_is_not_fused_as_causal(minilm_path, tmp_path):
+    """GroupQueryAttention is causal: a bidirectional encoder's attention must stay as it is."""
+    out = tmp_path / "minilm.onnx"
+    done = qcompile("optimize", minilm_path, "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert op_counts(out)["GroupQueryAttention"] == 0
+
+
+def test_non_ort_targets_keep_the_standard_graph(tiny_llama, tmp_path):
+    out = tmp_path / "model.onnx"
+    done = qcompile("quantize", tiny_llama, "--target", "onnx-qdq", "--calib", "random", "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert not {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} & set(op_counts(out))
+
+
+@pytest.mark.parametrize("block, head_bits", [(16, 4), (128, 4), (32, 8)])  # K = 64: whole blocks, or one padded
+def test_quantized_cache_model_generates_with_tied_table_stored_once(tiny_llama_fused, tmp_path, block, head_bits):
+    out = tmp_path / "model.onnx"
+    done = qcompile("quantize", tiny_llama_fused, "--recipe", "w4-weight-only", "--algorithm", "rtn",
+                    "--block-size", block, "--include-lm-head", "--include-embeddings", "--lm-head-bits", head_bits,
+                    "--calib", "random", "-o", out)
+    assert done.returncode == 0, done.stderr
+    model = onnx.load(str(out), load_external_data=False)
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    assert counts["GroupQueryAttention"] == 2 and counts["MatMulNBits"] == 2 * 5 + 1
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node
+                if n.op_type == "MatMulNBits" and any(a.name == "N" and a.i == 512 for a in n.attribute))
+    assert gather.input[2] == head.input[2]  # the same scales: the head's codes serve the embedding
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in (gather, head)}
+    assert set(bits.values()) == {head_bits}
+    body = {next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type == "MatMulNBits" and n is not head}
+    assert body == {4}
+    sig = decoder.signature_of(out)
+    run = session_runner(out)
+    generation = decoder.greedy(run, sig, np.arange(1, 9)[None], 5)
+    tokens = list(range(1, 9))
+    for _ in range(5):
+        tokens.append(int(run(sig.complete({"input_ids": np.array([tokens])}))["logits"][0, -1].argmax()))
+    assert generation.tokens == tokens[8:]
+
+
+def test_genai_config_written_and_the_model_runs_in_onnxruntime_genai(tiny_llama, tiny_llama_fused):
+    og = pytest.importorskip("onnxruntime_genai")
+    config = json.loads((tiny_llama_fused.parent / "genai_config.json").read_text())
+    decoder_config = config["model"]["decoder"]
+    assert decoder_config["filename"] == "model.onnx"
+    assert (decoder_config["num_key_value_heads"], decoder_config["head_size"]) == (2, 16)
+    assert decoder_config["inputs"]["position_ids"] == "position_ids"
+    assert config["search"]["past_present_share_buffer"] is False
+    prompt = np.arange(10, 22)[None]
+    ours = decoder.greedy(session_runner(tiny_llama), decoder.signature_of(tiny_llama), prompt, 6).tokens
+    model = og.Model(str(tiny_llama_fused.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + 6, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours
+
+
+def test_bench_decode_reports_prefill_decode_and_equal_tokens(tiny_llama, tiny_llama_fused):
+    done = qcompile("bench", "--decode", 8, "--prompt", 16, "--runs", 2, "--json", tiny_llama, tiny_llama_fused)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [r["tokens_match_first"] for r in report["results"]] == [True, True]
+    for r in report["results"]:
+        assert r["prefill_ms"] > 0 and r["decode_tokens_per_s"] > 0 and len(r["tokens"]) == 8
+        assert r["kv_bytes_at_end"] == r["kv_bytes_per_token"] * 24
+
+
+def test_bench_decode_refuses_a_model_without_cache():
+    done = qcompile("bench", "--decode", 4, cached_export(gpt_synth.ENTRY))
+    assert done.returncode == 2 and "no KV cache" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_zoo_cache_option_is_a_boolean(tmp_path):
+    done = qcompile("zoo", "export", "gpt_synth", "--option", "cache=maybe", "-o", tmp_path / "m.onnx")
+    assert done.returncode == 2 and "cache=true" in done.stderr
+    done = qcompile("zoo", "export", "gpt_synth", "--option", "cache=true", "-o", tmp_path / "m.onnx")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "genai_config.json").is_file()
