@@ -24,6 +24,9 @@ from qcompile import decoder, modelio, specs
 
 CONFIG = decoder.GENAI_CONFIG
 DECODER_METADATA = "qcompile.decoder"
+#: Model types whose ONNX Runtime GenAI decoder reads the Hugging Face cache I/O above; any other
+#: decoder (GPT-2's own type expects other inputs) is written as "llama", GenAI's generic decoder.
+GENAI_TYPES = frozenset({"llama", "mistral", "phi3", "qwen2", "gemma", "granite", "olmo", "nemotron"})
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt")
 
@@ -63,7 +66,7 @@ def config_for(model: ir.Model, source_folder: Path | None, filename: str) -> di
         heads = known.get("num_attention_heads") or sig.kv_heads
         config = {
             "model": {
-                "type": known.get("type", "llama"),
+                "type": known.get("type") if known.get("type") in GENAI_TYPES else "llama",
                 "vocab_size": known.get("vocab_size") or _vocab(model),
                 "context_length": known.get("context_length", 2048),
                 "bos_token_id": known.get("bos_token_id", 1), "eos_token_id": known.get("eos_token_id", 2),

@@ -137,12 +137,20 @@ def test_gpt_attention_with_learned_positions_fuses(tmp_path):
         assert np.linalg.norm(got["logits"] - want["logits"]) / np.linalg.norm(want["logits"]) < 1e-5
 
 
-def test_encoder_attention_is_not_fused_as_causal(minilm_path, tmp_path):
-    """GroupQueryAttention is causal: a bidirectional encoder's attention must stay as it is."""
+def test_encoder_attention_fuses_as_bidirectional_with_key_padding(minilm_path, tmp_path):
+    """An encoder's bias is evaluated, not guessed: bidirectional + padding -> MultiHeadAttention
+    (never the causal GroupQueryAttention), outputs unchanged with a padded mask."""
     out = tmp_path / "minilm.onnx"
     done = qcompile("optimize", minilm_path, "-o", out)
     assert done.returncode == 0, done.stderr
-    assert op_counts(out)["GroupQueryAttention"] == 0
+    counts = op_counts(out)
+    assert counts["MultiHeadAttention"] == 6 and counts["GroupQueryAttention"] == 0 and counts["Softmax"] == 0
+    reference, fused = session_runner(minilm_path), session_runner(out)
+    mask = np.ones((1, 24), dtype=np.int64)
+    mask[0, 17:] = 0
+    feed = {"input_ids": np.arange(100, 124)[None], "attention_mask": mask, "token_type_ids": np.zeros_like(mask)}
+    want, got = reference(feed)["last_hidden_state"][0, :17], fused(feed)["last_hidden_state"][0, :17]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
 def test_non_ort_targets_keep_the_standard_graph(tiny_llama, tmp_path):

@@ -33,14 +33,16 @@ targets (``CONTRIB_PASSES``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 MS = "com.microsoft"
 DEFAULT_MAX_POSITIONS = 4096
-COMPARISONS = frozenset({"Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Trilu"})
+PAST_NAME = re.compile(r"^past_key_values\.\d+\.(key|value)$")
 
 
 def _producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
@@ -224,24 +226,6 @@ def _cached(value: ir.Value, graph_inputs: set[int]) -> tuple[ir.Value | None, i
     return (past, concat.inputs[1]) if past is not None and id(past) in graph_inputs else (None, value)
 
 
-def _causal_bias(value: ir.Value, float_inputs: set[int]) -> bool:
-    """The bias is built by a comparison (a causal mask) and reads no float graph input."""
-    seen, stack, compares = set(), [value], False
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if id(v) in float_inputs:
-            return False
-        node = v.producer()
-        if node is None or node.op_type == "Shape":  # a shape reads no values
-            continue
-        compares |= node.op_type in COMPARISONS
-        stack.extend(x for x in node.inputs if x is not None)
-    return compares
-
-
 @dataclass
 class Match:
     output: ir.Value            # the [B, S, H*D] attention output
@@ -253,22 +237,44 @@ class Match:
     present_key: ir.Value       # the Concat outputs (or the new k/v without a cache)
     present_value: ir.Value
     scale: float
+    kind: str                   # "causal" (a decoder's) or "bidirectional" (an encoder's, padding only)
 
 
-def match(softmax: ir.Node, graph_inputs: set[int], float_inputs: set[int]) -> Match | None:
+def match(softmax: ir.Node, graph_inputs: set[int], kind_of: Callable[[ir.Value], str | None]) -> Match | None:
+    """The attention around ``softmax``; ``kind_of(bias)`` classifies its additive bias."""
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return None
     add = _producer(softmax.inputs[0], "Add")
     if add is None:
         return None
     for scaled, bias in (add.inputs, add.inputs[::-1]):
-        found = _match_scores(scaled, bias, softmax, graph_inputs, float_inputs)
+        found = _match_scores(scaled, bias, softmax, graph_inputs, kind_of)
         if found is not None:
             return found
     return None
 
 
-def _match_scores(scaled, bias, softmax, graph_inputs, float_inputs) -> Match | None:
+def _key_heads(transposed: ir.Value, graph_inputs: set[int]):
+    """(present_key, past_key, key) behind K^T: Transpose(0, 1, 3, 2) of the [B, N, T, D] keys (with a
+    cache and repeat_kv), or an encoder's Transpose(0, 2, 3, 1) of Reshape(k_proj, [B, S, N, D])."""
+    transpose = _producer(transposed, "Transpose")
+    perm = _perm(transpose)
+    if perm == [0, 1, 3, 2]:
+        present_key = _repeated(transpose.inputs[0])
+        past_key, new_key = _cached(present_key, graph_inputs)
+        return present_key, past_key, _heads(new_key)
+    if perm == [0, 2, 3, 1]:
+        reshape = _producer(transpose.inputs[0], "Reshape")
+        x = None if reshape is None else reshape.inputs[0]
+        width = _width(x)
+        heads, dim = (None, None) if width is None else _trailing_dims(reshape.inputs[1], width)
+        if heads is None or dim is None or heads * dim != width:
+            return None
+        return transpose.inputs[0], None, Heads(x, heads)
+    return None
+
+
+def _match_scores(scaled, bias, softmax, graph_inputs, kind_of) -> Match | None:
     scale, qk = 1.0, scaled
     node = _producer(scaled, "Mul", "Div")
     if node is not None:
@@ -280,14 +286,14 @@ def _match_scores(scaled, bias, softmax, graph_inputs, float_inputs) -> Match | 
         else:
             return None
     matmul = _producer(qk, "MatMul")
-    if matmul is None or not _causal_bias(bias, float_inputs):
+    keys = None if matmul is None else _key_heads(matmul.inputs[1], graph_inputs)
+    if keys is None:
         return None
-    transpose = _producer(matmul.inputs[1], "Transpose")
-    if _perm(transpose) != [0, 1, 3, 2]:
+    present_key, past_key, key = keys
+    query = _heads(matmul.inputs[0])
+    kind = kind_of(bias) if query is not None and key is not None else None
+    if kind is None or (kind == "bidirectional" and (past_key is not None or query.cos is not None)):
         return None
-    present_key = _repeated(transpose.inputs[0])
-    query, (past_key, new_key) = _heads(matmul.inputs[0]), _cached(present_key, graph_inputs)
-    key = _heads(new_key)
     uses = list(softmax.outputs[0].uses())
     if query is None or key is None or len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 0:
         return None
@@ -311,23 +317,45 @@ def _match_scores(scaled, bias, softmax, graph_inputs, float_inputs) -> Match | 
         return None
     if query.cos is not None and (query.cos is not key.cos or query.sin is not key.sin):
         return None
-    return Match(output, query, key, value.projection, past_key, past_value, present_key, present_value, scale)
+    if kind == "bidirectional" and (past_value is not None or value.heads != query.heads):
+        return None
+    return Match(output, query, key, value.projection, past_key, past_value, present_key, present_value, scale,
+                 kind)
 
 
-def _rotary_tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_positions: int):
-    """(position input, cos_cache, sin_cache [max_positions, D/2]) from the model's own cos/sin
-    subgraph, or None when it reads anything but one int64 graph input or is not rotate-half."""
+@dataclass
+class Subgraph:
+    """The nodes computing ``outputs`` from graph inputs (``leaves``) and constants, as a model."""
+
+    leaves: list[ir.Value]
+    outputs: list[ir.Value]
+    proto: object  # onnx.ModelProto
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+        """ONNX's reference evaluator on ``feeds`` (by leaf name); None when it cannot run it."""
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            return [np.asarray(x) for x in ReferenceEvaluator(self.proto).run(None, feeds)]
+        except Exception:  # a subgraph the reference evaluator cannot run: leave the attention unfused
+            return None
+
+
+def _subgraph(graph: ir.Graph, outputs: list[ir.Value], shape_leaves: bool = False) -> Subgraph | None:
+    """The slice of ``graph`` behind ``outputs`` (standard ops only), or None. ``shape_leaves``: a value
+    read only through Shape is a leaf too (fed by its shape alone: an embedding lookup's output
+    whose length a mask takes, without its table)."""
     import onnx
-    from onnx.reference import ReferenceEvaluator
 
-    nodes, leaves, seen, stack = [], [], set(), [cos, sin]
+    nodes, leaves, seen, stack = [], [], set(), list(outputs)
     graph_inputs = {id(v) for v in graph.inputs}
     while stack:
         v = stack.pop()
         if id(v) in seen:
             continue
         seen.add(id(v))
-        if id(v) in graph_inputs:
+        if id(v) in graph_inputs or (shape_leaves and v.producer() is not None and v.uses()
+                                     and all(u.op_type == "Shape" for u, _ in v.uses())):
             leaves.append(v)
             continue
         node = v.producer()
@@ -339,31 +367,115 @@ def _rotary_tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_positions:
             return None
         nodes.append(node)
         stack.extend(x for x in node.inputs if x is not None)
-    if len(leaves) != 1 or leaves[0].dtype != ir.DataType.INT64:
-        return None
-    position = leaves[0]
     order = {id(n): i for i, n in enumerate(graph)}
     nodes = sorted(set(nodes), key=lambda n: order[id(n)])
+    produced = {x.name for n in nodes for x in n.outputs}
     constants = {id(x): x for n in nodes for x in n.inputs if x is not None and x.const_value is not None}
+
+    def info(v: ir.Value):
+        return onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None)
+
     proto = onnx.helper.make_model(
         onnx.helper.make_graph(
-            [ir.serde.serialize_node(n) for n in nodes], "rotary",
-            [onnx.helper.make_tensor_value_info(position.name, onnx.TensorProto.INT64, None)],
-            [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None) for v in (cos, sin)],
-            [ir.serde.serialize_tensor(v.const_value) for v in constants.values()
-             if v.name not in {x.name for n in nodes for x in n.outputs}]),
+            [ir.serde.serialize_node(n) for n in nodes], "slice", [info(v) for v in leaves], [info(v) for v in outputs],
+            [ir.serde.serialize_tensor(ir.tensor(v.const_value.numpy(), name=v.name))  # in memory, not a
+             for v in constants.values() if v.name not in produced]),                    # file reference
         opset_imports=[onnx.helper.make_opsetid("", graph.opset_imports.get("", 17))])
-    try:
-        cos_table, sin_table = ReferenceEvaluator(proto).run(
-            None, {position.name: np.arange(max_positions, dtype=np.int64)[None, :]})
-    except Exception:  # a subgraph the reference evaluator cannot run: leave the attention unfused
+    return Subgraph(leaves, list(outputs), proto)
+
+
+def _rotary_tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_positions: int):
+    """(position input, cos_cache, sin_cache [max_positions, D/2]) from the model's own cos/sin
+    subgraph, or None when it reads anything but one int64 graph input or is not rotate-half."""
+    sub = _subgraph(graph, [cos, sin])
+    if sub is None or len(sub.leaves) != 1 or sub.leaves[0].dtype != ir.DataType.INT64:
         return None
-    cos_table, sin_table = (np.asarray(t, dtype=np.float32).reshape(max_positions, -1) for t in (cos_table, sin_table))
+    position = sub.leaves[0]
+    tables = sub.run({position.name: np.arange(max_positions, dtype=np.int64)[None, :]})
+    if tables is None:
+        return None
+    cos_table, sin_table = (t.astype(np.float32).reshape(max_positions, -1) for t in tables)
     half = cos_table.shape[1] // 2
     if cos_table.shape[1] % 2 or not (np.array_equal(cos_table[:, :half], cos_table[:, half:])
                                       and np.array_equal(sin_table[:, :half], sin_table[:, half:])):
         return None
     return position, cos_table[:, :half].copy(), sin_table[:, :half].copy()
+
+
+#: (past, new) lengths the bias subgraph is evaluated at to classify it.
+BIAS_PROBES = ((0, 4), (3, 2))
+
+
+def bias_kind(graph: ir.Graph, bias: ir.Value) -> str | None:
+    """What an attention's additive bias is, evaluated (not guessed) on small feeds of ones masks
+    and a right-padded mask: "causal" (-inf where key > past + query, and at masked keys),
+    "bidirectional" (-inf at masked keys only), or None (anything else, or a bias that reads a float
+    input other than the KV cache, e.g. a relative-position bias)."""
+    sub = _subgraph(graph, [bias], shape_leaves=True)
+    if sub is None:
+        return None
+    kinds = {"causal", "bidirectional"}
+    cached = any(PAST_NAME.match(v.name) for v in graph.inputs)
+    for past, new in BIAS_PROBES if cached else [(0, n) for _, n in BIAS_PROBES]:
+        total = past + new
+        for padded in (False, True):
+            feeds = _probe_feeds(graph, sub.leaves, past, new, padded)
+            values = None if feeds is None else sub.run(feeds)
+            if values is None:
+                return None
+            try:
+                b = np.broadcast_to(values[0].astype(np.float64), (1, 1, new, total))[0, 0]
+            except ValueError:
+                return None
+            masked, clear = b < -1e3, np.abs(b) < 1e-6
+            if not (masked | clear).all():
+                return None
+            keys, queries = np.arange(total)[None, :], np.arange(new)[:, None] + past
+            pad = (keys == total - 1) if padded else np.zeros_like(keys, dtype=bool)
+            fits = {kind for kind, pattern in (("causal", (keys > queries) | pad),
+                                               ("bidirectional", np.broadcast_to(pad, masked.shape)))
+                    if np.array_equal(masked, pattern)}
+            kinds &= fits  # a probe can fit both (one query row); the others decide
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _probe_feeds(graph: ir.Graph, leaves: list[ir.Value], past: int, new: int,
+                 padded: bool) -> dict[str, np.ndarray] | None:
+    """Feeds for a bias subgraph: a mask of ones (the last key masked if ``padded``), positions from
+    ``past``, a zero cache of length ``past``, zero ids; a shape-only leaf as zeros of its shape,
+    its symbolic dims sized by the graph inputs' dims of the same name."""
+    sizes: dict[str, int] = {}
+    for value in graph.inputs:
+        lengths = {"input_ids": (1, new), "position_ids": (1, new), "attention_mask": (1, past + new)}
+        if value.name in lengths or PAST_NAME.match(value.name):
+            known = lengths.get(value.name, (1, None, past, None))
+            for dim, size in zip(value.shape or [], known):
+                if not isinstance(dim, int) and dim.value is not None and size is not None:
+                    sizes.setdefault(dim.value, size)
+    feeds = {}
+    for leaf in leaves:
+        dtype = np.dtype(leaf.dtype.numpy())
+        rank = leaf.shape.rank() if leaf.shape is not None else None
+        if leaf.name == "attention_mask":
+            mask = np.ones((1, past + new), dtype=dtype)
+            if padded:
+                mask[0, -1] = 0
+            feeds[leaf.name] = mask
+        elif leaf.name == "position_ids":
+            feeds[leaf.name] = np.arange(past, past + new, dtype=dtype)[None]
+        elif PAST_NAME.match(leaf.name) and rank == 4:
+            dims = [d if isinstance(d, int) else 1 for d in leaf.shape]
+            feeds[leaf.name] = np.zeros((1, dims[1], past, dims[3]), dtype=dtype)
+        elif leaf.producer() is None and np.issubdtype(dtype, np.integer) and rank == 2:
+            feeds[leaf.name] = np.zeros((1, new), dtype=dtype)  # input_ids, token_type_ids: only shapes matter
+        elif leaf.producer() is not None and rank is not None:  # read only through Shape
+            dims = [d if isinstance(d, int) else sizes.get(d.value) for d in leaf.shape]
+            if None in dims:
+                return None
+            feeds[leaf.name] = np.zeros(dims, dtype=dtype)
+        else:
+            return None
+    return feeds
 
 
 def _max_positions(model: ir.Model) -> int:
@@ -386,15 +498,27 @@ class AttentionFusionPass(ir.passes.InPlacePass):
         self.count = 0
         graph = model.graph
         graph_inputs = {id(v) for v in graph.inputs}
-        float_inputs = {id(v) for v in graph.inputs if v.dtype is not None and v.dtype.is_floating_point()}
         mask = next((v for v in graph.inputs if v.name == "attention_mask"), None)
-        matches = [m for node in list(graph) if node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
-                   for m in [match(node, graph_inputs, float_inputs)] if m is not None]
-        if not matches or mask is None or mask.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        if mask is None or mask.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
             return ir.passes.PassResult(model, False)
+        kinds: dict[int, str | None] = {}
+
+        def kind_of(bias: ir.Value) -> str | None:
+            if id(bias) not in kinds:
+                kinds[id(bias)] = bias_kind(graph, bias)
+            return kinds[id(bias)]
+
+        matches = [m for node in list(graph) if node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
+                   for m in [match(node, graph_inputs, kind_of)] if m is not None]
         tables: dict[tuple[int, int], tuple | None] = {}
-        lengths = None
+        lengths, padding = None, None
         for m in matches:
+            if m.kind == "bidirectional":
+                if padding is None:
+                    padding = _key_padding_mask(graph, mask)
+                self._fuse_encoder(graph, m, padding)
+                self.count += 1
+                continue
             rotary = None
             if m.query.cos is not None:
                 key = (id(m.query.cos), id(m.query.sin))
@@ -448,6 +572,15 @@ class AttentionFusionPass(ir.passes.InPlacePass):
         out, present_key, present_value = attention.outputs
         for old, new in ((m.output, out), (m.present_key, present_key), (m.present_value, present_value)):
             _replace(graph, old, new)
+
+
+    def _fuse_encoder(self, graph: ir.Graph, m: Match, padding: ir.Value) -> None:
+        """y = MultiHeadAttention(q_proj, k_proj, v_proj, key_padding_mask=mask): bidirectional."""
+        attention = ir.node(
+            "MultiHeadAttention", [m.query.projection, m.key.projection, m.value, None, padding],
+            {"num_heads": m.query.heads, "scale": float(m.scale)}, domain=MS)
+        graph.insert_before(m.output.producer(), [attention])
+        _replace(graph, m.output, attention.outputs[0])
 
 
 def _single_use(value: ir.Value) -> bool:
@@ -518,6 +651,15 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
+
+
+def _key_padding_mask(graph: ir.Graph, mask: ir.Value) -> ir.Value:
+    """The attention mask as MultiHeadAttention's key padding mask (int32 [B, T]), at the top."""
+    if mask.dtype == ir.DataType.INT32:
+        return mask
+    cast = ir.node("Cast", [mask], {"to": ir.DataType.INT32})
+    graph.insert_before(graph.node(0), [cast]) if len(graph) else graph.append(cast)
+    return cast.outputs[0]
 
 
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
