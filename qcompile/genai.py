@@ -7,9 +7,10 @@ vocabulary) and the decoder facts a qcompile export records (``qcompile.decoder`
 type, attention heads, hidden size, context length, token ids). Tokenizer files are copied
 from the input's folder or the recorded tokenizer folder when present.
 
-``past_present_share_buffer`` is false for a model whose ``present`` grows by the new tokens (the
-exported form, and ``GroupQueryAttention`` fed a past of its own length), true only where the input
-config said so and the graph's cache inputs and outputs share their length dim.
+``past_present_share_buffer`` is true where every ``present`` comes from ``GroupQueryAttention``
+(the fused graph: it writes the new tokens into a max-length past buffer in place, so GenAI's loop
+copies no cache per step), false for a graph whose ``present`` is a Concat of past and new (the
+export as it is). qcompile's own step loop feeds a growing past either way.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def _vocab(model: ir.Model) -> int | None:
 
 
 def _shares_buffer(model: ir.Model) -> bool:
-    past = next((v for v in model.graph.inputs if v.name == "past_key_values.0.key"), None)
-    present = next((v for v in model.graph.outputs if v.name == "present.0.key"), None)
-    if past is None or present is None or past.shape is None or present.shape is None:
-        return False
-    return str(past.shape[2]) == str(present.shape[2])
+    """Every ``present`` is written by GroupQueryAttention, which takes a past buffer of the maximum
+    length and writes the new tokens into it in place (GenAI's shared-buffer mode)."""
+    presents = [v for v in model.graph.outputs if v.name.startswith("present.")]
+    return bool(presents) and all(
+        v.producer() is not None and v.producer().op_type == "GroupQueryAttention"
+        and v.producer().domain == "com.microsoft" for v in presents)
 
 
 def config_for(model: ir.Model, source_folder: Path | None, filename: str) -> dict | None:
@@ -93,7 +95,7 @@ def config_for(model: ir.Model, source_folder: Path | None, filename: str) -> di
     dec["outputs"] = {"logits": "logits", "present_key_names": "present.%d.key",
                       "present_value_names": "present.%d.value"}
     search = config.setdefault("search", {})
-    search["past_present_share_buffer"] = bool(search.get("past_present_share_buffer")) and _shares_buffer(model)
+    search["past_present_share_buffer"] = _shares_buffer(model)
     return config
 
 

@@ -195,7 +195,10 @@ def test_genai_config_written_and_the_model_runs_in_onnxruntime_genai(tiny_llama
     assert decoder_config["filename"] == "model.onnx"
     assert (decoder_config["num_key_value_heads"], decoder_config["head_size"]) == (2, 16)
     assert decoder_config["inputs"]["position_ids"] == "position_ids"
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention writes in place
+    export_config = json.loads((tiny_llama.parent / "genai_config.json").read_text()) \
+        if (tiny_llama.parent / "genai_config.json").is_file() else None
+    assert export_config is None or export_config["search"]["past_present_share_buffer"] is False
     prompt = np.arange(10, 22)[None]
     ours = decoder.greedy(session_runner(tiny_llama), decoder.signature_of(tiny_llama), prompt, 6).tokens
     model = og.Model(str(tiny_llama_fused.parent))
@@ -230,4 +233,6 @@ def test_zoo_cache_option_is_a_boolean(tmp_path):
     assert done.returncode == 2 and "cache=true" in done.stderr
     done = qcompile("zoo", "export", "gpt_synth", "--option", "cache=true", "-o", tmp_path / "m.onnx")
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "genai_config.json").is_file()
+    config = json.loads((tmp_path / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False  # the export's present is a Concat
+    assert config["model"]["type"] == "llama"  # GenAI's generic decoder: its gpt2 type reads other inputs

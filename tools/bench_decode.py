@@ -23,7 +23,7 @@ SmolLM2 rows (builder precision in brackets):
     qcompile W4 GPTQ b32 4-bit head   the same with the head in 4 bits too (the builder's layout)
     qcompile W4 GPTQ b128  block 128, head in 8 bits                                 [int4 block_size=128]
     qcompile W8A8 + SQ     w8a8-smoothquant on the fused cache model (prefill row)
-gpt_synth (168 M, random weights: speed only): FP32 export, qcompile FP32, qcompile W4 RTN b32.
+gpt_synth (168 M, random weights: speed only): FP32 export, qcompile FP32, qcompile W4 RTN b32 and b128.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ ROWS = {
         ("qcompile FP32", "optimize", []),
         ("qcompile W4 RTN b32", "quantize", ["--recipe", "w4-weight-only", "--algorithm", "rtn", "--block-size", "32",
                                              "--include-lm-head"]),
+        ("qcompile W4 RTN b128", "quantize", ["--recipe", "w4-weight-only", "--algorithm", "rtn", "--block-size",
+                                              "128", "--include-lm-head"]),
     ],
 }
 EXPORT_OPTIONS = {"smollm2": ["cache=true"], "gpt_synth": ["cache=true", *GPT_168M]}
