@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qcompile.decoder import IDS, MASK, POSITIONS
 from qcompile.models.base import require, torch_export
 
 #: Metadata key of the decoder facts (JSON) written into a cache export.
 DECODER_METADATA = "qcompile.decoder"
 TRACE_PAST, TRACE_SEQ = 3, 2
+#: The input names qcompile/decoder.py reads (the Hugging Face / Optimum form).
+IDS, MASK, POSITIONS = "input_ids", "attention_mask", "position_ids"
 
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:

@@ -144,14 +144,12 @@ def perplexity(run, tokens: np.ndarray, window: int = WINDOW) -> float:
 
 
 def evaluate(model_path: str | Path, target: str = "ort-cpu", reference: str | Path | None = None) -> dict[str, Any]:
-    from qcompile import decoder, execute, modelio, specs
+    from qcompile import execute
 
     tokens = eval_tokens()
-    input_specs = specs.input_specs(modelio.load(model_path, check=False))
-    sig = decoder.signature_of(model_path) if decoder.signature(input_specs) else None
-    complete = sig.complete if sig else dict
     with execute.loaded(str(model_path), target) as runtime:
-        ppl = perplexity(lambda feed: runtime.run(complete(feed))["logits"], tokens)
+        run = execute.prompt_runner(runtime, model_path)  # a KV-cache export gets an empty past
+        ppl = perplexity(lambda feed: run(feed)["logits"], tokens)
     return {"perplexity": ppl, "tokens": int(len(tokens)), "window": WINDOW}
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import modelio
+from qcompile import modelio, specs
 from qcompile.errors import BackendFailedError, RuntimeUnavailableError, UnknownNameError
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, get_runtime
 
@@ -71,3 +72,15 @@ def run_all(runtime: Runtime, feeds: Iterable[Mapping[str, np.ndarray]]) -> list
         return [runtime.run(feed) for feed in feeds]
     except BackendError as exc:
         raise BackendFailedError(str(exc), where=runtime.name, fix="check the inputs match the model") from None
+
+
+def prompt_runner(runtime: Runtime, model_path: str | Path) -> Callable[[Mapping[str, np.ndarray]], dict]:
+    """``runtime.run`` for prompt-only feeds: a KV-cache decoder's feed is completed with an empty
+    past, positions and mask (qcompile/decoder.py); any other model's is run as given."""
+    from qcompile import decoder
+
+    sig = decoder.signature(specs.input_specs(modelio.load(model_path, check=False)))
+    if sig is None:
+        return runtime.run
+    sig = decoder.signature_of(model_path)
+    return lambda feed: runtime.run(sig.complete(feed))

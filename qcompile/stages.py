@@ -68,7 +68,8 @@ class OptimizedModelChanged(Exception):
 
 def prepare(model_or_path: ir.Model | str | os.PathLike, target: str, verify_options: VerifyOptions | None,
             guard_runs: int | str | None, clock: PhaseClock, *, optimize: bool = True,
-            reader: CalibrationReader | None = None) -> tuple[FloatModel, ir.Model | None]:
+            reader: CalibrationReader | None = None,
+            skip_passes: frozenset[str] = frozenset()) -> tuple[FloatModel, ir.Model | None]:
     """The stages every recipe shares before its own: load, reference, speed guard (FP32), optimize.
 
     The original model runs in a session as it will be run (graph optimizations on, weights
@@ -103,7 +104,8 @@ def prepare(model_or_path: ir.Model | str | os.PathLike, target: str, verify_opt
     original = snapshot(model) if optimize else None  # shares the weights: cheap
     if optimize:
         # checked end to end below; a pass that crashes is rolled back
-        result = optimize_with_stats(model, verify=False, pipeline=target_spec.passes)
+        pipeline = tuple(p for p in target_spec.passes if p not in skip_passes)
+        result = optimize_with_stats(model, verify=False, pipeline=pipeline)
         float_model.model, float_model.notes = result.model, result.warnings()
         if result.modified:
             check_output(float_model.model, "all passes")

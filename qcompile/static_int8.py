@@ -185,8 +185,10 @@ def quantize_static(
     clock = clock or PhaseClock()
     targets.get(target)  # an unknown target fails before anything is loaded
     verify_options = verify_options or VerifyOptions(each_pass=False)
+    # the attention MatMuls asked for in INT8 must survive: no fused attention kernel replaces them
+    skip = frozenset({"fuse-attention"}) if quantize_attention else frozenset()
     float_model, original = prepare(model_or_path, target, verify_options, guard_runs, clock, optimize=optimize,
-                                    reader=reader)
+                                    reader=reader, skip_passes=skip)
     args = dict(target=target, method=method, per_channel=per_channel, exclude=exclude, samples=samples,
                 keep_float=keep_float, min_sqnr_db=min_sqnr_db, smoothquant=smoothquant, weight_dtype=weight_dtype,
                 quantize_attention=quantize_attention, guard_runs=guard_runs, precision=precision,

@@ -7,6 +7,7 @@ import collections
 import json
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -39,9 +40,10 @@ def random_cache_feed(sig: decoder.CacheSignature, past: int, seq: int, seed: in
     return sig.fit(feed)
 
 
-def qcompile(*args, cwd=None):
+def qcompile(*args):
+    """The CLI as a user runs it, started outside the checkout (whose source folder is not the package)."""
     return subprocess.run([sys.executable, "-m", "qcompile", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
+                          cwd=tempfile.gettempdir())
 
 
 @pytest.fixture(scope="module")
