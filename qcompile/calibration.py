@@ -65,6 +65,21 @@ class IterableReader:
             yield feed
 
 
+class FirstFeeds(IterableReader):
+    """``reader``'s feeds as they are read, the first ``keep`` of them also kept in ``kept`` (for a
+    later stage: a reader can be read once)."""
+
+    def __init__(self, reader: CalibrationReader, keep: int) -> None:
+        super().__init__(iter(reader.get_next, None), describe(reader), user_code=_is_user_code(reader))
+        self.keep, self.kept = keep, []
+
+    def get_next(self) -> Feed | None:
+        feed = super().get_next()
+        if feed is not None and len(self.kept) < self.keep:
+            self.kept.append(feed)
+        return feed
+
+
 def describe(reader: CalibrationReader) -> str:
     """The reader as messages name it: its CLI spec, or its class."""
     name = getattr(reader, "name", None)

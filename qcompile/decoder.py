@@ -199,12 +199,7 @@ def greedy(
     result = Generation([token], prefill)
     length = prompt.shape[1]
     for _ in range(new_tokens - 1):
-        step: Feed = {IDS: np.array([[token]], dtype=np.int64)}
-        step.update({past: outputs[present] for past, present in zip(sig.past_names, sig.present_names)})
-        if MASK in sig.inputs:
-            step[MASK] = np.ones((1, length + 1), dtype=np.int64)
-        if POSITIONS in sig.inputs:
-            step[POSITIONS] = np.array([[length]], dtype=np.int64)
+        step = step_feed(sig, token, outputs, length)
         start = clock()
         outputs = run(step)
         result.step_s.append(clock() - start)
@@ -212,6 +207,18 @@ def greedy(
         result.tokens.append(token)
         length += 1
     return result
+
+
+def step_feed(sig: CacheSignature, token: int, outputs: Mapping[str, np.ndarray], length: int) -> Feed:
+    """One decode step's feed (batch 1): ``token`` at position ``length``, the last step's ``present``
+    as ``past``, a mask over the ``length + 1`` tokens."""
+    step: Feed = {IDS: np.array([[token]], dtype=np.int64)}
+    step.update({past: outputs[present] for past, present in zip(sig.past_names, sig.present_names)})
+    if MASK in sig.inputs:
+        step[MASK] = np.ones((1, length + 1), dtype=np.int64)
+    if POSITIONS in sig.inputs:
+        step[POSITIONS] = np.array([[length]], dtype=np.int64)
+    return step
 
 
 def describe_shapes(shapes: Mapping[str, Sequence[int]]) -> str:

@@ -114,6 +114,7 @@ class Result:
     details: Any
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    kv_cache: Any = None  # qcompile.kv_cache.CacheChange when the cache's type was changed
 
     def __getattr__(self, name: str):
         """The recipe kind's own fields (``calibration``, ``sqnr_db``, ``smoothquant``, ``quantized``,
@@ -162,6 +163,7 @@ class Result:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "target": self.target, **self.details.to_json(),
+                "kv_cache": self.kv_cache.to_json() if self.kv_cache else None,
                 "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
                 "phase_peak_rss_mb": {k: round(v) for k, v in self.phase_peak_rss_mb.items()}}
 
@@ -216,6 +218,12 @@ class Pipeline:
         if self.target.device != "cpu":
             guard_runs = None  # a CPU timing says nothing of a GPU target: `qcompile bench --target` on its GPU
         clock = PhaseClock()
+        kept: list = []
+        if recipe.kv_cache != "fp32" and reader is not None:  # the cache's scales and check: calibration prompts
+            from qcompile.calibration import FirstFeeds
+
+            reader = FirstFeeds(reader, 4)
+            kept = reader.kept
         if recipe.kind == "float":
             from qcompile.float_recipe import convert_float
 
@@ -242,7 +250,21 @@ class Pipeline:
                                        samples=recipe.samples, verify_options=verify_options, target=target,
                                        clock=clock, guard_runs=guard_runs, high_precision=high_precision,
                                        exclude=recipe.exclude)
-        return Result(details.model, recipe, target, details, clock.seconds, clock.peak_rss_mb)
+        if recipe.kv_cache != "fp32":
+            from qcompile.kv_cache import convert_cache
+
+            change = convert_cache(details.model, recipe.kv_cache, _prompts(kept, details), target)
+            details.notes.append(change.note())
+            clock.lap("kv_cache")
+        else:
+            change = None
+        return Result(details.model, recipe, target, details, clock.seconds, clock.peak_rss_mb, change)
+
+
+def _prompts(kept: list, details, count: int = 4) -> list:
+    """Token sequences for the KV-cache conversion: calibration prompts, else the verification feeds'."""
+    feeds = kept or list(details.verification_feeds or [])
+    return [feed["input_ids"][:1] for feed in feeds if "input_ids" in feed][:count]
 
 
 def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str | Recipe" = "int8",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from qcompile.errors import InputSpecError, UnknownNameError
+from qcompile.kv_cache import KV_CACHES, KvCache
 from qcompile.passes.quant.nbits import Format
 from qcompile.quant.observers import Method
 from qcompile.targets import HIGH_PRECISIONS, HighPrecision
@@ -73,7 +74,8 @@ class Recipe:
     include_embeddings: bool = False
     lm_head_bits: Bits | None = None  # the LM head (and a table tied to it) in other bits than the rest
     accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
-    # both
+    # every kind
+    kv_cache: KvCache = "fp32"  # a fused decoder's KV cache: fp32 | fp16 | int8 (qcompile.kv_cache)
     samples: int = 64
     target: str = "ort-cpu"  # qcompile.targets
     high_precision: HighPrecision | None = None  # what is not quantized runs in; None: the target's default
@@ -86,7 +88,8 @@ class Recipe:
     def validate(self) -> "Recipe":
         problems = []
         for key, allowed in (("kind", KINDS), ("bits", BITS), ("block_size", BLOCK_SIZES), ("algorithm", ALGORITHMS),
-                             ("format", FORMATS), ("method", METHODS), ("dtype", STATIC_DTYPES)):
+                             ("format", FORMATS), ("method", METHODS), ("dtype", STATIC_DTYPES),
+                             ("kv_cache", KV_CACHES)):
             if getattr(self, key) not in allowed:
                 problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
         if self.lm_head_bits not in (None, *BITS):

@@ -169,7 +169,7 @@ def quantize_weights(
             for node in nodes:
                 w = node.inputs[1]
                 hessian = hessians[node.inputs[0].name]
-                if id(node) in tied and config.format == "matmulnbits" and config.symmetric:
+                if id(node) in tied and config.format == "matmulnbits":
                     hessian = tied_hessian(hessian)
                 precomputed[w.name] = gptq(w.const_value.numpy(), hessian, config.bits_for(node), config.block_size,
                                            config.symmetric)

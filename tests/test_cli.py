@@ -208,6 +208,24 @@ def test_output_equal_to_input_is_refused(small_model):
     assert small_model.read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["optimize", "quantize", "zoo export"])
+def test_missing_output_folder_is_refused_before_any_work(small_model, tmp_path, monkeypatch, command):
+    """Exit 2 naming the folder, and before loading or exporting anything (not after minutes of GPTQ)."""
+    from qcompile import modelio
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(modelio, "load", no_work)
+    missing = tmp_path / "missing"
+    args = {"optimize": ["optimize", str(small_model)], "quantize": ["quantize", str(small_model), "--calib", "random"],
+            "zoo export": ["zoo", "export", "minilm"]}[command]
+    result = CliRunner().invoke(main, [*args, "-o", str(missing / "m.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "output folder does not exist" in result.output and str(missing) in result.output
+    assert not missing.exists()
+
+
 def test_pass_failing_verification_is_rolled_back_with_a_warning(small_model, tmp_path, monkeypatch):
     from qcompile import passes
 

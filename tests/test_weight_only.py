@@ -113,6 +113,55 @@ def test_embedding_rows_match_numpy_dequantised_reference(fmt, opset, bits, bloc
     assert np.abs(deq - TABLE).max() < (0.05 if bits == 4 else 0.003)
 
 
+def tied_model() -> ir.Model:
+    """Embedding table E [V, D] and LM head W = E^T (tied), both outputs exposed."""
+    table = ", ".join(f"{v:.6f}" for v in TABLE.ravel())
+    head = ", ".join(f"{v:.6f}" for v in TABLE.T.ravel())
+    return ir.from_proto(onnx.parser.parse_model(f"""
+    <ir_version: 10, opset_import: ["" : 17]>
+    g (int64[1, 7] ids) => (float[1, 7, {DIM}] e, float[1, 7, {VOCAB}] logits)
+      <float[{VOCAB}, {DIM}] table = {{{table}}}, float[{DIM}, {VOCAB}] head = {{{head}}}> {{
+      e = Gather <axis = 0> (table, ids)
+      logits = MatMul(e, head)
+    }}"""))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits, block", [(4, 16), (4, 32), (8, 64)])  # D = 80: whole blocks (16), or padded
+def test_tied_table_gathers_the_heads_codes(symmetric, bits, block):
+    m = tied_model()
+    cfg = WeightOnlyConfig(bits=bits, block_size=block, symmetric=symmetric, include_lm_head=True,
+                           include_embeddings=True)
+    weight = m.graph.initializers["head"].const_value.numpy()  # as parsed (6 decimals): ties round alike
+    lowering = _lowering(cfg)
+    lowering(m)
+    ir.passes.common.RemoveUnusedNodesPass()(m)
+    ops = [n.op_type for n in m.graph]
+    assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1
+    assert "table" not in m.graph.initializers and "head" not in m.graph.initializers
+    gather = next(n for n in m.graph if n.op_type == "GatherBlockQuantized")
+    matmul = next(n for n in m.graph if n.op_type == "MatMulNBits")
+    assert gather.inputs[2] is matmul.inputs[2]  # one set of codes: the head's scales (and zero points)
+    assert (len(gather.inputs) > 3) is (not symmetric) and (symmetric or gather.inputs[3].producer().inputs[0]
+                                                             is matmul.inputs[3])
+    deq_head = rtn(weight, bits, block, symmetric).dequantize()  # [D, V]
+    ids = RNG.integers(0, VOCAB, (1, 7)).astype(np.int64)
+    so = ort.SessionOptions()
+    session = ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    e, logits = session.run(None, {"ids": ids})
+    np.testing.assert_allclose(e, deq_head.T[ids], rtol=1e-5, atol=1e-6)  # the rows are the head's columns
+    # the head is the one it would be untied: the same kernel on the same codes, bit for bit
+    head = ", ".join(f"{v:.6f}" for v in TABLE.T.ravel())
+    head_only = ir.from_proto(onnx.parser.parse_model(f"""
+    <ir_version: 10, opset_import: ["" : 17]>
+    g (float[1, 7, {DIM}] e) => (float[1, 7, {VOCAB}] logits) <float[{DIM}, {VOCAB}] head = {{{head}}}> {{
+      logits = MatMul(e, head)
+    }}"""))
+    _lowering(cfg)(head_only)
+    alone = ort.InferenceSession(ir.to_proto(head_only).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(logits, alone.run(None, {"e": e})[0])
+
+
 def test_embeddings_left_alone_by_default():
     m = embedding_model(17)
     lowering = _lowering(WeightOnlyConfig())

@@ -44,7 +44,7 @@ class WeightOnlyConfig:
     symmetric: bool = True
     format: Format = "matmulnbits"
     include_lm_head: bool = False
-    include_embeddings: bool = False  # Gather tables, always symmetric
+    include_embeddings: bool = False  # Gather tables (symmetric, unless tied to an asymmetric head)
     accuracy_level: int | None = None  # MatMulNBits: 0 float compute, 4 int8 compute of A; None: 0 here,
                                        # the fastest on the CPU in qcompile.weight_only.quantize_weights
     lm_head_bits: int | None = None  # the LM head (and a table tied to it) in other bits, e.g. 8 under W4
@@ -135,7 +135,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         jobs = [(node, node.inputs[1], self._matmul_codes, self._to_matmulnbits if ort else self._to_blocked_dq,
                  self.quantized) for node in candidates(model, cfg)]
         gathers = embedding_candidates(model, cfg)
-        tied = tied_heads([job[0] for job in jobs], gathers) if ort and cfg.symmetric else {}
+        tied = tied_heads([job[0] for job in jobs], gathers) if ort else {}
         jobs += [(node, node.inputs[0], self._row_codes,
                   self._to_gather_block_quantized if ort else self._to_blocked_dq_gather,
                   self.embeddings) for node in gathers if id(node) not in tied]
@@ -182,7 +182,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
     def _share_with_head(self, graph: ir.Graph, gather: ir.Node, head: ir.Node) -> None:
         """A table tied to the LM head (E = W^T) gathers from the head's MatMulNBits codes: its packed
         B [V, K/block, block*b/8] seen as [V, K/block * block*b/8] (one copy on disk, as ONNX Runtime
-        GenAI's builder shares them), the same scales [V, K/block]. Rows padded to whole blocks
+        GenAI's builder shares them), the same scales [V, K/block] and (asymmetric) the same packed
+        zero points, [V * ceil(K/block * b/8)] seen as [V, ceil(K/block * b/8)]. Rows padded to whole blocks
         (K not a multiple of the block) come out padded, so their padding is sliced off."""
         cfg = self.config
         b, scales = head.inputs[1], head.inputs[2]
@@ -190,13 +191,19 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         width = int(head.attributes.get_int("K"))
         shape = add_initializer(graph, f"{b.name}_rows", np.array([rows, k_blocks * blob], dtype=np.int64))
         reshape = ir.node("Reshape", [b, shape], name=f"{gather.name}_tied_rows")
+        inputs, nodes = [reshape.outputs[0], gather.inputs[1], scales], [reshape]
+        if len(head.inputs) > 3 and head.inputs[3] is not None:  # asymmetric: the head's packed zero points too
+            zp_shape = add_initializer(graph, f"{b.name}_zero_point_rows", np.array([rows, -1], dtype=np.int64))
+            zp = ir.node("Reshape", [head.inputs[3], zp_shape], name=f"{gather.name}_tied_zero_points")
+            inputs.append(zp.outputs[0])
+            nodes.append(zp)
         new = ir.node(
-            "GatherBlockQuantized", [reshape.outputs[0], gather.inputs[1], scales], domain="com.microsoft",
+            "GatherBlockQuantized", inputs, domain="com.microsoft",
             name=f"{gather.name}_GatherBlockQuantized",
             attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size,
                         "bits": head.attributes.get_int("bits")},
         )
-        nodes, out = [reshape, new], new.outputs[0]
+        nodes, out = [*nodes, new], new.outputs[0]
         if width != k_blocks * cfg.block_size:
             starts, ends, axes = (add_initializer(graph, f"{gather.name}_{n}", np.array([v], dtype=np.int64))
                                   for n, v in (("start", 0), ("end", width), ("axis", -1)))

@@ -21,7 +21,7 @@ from qcompile import interrupts, modelio, specs
 from qcompile.errors import QCompileError, UnknownNameError
 from qcompile.progress import bar, stderr
 
-__all__ = ["stdout", "stderr", "emit_json", "debugging", "fail", "handle_errors", "refuse_overwriting_input",
+__all__ = ["stdout", "stderr", "emit_json", "debugging", "fail", "handle_errors", "check_output_path",
            "output_temp_dir", "commit_saved", "resolve_model", "shape_options", "with_shape_options", "data_feeds",
            "data_option", "calibration_samples"]
 
@@ -96,9 +96,13 @@ def handle_errors(fn):
     return wrapper
 
 
-def refuse_overwriting_input(out: Path, source: Path) -> None:
-    """Checked before any work: writing over the model being read is never what the user meant."""
-    if out.exists() and source.exists() and os.path.samefile(out, source):
+def check_output_path(out: Path, source: Path | None = None) -> None:
+    """Checked before any work (not after minutes of it): the output's folder exists, and writing
+    over the model being read is never what the user meant."""
+    if not out.parent.resolve().is_dir():
+        raise modelio.OutputPathError("output folder does not exist", where=str(out.parent.resolve()),
+                                      fix="create it first")
+    if source is not None and out.exists() and source.exists() and os.path.samefile(out, source):
         raise modelio.OutputPathError("refusing to overwrite the input model", where=str(out), fix="choose another -o")
 
 

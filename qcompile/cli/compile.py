@@ -18,12 +18,12 @@ import click
 from qcompile import modelio, specs, targets
 from qcompile.cli.common import (
     calibration_samples,
+    check_output_path,
     data_feeds,
     data_option,
     emit_json,
     handle_errors,
     output_temp_dir,
-    refuse_overwriting_input,
     resolve_model,
     stderr,
     stdout,
@@ -76,7 +76,7 @@ def compile_(model, target_list, output, precision, recipe_name, recipe_file, hi
                                           "on any machine")
     path = resolve_model(model)
     out = Path(output)
-    refuse_overwriting_input(out, path)
+    check_output_path(out, path)
     quantizing = bool(precision or recipe_name or recipe_file)
     built = []
     with contextlib.ExitStack() as stack:

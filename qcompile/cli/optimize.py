@@ -9,11 +9,11 @@ from rich.table import Table
 
 from qcompile import genai, modelio, specs
 from qcompile.cli.common import (
+    check_output_path,
     data_feeds,
     data_option,
     emit_json,
     handle_errors,
-    refuse_overwriting_input,
     resolve_model,
     stderr,
     stdout,
@@ -46,7 +46,7 @@ def optimize(model, output, passes, verify, strict, target_opset, tolerance, ext
     path = resolve_model(model)
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes else None
     out = Path(output)
-    refuse_overwriting_input(out, path)
+    check_output_path(out, path)
     loaded = modelio.load(path)
     options = VerifyOptions(dims=specs.parse_dims(dims), batch=batch, seq=seq, rel_l2=tolerance,
                             feeds=data_feeds(data, loaded, limit=4))

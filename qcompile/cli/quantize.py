@@ -12,6 +12,7 @@ import onnx_ir as ir
 from qcompile import decoder, genai, modelio, specs, targets
 from qcompile.cli.common import (
     calibration_samples,
+    check_output_path,
     commit_saved,
     data_feeds,
     data_option,
@@ -19,7 +20,6 @@ from qcompile.cli.common import (
     fail,
     handle_errors,
     output_temp_dir,
-    refuse_overwriting_input,
     resolve_model,
     stderr,
     stdout,
@@ -27,6 +27,7 @@ from qcompile.cli.common import (
 )
 from qcompile.evaluators import METRIC_HELP
 from qcompile.executor import EXECUTORS
+from qcompile.kv_cache import KV_CACHES
 from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
 from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 
@@ -65,6 +66,8 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 @click.option("--include-lm-head", is_flag=True, default=False, help="Weight-only: quantize the LM head too.")
 @click.option("--include-embeddings", is_flag=True, default=False,
               help="Weight-only: quantize embedding tables (Gather) too, symmetric blocks along each row.")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=None,
+              help="A fused decoder's KV cache in fp16 or int8 (per-channel scales from --calib) [default: fp32].")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="Weight-only with --include-lm-head: the LM head (and an embedding table tied to it) in these bits, "
                    "e.g. 8 under a W4 recipe.")
@@ -102,7 +105,8 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 def quantize(model, output, target, recipe_name, precision, high_precision, recipe_file, save_recipe, calib, method,
              per_channel, alpha,
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings,
-             lm_head_bits, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims, data,
+             kv_cache, lm_head_bits, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims,
+             data,
              accuracy_budget, metric_name, budget_data, budget_samples, budget_trials, budget_seconds, executor_spec,
              report, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
@@ -122,7 +126,7 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
         block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
         include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
-        lm_head_bits=int(lm_head_bits) if lm_head_bits else None,
+        lm_head_bits=int(lm_head_bits) if lm_head_bits else None, kv_cache=kv_cache,
         quantize_attention=True if quantize_attention else None, target=target,
         exclude=tuple(dict.fromkeys([*base.exclude, *exclude])) if exclude else None,
     )
@@ -132,7 +136,7 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     recipe.validate()
     path = resolve_model(model)
     out = Path(output)
-    refuse_overwriting_input(out, path)
+    check_output_path(out, path)
     source = modelio.load(path)
     read_by_input = {Path(v.const_value.path).resolve() for v in source.graph.initializers.values()
                      if isinstance(v.const_value, ir.ExternalTensor)}  # before quantizing (in place)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.table import Table
 
 from qcompile import genai, modelio
-from qcompile.cli.common import emit_json, handle_errors, stdout
+from qcompile.cli.common import check_output_path, emit_json, handle_errors, stdout
 from qcompile.errors import InputSpecError, UnknownNameError
 from qcompile.progress import bar
 
@@ -69,6 +71,7 @@ def zoo_export(name: str, output: str, options: tuple[str, ...]) -> None:
     except KeyError as exc:
         raise UnknownNameError(str(exc.args[0]), fix="see `qcompile zoo list`") from None
     parsed = _zoo_options(entry, options)
+    check_output_path(Path(output))
     with bar(f"exporting {name}"):
         path = cached_export(entry, parsed)
     model = modelio.load(path)
