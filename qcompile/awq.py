@@ -80,7 +80,8 @@ def awq(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], config: WeightO
             s = scales.get(name)
             importance = clipping_importance(moments[name].mean_square(), s)
             w = node.inputs[1].const_value.numpy()
-            codes[node.inputs[1].name] = rtn(w, config.bits_for(node), config.block_size, config.symmetric, importance)
+            codes[node.inputs[1].name] = rtn(w, config.bits_for(node), config.block_for(node), config.symmetric,
+                                               importance)
             advance()
     return AwqResult(model, alphas, len(groups), codes)
 

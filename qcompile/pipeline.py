@@ -245,7 +245,8 @@ class Pipeline:
             config = WeightOnlyConfig(bits=recipe.bits, block_size=recipe.block_size, symmetric=recipe.symmetric,
                                       format=recipe.format, include_lm_head=recipe.include_lm_head,
                                       include_embeddings=recipe.include_embeddings,
-                                      accuracy_level=recipe.accuracy_level, lm_head_bits=recipe.lm_head_bits)
+                                      accuracy_level=recipe.accuracy_level, lm_head_bits=recipe.lm_head_bits,
+                                      lm_head_block_size=recipe.lm_head_block_size)
             details = quantize_weights(model, config, algorithm=recipe.algorithm, reader=reader,
                                        samples=recipe.samples, verify_options=verify_options, target=target,
                                        clock=clock, guard_runs=guard_runs, high_precision=high_precision,

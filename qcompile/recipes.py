@@ -73,6 +73,7 @@ class Recipe:
     include_lm_head: bool = False
     include_embeddings: bool = False
     lm_head_bits: Bits | None = None  # the LM head (and a table tied to it) in other bits than the rest
+    lm_head_block_size: BlockSize | None = None  # ... and in other blocks than the rest
     accuracy_level: int | None = None  # MatMulNBits; None: the faster on this CPU (measured)
     # every kind
     kv_cache: KvCache = "fp32"  # a fused decoder's KV cache: fp32 | fp16 | int8 (qcompile.kv_cache)
@@ -92,8 +93,9 @@ class Recipe:
                              ("kv_cache", KV_CACHES)):
             if getattr(self, key) not in allowed:
                 problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
-        if self.lm_head_bits not in (None, *BITS):
-            problems.append(f"lm_head_bits {self.lm_head_bits!r} ({' | '.join(map(str, BITS))})")
+        for key, allowed in (("lm_head_bits", BITS), ("lm_head_block_size", BLOCK_SIZES)):
+            if getattr(self, key) not in (None, *allowed):
+                problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             problems.append(f"accuracy_level {self.accuracy_level!r} (0..4)")
         sq = self.smoothquant

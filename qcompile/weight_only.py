@@ -75,6 +75,7 @@ class WeightOnlyResult:
         c = self.config
         return {"bits": c.bits, "block_size": c.block_size, "symmetric": c.symmetric, "format": c.format,
                 "include_lm_head": c.include_lm_head, "include_embeddings": c.include_embeddings,
+                "lm_head_bits": c.lm_head_bits, "lm_head_block_size": c.lm_head_block_size,
                 "accuracy_level": c.accuracy_level, "algorithm": self.algorithm,
                 "quantized_matmuls": len(self.quantized), "quantized_embeddings": len(self.embeddings), "awq": self.awq,
                 "opset": self.opset.to_json() if self.opset else None,
@@ -171,8 +172,8 @@ def quantize_weights(
                 hessian = hessians[node.inputs[0].name]
                 if id(node) in tied and config.format == "matmulnbits":
                     hessian = tied_hessian(hessian)
-                precomputed[w.name] = gptq(w.const_value.numpy(), hessian, config.bits_for(node), config.block_size,
-                                           config.symmetric)
+                precomputed[w.name] = gptq(w.const_value.numpy(), hessian, config.bits_for(node),
+                                           config.block_for(node), config.symmetric)
                 advance()
         clock.lap("gptq")
     elif algorithm == "awq":

@@ -79,6 +79,23 @@ def test_lm_head_included_when_asked():
     onnx.checker.check_model(ir.to_proto(m))
 
 
+@pytest.mark.parametrize("fmt, opset", [("matmulnbits", 17), ("dq", 21)])
+def test_lm_head_in_its_own_blocks_and_bits(fmt, opset):
+    """--lm-head-block 16 --lm-head-bits 8 under a W4 block-32 recipe: the body keeps 4 bits in blocks of
+    32, the head takes 8 bits in blocks of 16; both match the numpy reference of those codes."""
+    m = model(opset)
+    cfg = WeightOnlyConfig(bits=4, block_size=32, format=fmt, include_lm_head=True, lm_head_bits=8,
+                           lm_head_block_size=16)
+    w, w_head = (m.graph.initializers[n].const_value.numpy() for n in ("w", "head"))  # as parsed: ties alike
+    _lowering(cfg)(m)
+    blocks = sorted(n.attributes.get_int("block_size") for n in m.graph if n.op_type in ("MatMulNBits",
+                                                                                          "DequantizeLinear"))
+    assert blocks == [16, 32]
+    x = RNG.standard_normal((2, 5, K)).astype(np.float32)
+    body, head = rtn(w, 4, 32, True).dequantize(), rtn(w_head, 8, 16, True).dequantize()
+    np.testing.assert_allclose(run(m, x), np.maximum(x @ body, 0) @ head, rtol=1e-4, atol=1e-4)
+
+
 VOCAB, DIM = 40, 80  # 80 is not a multiple of the 32/64 blocks: the last block per row is partial
 TABLE = (RNG.standard_normal((VOCAB, DIM)) * 0.1).astype(np.float32)
 
@@ -128,10 +145,12 @@ def tied_model() -> ir.Model:
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits, block", [(4, 16), (4, 32), (8, 64)])  # D = 80: whole blocks (16), or padded
-def test_tied_table_gathers_the_heads_codes(symmetric, bits, block):
+@pytest.mark.parametrize("head_block", [False, True])  # the head's block from lm_head_block_size, not block_size
+def test_tied_table_gathers_the_heads_codes(symmetric, bits, block, head_block):
     m = tied_model()
-    cfg = WeightOnlyConfig(bits=bits, block_size=block, symmetric=symmetric, include_lm_head=True,
-                           include_embeddings=True)
+    cfg = WeightOnlyConfig(bits=bits, block_size=128 if head_block else block, symmetric=symmetric,
+                           include_lm_head=True, include_embeddings=True,
+                           lm_head_block_size=block if head_block else None)
     weight = m.graph.initializers["head"].const_value.numpy()  # as parsed (6 decimals): ties round alike
     lowering = _lowering(cfg)
     lowering(m)
@@ -142,6 +161,7 @@ def test_tied_table_gathers_the_heads_codes(symmetric, bits, block):
     gather = next(n for n in m.graph if n.op_type == "GatherBlockQuantized")
     matmul = next(n for n in m.graph if n.op_type == "MatMulNBits")
     assert gather.inputs[2] is matmul.inputs[2]  # one set of codes: the head's scales (and zero points)
+    assert matmul.attributes.get_int("block_size") == gather.attributes.get_int("block_size") == block
     assert (len(gather.inputs) > 3) is (not symmetric) and (symmetric or gather.inputs[3].producer().inputs[0]
                                                              is matmul.inputs[3])
     deq_head = rtn(weight, bits, block, symmetric).dequantize()  # [D, V]

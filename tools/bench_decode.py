@@ -22,6 +22,7 @@ SmolLM2 rows (builder precision in brackets):
                            LM head in 4 bits (tied: one set of codes and zero points)  [int4]
     ... INT8 KV            the same with the KV cache in INT8 (per-channel scales; 4x less per token)
     qcompile W4 GPTQ b128 asym  the same at block 128                            [int4 block_size=128]
+    ... head b32           block 128, the LM head (and the tied table) in blocks of 32, 128 GPTQ samples
     qcompile W4 GPTQ b128  block 128, symmetric, head (and tied table) in 8 bits  [int4 block_size=128]
     qcompile W8A8 + SQ budget 1.5%   w8a8-smoothquant on the fused cache model, what stays float searched
                            against a 1.5 % perplexity budget on held-out text (the target: 15.5 = FP32 + 1.6 %)
@@ -50,6 +51,8 @@ ROWS = {
         ("qcompile W4 GPTQ b32 asym", "quantize", [*W4_ASYM, "--block-size", "32"]),
         ("qcompile W4 GPTQ b32 asym INT8 KV", "quantize", [*W4_ASYM, "--block-size", "32", "--kv-cache", "int8"]),
         ("qcompile W4 GPTQ b128 asym", "quantize", [*W4_ASYM, "--block-size", "128"]),
+        ("qcompile W4 GPTQ b128 asym head b32", "quantize", [*W4, "--asymmetric", "--samples", "128", "--block-size",
+                                                            "128", "--lm-head-block", "32"]),
         ("qcompile W4 GPTQ b128", "quantize", [*W4, "--block-size", "128", "--lm-head-bits", "8"]),
         ("qcompile W8A8 + SQ budget 1.5%", "quantize", ["--recipe", "w8a8-smoothquant", "--accuracy-budget", "0.015",
                                                       "--metric", "perplexity"]),

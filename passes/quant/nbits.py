@@ -34,7 +34,7 @@ from qcompile.quant.dtypes import pack
 from qcompile.quant.spec import BlockCodes
 
 Format = Literal["matmulnbits", "dq"]
-CodesFn = Callable[[str, str, np.ndarray, int], BlockCodes]
+CodesFn = Callable[[str, str, np.ndarray, int, int], BlockCodes]  # (kind, name, w, bits, block) -> codes
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,15 @@ class WeightOnlyConfig:
     accuracy_level: int | None = None  # MatMulNBits: 0 float compute, 4 int8 compute of A; None: 0 here,
                                        # the fastest on the CPU in qcompile.weight_only.quantize_weights
     lm_head_bits: int | None = None  # the LM head (and a table tied to it) in other bits, e.g. 8 under W4
+    lm_head_block_size: int | None = None  # ... and in other blocks, e.g. 32 under a block-128 recipe
 
     def bits_for(self, node: ir.Node) -> int:
         """The bits of one MatMul's weight: ``lm_head_bits`` for the LM head when set."""
         return self.lm_head_bits if self.lm_head_bits and is_lm_head(node) else self.bits
+
+    def block_for(self, node: ir.Node) -> int:
+        """The block size of one MatMul's weight: ``lm_head_block_size`` for the LM head when set."""
+        return self.lm_head_block_size if self.lm_head_block_size and is_lm_head(node) else self.block_size
 
 
 def is_lm_head(node: ir.Node) -> bool:
@@ -150,7 +155,8 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(self.quantized or self.embeddings))
 
     def _matmul_codes(self, node: ir.Node, weight: ir.Value) -> BlockCodes:
-        return self.codes("matmul", weight.name, weight.const_value.numpy(), self.config.bits_for(node))
+        return self.codes("matmul", weight.name, weight.const_value.numpy(), self.config.bits_for(node),
+                          self.config.block_for(node))
 
     def _row_codes(self, node: ir.Node, table: ir.Value) -> BlockCodes:
         return self.codes("embedding", table.name, table.const_value.numpy().T, self.config.bits)
@@ -172,7 +178,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             inputs.append(add_initializer(graph, f"{base}_zero_points", zp.reshape(-1)))
         new = ir.node(
             "MatMulNBits", inputs, domain="com.microsoft", name=f"{node.name}_MatMulNBits",
-            attributes={"K": bq.k, "N": n, "bits": bits, "block_size": cfg.block_size,
+            attributes={"K": bq.k, "N": n, "bits": bits, "block_size": bq.codes.shape[2],
                         "accuracy_level": cfg.accuracy_level or 0},
         )
         # the new output takes the old one's name, type and shape (it may be a graph output)
@@ -185,10 +191,9 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         GenAI's builder shares them), the same scales [V, K/block] and (asymmetric) the same packed
         zero points, [V * ceil(K/block * b/8)] seen as [V, ceil(K/block * b/8)]. Rows padded to whole blocks
         (K not a multiple of the block) come out padded, so their padding is sliced off."""
-        cfg = self.config
         b, scales = head.inputs[1], head.inputs[2]
         rows, k_blocks, blob = b.shape
-        width = int(head.attributes.get_int("K"))
+        width, block = int(head.attributes.get_int("K")), int(head.attributes.get_int("block_size"))
         shape = add_initializer(graph, f"{b.name}_rows", np.array([rows, k_blocks * blob], dtype=np.int64))
         reshape = ir.node("Reshape", [b, shape], name=f"{gather.name}_tied_rows")
         inputs, nodes = [reshape.outputs[0], gather.inputs[1], scales], [reshape]
@@ -200,11 +205,11 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         new = ir.node(
             "GatherBlockQuantized", inputs, domain="com.microsoft",
             name=f"{gather.name}_GatherBlockQuantized",
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size,
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block,
                         "bits": head.attributes.get_int("bits")},
         )
         nodes, out = [*nodes, new], new.outputs[0]
-        if width != k_blocks * cfg.block_size:
+        if width != k_blocks * block:
             starts, ends, axes = (add_initializer(graph, f"{gather.name}_{n}", np.array([v], dtype=np.int64))
                                   for n, v in (("start", 0), ("end", width), ("axis", -1)))
             cut = ir.node("Slice", [out, starts, ends, axes], name=f"{gather.name}_unpad")
@@ -230,7 +235,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
         scales = add_initializer(graph, f"{base}_scales", bq.scales.T.astype(np.float32).copy())
         zero = add_initializer(graph, f"{base}_zero_points", zp_array, zp_dtype)
         dq = ir.node("DequantizeLinear", [q, scales, zero], name=f"{node.name}_DequantizeLinear",
-                     attributes={"axis": 0, "block_size": cfg.block_size})
+                     attributes={"axis": 0, "block_size": block})
         dq.outputs[0].name = f"{base}_dequantized"
         graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])

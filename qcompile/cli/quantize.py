@@ -28,7 +28,7 @@ from qcompile.cli.common import (
 from qcompile.evaluators import METRIC_HELP
 from qcompile.executor import EXECUTORS
 from qcompile.kv_cache import KV_CACHES
-from qcompile.recipes import ALGORITHMS, BITS, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
+from qcompile.recipes import ALGORITHMS, BITS, BLOCK_SIZES, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
 from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 
 
@@ -58,7 +58,8 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 @click.option("--quantize-attention", is_flag=True, default=False,
               help="Static INT8: attention MatMuls (activation x activation) in INT8 too (float by default).")
 @click.option("--bits", type=click.Choice([str(b) for b in BITS]), default=None, help="Weight-only bits.")
-@click.option("--block-size", type=int, default=None, help="Weight-only block size (32/64/128).")
+@click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default=None,
+              help="Weight-only block size.")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None, help="Weight-only algorithm.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Weight-only lowering: ORT MatMulNBits, or blocked DequantizeLinear (opset 21).")
@@ -71,6 +72,9 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="Weight-only with --include-lm-head: the LM head (and an embedding table tied to it) in these bits, "
                    "e.g. 8 under a W4 recipe.")
+@click.option("--lm-head-block", "lm_head_block", type=click.Choice([str(b) for b in BLOCK_SIZES]), default=None,
+              help="Weight-only with --include-lm-head: the LM head (and a tied table) in these blocks, e.g. 32 "
+                   "under --block-size 128.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
               help="MatMulNBits compute: 0 float, 4 int8 activations (default: the faster on this CPU, measured).")
 @click.option("--exclude", multiple=True, metavar="NODE_OR_OPTYPE",
@@ -105,8 +109,8 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 def quantize(model, output, target, recipe_name, precision, high_precision, recipe_file, save_recipe, calib, method,
              per_channel, alpha,
              quantize_attention, bits, block_size, algorithm, fmt, asymmetric, include_lm_head, include_embeddings,
-             kv_cache, lm_head_bits, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs, batch, seq, dims,
-             data,
+             kv_cache, lm_head_bits, lm_head_block, accuracy_level, exclude, samples, min_sqnr, min_speedup, runs,
+             batch, seq, dims, data,
              accuracy_budget, metric_name, budget_data, budget_samples, budget_trials, budget_seconds, executor_spec,
              report, as_json):
     """Quantize MODEL with a recipe (static INT8 by default), then time it against FP32 on TARGET."""
@@ -123,10 +127,11 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     recipe = with_precision(base, precision).with_(high_precision=high_precision, target=target)
     recipe = recipe.with_(
         method=method, per_channel=per_channel, smoothquant=_parse_alpha(alpha), bits=int(bits) if bits else None,
-        block_size=block_size, algorithm=algorithm, format=fmt, samples=samples,
+        block_size=int(block_size) if block_size else None, algorithm=algorithm, format=fmt, samples=samples,
         symmetric=False if asymmetric else None, include_lm_head=True if include_lm_head else None,
         include_embeddings=True if include_embeddings else None, accuracy_level=accuracy_level,
         lm_head_bits=int(lm_head_bits) if lm_head_bits else None, kv_cache=kv_cache,
+        lm_head_block_size=int(lm_head_block) if lm_head_block else None,
         quantize_attention=True if quantize_attention else None, target=target,
         exclude=tuple(dict.fromkeys([*base.exclude, *exclude])) if exclude else None,
     )

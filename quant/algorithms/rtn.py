@@ -83,9 +83,10 @@ def block_codes(bits: int, block_size: int, symmetric: bool, precomputed: dict[s
     (GPTQ, AWQ; each handed out once) where given, else RTN; embedding tables always symmetric."""
     precomputed = {} if precomputed is None else precomputed
 
-    def codes(kind: str, name: str, w: np.ndarray, weight_bits: int | None = None) -> BlockCodes:
+    def codes(kind: str, name: str, w: np.ndarray, weight_bits: int | None = None,
+              weight_block: int | None = None) -> BlockCodes:
         if kind == "matmul" and name in precomputed:
             return precomputed.pop(name)
-        return rtn(w, weight_bits or bits, block_size, symmetric if kind == "matmul" else True)
+        return rtn(w, weight_bits or bits, weight_block or block_size, symmetric if kind == "matmul" else True)
 
     return codes
