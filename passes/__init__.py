@@ -26,7 +26,7 @@ from qcompile.passes.graph.fuse_batchnorm import fuse_batchnorm
 from qcompile.passes.graph.fuse_gelu import fuse_gelu
 from qcompile.passes.graph.fuse_gemm import fuse_gemm
 from qcompile.passes.graph.fuse_layernorm import fuse_layernorm
-from qcompile.passes.graph.fuse_skip_norm import fuse_skip_norm
+from qcompile.passes.graph.fuse_skip_norm import fuse_skip_layernorm, fuse_skip_norm
 from qcompile.passes.graph.shapes import clear_shapes, shape_inference
 
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
@@ -44,6 +44,7 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "fuse-gelu": fuse_gelu,
     "fuse-attention": fuse_attention,
     "fuse-skip-norm": fuse_skip_norm,
+    "fuse-skip-layernorm": fuse_skip_layernorm,
     "dead-code": dead_code,
     "topo-sort": topo_sort,
     "clear-shapes": clear_shapes,
@@ -81,6 +82,7 @@ PASS_BOUNDS: dict[str, float] = {
     "fuse-gelu": FUSION_REL_L2,
     "fuse-gemm": FUSION_REL_L2,
     "fuse-skip-norm": FUSION_REL_L2,
+    "fuse-skip-layernorm": FUSION_REL_L2,
     "fuse-attention": FUSION_REL_L2,
 }
 
@@ -90,7 +92,13 @@ ANNOTATION_ONLY: frozenset[str] = frozenset({"shape-inference", "clear-shapes"})
 
 #: Passes that write ONNX Runtime's contrib ops (com.microsoft) below the opset where a standard op
 #: exists: only ONNX Runtime targets run them (a GPU compiler's ONNX parser has no such ops).
-CONTRIB_PASSES: frozenset[str] = frozenset({"fuse-gelu", "fuse-skip-norm", "fuse-attention"})
+CONTRIB_PASSES: frozenset[str] = frozenset({"fuse-gelu", "fuse-skip-norm", "fuse-skip-layernorm", "fuse-attention"})
+
+#: The pipeline for ONNX Runtime's GPU providers: the default one (ORT CPU's) plus the contrib fusions
+#: whose CPU kernels run slower than the ops they replace — SkipLayerNormalization, 5-6x slower than
+#: Add + LayerNormalization at 128 rows on ORT 1.32's CPU (docs/benchmarks.md); ORT fuses it for GPUs only.
+ORT_GPU_PIPELINE: tuple[str, ...] = tuple(x for p in DEFAULT_PIPELINE
+                                          for x in ((p, "fuse-skip-layernorm") if p == "fuse-skip-norm" else (p,)))
 
 #: Run once after the default pipeline reaches its fixed point.
 FINAL_PASSES: tuple[str, ...] = ("clear-shapes",)
@@ -110,4 +118,4 @@ def make_pass(name: str) -> ir.passes.PassBase:
     return made
 
 
-__all__ = ["CONTRIB_PASSES", "DEFAULT_PIPELINE", "FINAL_PASSES", "PASSES", "make_pass"]
+__all__ = ["CONTRIB_PASSES", "ORT_GPU_PIPELINE", "DEFAULT_PIPELINE", "FINAL_PASSES", "PASSES", "make_pass"]

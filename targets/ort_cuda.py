@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from qcompile.errors import InputSpecError
-from qcompile.passes import DEFAULT_PIPELINE
+from qcompile.passes import ORT_GPU_PIPELINE
 from qcompile.passes.quant.annotate import QuantPolicy
 from qcompile.targets import Target
 
@@ -27,7 +27,7 @@ TARGET = Target(
     name="ort-cuda",
     description="ONNX Runtime CUDA EP (onnxruntime-gpu): the FP16 baseline, INT4 weights as MatMulNBits",
     runtime="ort-cuda",
-    passes=DEFAULT_PIPELINE,
+    passes=ORT_GPU_PIPELINE,
     annotators=(),
     formats=frozenset({"matmulnbits"}),
     policy=policy,

@@ -9,7 +9,8 @@ The sum ``s`` stays available as the fused node's fourth output (the next residu
 LayerNorm form is onnxscript's rule (``ort_fusions.skip_normalization``). An RMSNorm with no
 residual add before it (a decoder's first norm) stays decomposed: its ORT kernel
 (SimplifiedLayerNormalization) sits in the ONNX domain, where the ONNX checker rejects it.
-Only for ONNX Runtime targets (``CONTRIB_PASSES``). Shapes must be known: a, b [B, S, D], w [D].
+Two passes, ``fuse-skip-norm`` (RMSNorm) and ``fuse-skip-layernorm`` (LayerNorm, ORT's GPU providers only), for
+ONNX Runtime targets (``CONTRIB_PASSES``). Shapes must be known: a, b [B, S, D], w [D].
 """
 
 from __future__ import annotations
@@ -95,7 +96,15 @@ _RMS_RULES = [
 
 
 def fuse_skip_norm() -> ir.passes.PassBase:
-    # onnxscript's rules match both Add orders themselves (commuting them again fails on their OrValue)
-    commuted = pattern.RewriteRuleSet(_RMS_RULES, commute=True).rules
-    rules = pattern.RewriteRuleSet([*commuted, *skip_normalization.skip_layer_normalization_ruleset.rules])
-    return RuleSetPass("fuse-skip-norm", rules, anchors=frozenset({"ReduceMean", "LayerNormalization"}))
+    """Add + RMSNorm -> SkipSimplifiedLayerNormalization."""
+    rules = pattern.RewriteRuleSet(pattern.RewriteRuleSet(_RMS_RULES, commute=True).rules)
+    return RuleSetPass("fuse-skip-norm", rules, anchors=frozenset({"ReduceMean"}))
+
+
+def fuse_skip_layernorm() -> ir.passes.PassBase:
+    """Add + LayerNormalization -> SkipLayerNormalization (onnxscript's rules match both Add orders
+    themselves; commuting them again fails on their OrValue). Not in ort-cpu's pipeline: ONNX Runtime
+    1.32's CPU SkipLayerNormalization kernel is 5-6x slower than Add + LayerNormalization at 128 rows
+    (docs/benchmarks.md); ORT itself fuses it only for GPU providers."""
+    rules = pattern.RewriteRuleSet(skip_normalization.skip_layer_normalization_ruleset.rules)
+    return RuleSetPass("fuse-skip-layernorm", rules, anchors=frozenset({"LayerNormalization"}))
