@@ -18,11 +18,14 @@ SmolLM2 rows (builder precision in brackets):
     FP32 export            the zoo's torch export with the cache, unoptimised        [fp32]
     qcompile FP32          `qcompile optimize` (GQA + RotaryEmbedding + skip-norm fusions)
     qcompile W8 b32        w8-weight-only, block 32, LM head too                     [int8]
+    qcompile W4 GPTQ b32 sym    w4-weight-only GPTQ (128 samples), block 32, symmetric: the builder's layout
+                           (embeddings and LM head in 4 bits, the tied table stored once)   [int4]
     qcompile W4 GPTQ b32 asym   w4-weight-only GPTQ (64 samples), block 32, asymmetric, embeddings and the
                            LM head in 4 bits (tied: one set of codes and zero points)  [int4]
     ... INT8 KV            the same with the KV cache in INT8 (per-channel scales; 4x less per token)
     qcompile W4 GPTQ b128 asym  the same at block 128                            [int4 block_size=128]
-    ... head b32           block 128, the LM head (and the tied table) in blocks of 32, 128 GPTQ samples
+    qcompile W4 GPTQ b128 sym head b32   symmetric, 128 samples, block 128, head (and tied table) in blocks of 32
+    ... asym head b32      block 128, asymmetric, the LM head (and the tied table) in blocks of 32, 128 GPTQ samples
     qcompile W4 GPTQ b128  block 128, symmetric, head (and tied table) in 8 bits  [int4 block_size=128]
     qcompile W8A8 + SQ budget 1.5%   w8a8-smoothquant on the fused cache model, what stays float searched
                            against a 1.5 % perplexity budget on held-out text (the target: 15.5 = FP32 + 1.6 %)
@@ -48,11 +51,14 @@ ROWS = {
         ("FP32 export", "export", []),
         ("qcompile FP32", "optimize", []),
         ("qcompile W8 b32", "quantize", ["--recipe", "w8-weight-only", "--block-size", "32", "--include-lm-head"]),
+        ("qcompile W4 GPTQ b32 sym", "quantize", [*W4, "--samples", "128", "--block-size", "32"]),
         ("qcompile W4 GPTQ b32 asym", "quantize", [*W4_ASYM, "--block-size", "32"]),
         ("qcompile W4 GPTQ b32 asym INT8 KV", "quantize", [*W4_ASYM, "--block-size", "32", "--kv-cache", "int8"]),
         ("qcompile W4 GPTQ b128 asym", "quantize", [*W4_ASYM, "--block-size", "128"]),
         ("qcompile W4 GPTQ b128 asym head b32", "quantize", [*W4, "--asymmetric", "--samples", "128", "--block-size",
                                                             "128", "--lm-head-block", "32"]),
+        ("qcompile W4 GPTQ b128 sym head b32", "quantize", [*W4, "--samples", "128", "--block-size", "128",
+                                                           "--lm-head-block", "32"]),
         ("qcompile W4 GPTQ b128", "quantize", [*W4, "--block-size", "128", "--lm-head-bits", "8"]),
         ("qcompile W8A8 + SQ budget 1.5%", "quantize", ["--recipe", "w8a8-smoothquant", "--accuracy-budget", "0.015",
                                                       "--metric", "perplexity"]),
