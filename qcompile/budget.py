@@ -10,6 +10,13 @@
        (the one with fewest layers float unless another is measurably faster: LATENCY_MARGIN);
        none within: the closest (smallest drop) is reported, and the caller fails (exit 1)
 
+Held-out data: the user's (``--budget-data``), a zoo entry's held-out split, or else every
+:data:`HOLD_OUT_EVERY`-th calibration sample, set aside before calibration reads it
+(:func:`split_calibration`; at least :data:`MIN_HELDOUT` of them, or nothing is set aside). The static
+recipes' default budget (qcompile/recipes.py) is not *required*: where it has no data to be measured on,
+the per-node SQNR guard decides instead, and says so; it is chosen by accuracy alone (candidates not
+timed: the fewest layers float within budget), so the same inputs give the same bytes.
+
 Drop is qcompile.evaluators' relative drop against the float model on the same held-out feeds. Each
 candidate is built by the pipeline's own lowering (the same code as the final model) and evaluated
 through an executor (qcompile/executor.py): the reference is computed once and shipped, candidates by path.
@@ -17,6 +24,7 @@ through an executor (qcompile/executor.py): the reference is computed once and s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,9 +36,14 @@ from qcompile.evaluators import Metric, ReferenceRun, evaluate_task
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """What the user asked: ``metric`` on ``feeds`` (held out) at most ``max_drop`` worse than FP32."""
+    """What the user asked: ``metric`` on ``feeds`` (held out) at most ``max_drop`` worse than FP32.
 
-    metric: Metric
+    ``metric`` None: :func:`default_metric` of the model; ``feeds`` empty: held out from calibration
+    (:func:`split_calibration`, at most ``heldout_samples``); ``timing_runs`` 0: candidates are not
+    timed (the fewest layers float within budget wins); ``required`` False: without data to measure
+    it on, the SQNR guard decides instead (the recipes' default budget)."""
+
+    metric: Metric | None
     max_drop: float
     feeds: list = field(default_factory=list, repr=False, compare=False)
     max_trials: int = 12
@@ -39,6 +52,65 @@ class BudgetSpec:
     executor: Any = field(default=None, compare=False)
     data: str = ""  # where the feeds came from, in words
     order: str = "noise-per-mac"  # ORDERS: how layers are ranked for falling back
+    required: bool = True
+    heldout_samples: int = 16
+    min_feeds: int = 1
+
+
+#: Calibration lends every 4th sample to a budget with no held-out data of its own (the 4th, 8th, ...) ...
+HOLD_OUT_EVERY = 4
+#: ... when that gives at least this many: fewer measure nothing (a budget on 2 samples is noise).
+MIN_HELDOUT = 4
+
+
+def default_metric(input_names: set[str], output_names: set[str]) -> str:
+    """The budget's metric when none is named: perplexity for a causal LM, else output cosine."""
+    return "perplexity" if "input_ids" in input_names and "logits" in output_names else "cosine"
+
+
+def split_calibration(spec: BudgetSpec, reader, high_precision: str = "fp32"):
+    """(spec, reader, note): a spec without feeds gets every :data:`HOLD_OUT_EVERY`-th calibration
+    sample, and the reader passes on the rest (qcompile.calibration.HeldOutSplit). Where nothing
+    can be held out — random calibration data, or (for a budget that is not ``required``) a float
+    part that ORT CPU does not score natively — a required budget is the user's error (exit 2);
+    otherwise the spec is None and the note says why the SQNR guard decides."""
+    from qcompile.calibration import HeldOutSplit, RandomReader
+    from qcompile.errors import InputSpecError
+
+    if spec.feeds or reader is None:
+        return spec, reader, None
+    why = ("the calibration data is random" if isinstance(reader, RandomReader) else
+           f"the float part runs in {high_precision}, which ORT CPU does not score natively"
+           if high_precision != "fp32" and not spec.required else None)
+    if why is None:
+        split = HeldOutSplit(reader, every=HOLD_OUT_EVERY, minimum=MIN_HELDOUT, limit=spec.heldout_samples)
+        data = f"every {HOLD_OUT_EVERY}th calibration sample, held out from calibration"
+        return dataclasses.replace(spec, feeds=split.heldout, data=data, min_feeds=MIN_HELDOUT), split, None
+    if spec.required:
+        raise InputSpecError(f"--accuracy-budget needs held-out data: {why}", where="--budget-data",
+                             fix="give inputs that are neither the calibration nor the evaluation set")
+    return None, reader, f"accuracy budget not measured: {why}"
+
+
+def too_few_feeds(spec: BudgetSpec) -> str | None:
+    """Why ``spec`` cannot be measured once calibration has read its reader (None: it can); a
+    required budget that cannot is the user's error (exit 2)."""
+    from qcompile.errors import InputSpecError
+
+    if len(spec.feeds) >= spec.min_feeds:
+        return None
+    why = (f"{len(spec.feeds)} held-out samples, at least {spec.min_feeds} needed: a calibration set of at least "
+           f"{HOLD_OUT_EVERY * MIN_HELDOUT} samples lends every {HOLD_OUT_EVERY}th")
+    if spec.required:
+        raise InputSpecError(f"--accuracy-budget: {why}", where="--budget-data",
+                             fix="give held-out inputs with --budget-data, or more calibration samples")
+    return f"accuracy budget not measured: {why}"
+
+
+def instead(min_sqnr_db: float | None) -> str:
+    """What chose what stays float where the budget could not: the guard, or nothing."""
+    return (f"; the {min_sqnr_db:g} dB SQNR guard chose what stays float" if min_sqnr_db is not None
+            else "; no SQNR guard set: every planned layer is quantized")
 
 
 @dataclass

@@ -80,6 +80,41 @@ class FirstFeeds(IterableReader):
         return feed
 
 
+class HeldOutSplit(IterableReader):
+    """``reader``'s feeds with every ``every``-th one (the 4th, 8th, ...) set aside in ``heldout``
+    (at most ``limit``) instead of passed on: data apart from calibration, for an accuracy budget.
+
+    The first ``every * minimum`` feeds are read before any is passed on: a reader that ends
+    sooner is passed on whole (nothing held out; ``split`` False), so a small calibration set is
+    never thinned for a budget too small to measure."""
+
+    def __init__(self, reader: CalibrationReader, *, every: int, minimum: int, limit: int) -> None:
+        super().__init__((), describe(reader), user_code=_is_user_code(reader))
+        self.reader, self.every, self.minimum, self.limit = reader, every, minimum, limit
+        self.heldout: list = []
+        self.split: bool | None = None  # decided on the first read
+        self._buffer: list = []
+        self._read = 0
+
+    def get_next(self) -> Feed | None:
+        if self.split is None:
+            while len(self._buffer) < self.every * self.minimum:
+                feed = _next_feed(self.reader, len(self._buffer))
+                if feed is None:
+                    break
+                self._buffer.append(feed)
+            self.split = len(self._buffer) >= self.every * self.minimum
+        while True:
+            feed = self._buffer.pop(0) if self._buffer else _next_feed(self.reader, self._read)
+            if feed is None:
+                return None
+            self._read += 1
+            if self.split and self._read % self.every == 0 and len(self.heldout) < self.limit:
+                self.heldout.append(feed)
+                continue
+            return feed
+
+
 def describe(reader: CalibrationReader) -> str:
     """The reader as messages name it: its CLI spec, or its class."""
     name = getattr(reader, "name", None)

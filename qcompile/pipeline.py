@@ -201,7 +201,9 @@ class Pipeline:
         ``keep_float`` / ``weight_dtype``: override what the target measures (static recipes);
         ``statistics``: a qcompile.calibrate.StatisticsCache shared with runs for other targets;
         ``budget``: a qcompile.budget.BudgetSpec (static recipes): what stays float is searched
-        against an accuracy budget on held-out data instead of the per-node SQNR guard."""
+        against an accuracy budget on held-out data instead of the per-node SQNR guard; without one,
+        the recipe's ``accuracy_budget`` is (qcompile/budget.py: held out from calibration, not
+        timed, the guard where it cannot be measured)."""
         from qcompile.errors import InputSpecError
         from qcompile.memory import PhaseClock
 
@@ -217,6 +219,13 @@ class Pipeline:
             raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
         if self.target.device != "cpu":
             guard_runs = None  # a CPU timing says nothing of a GPU target: `qcompile bench --target` on its GPU
+        notes: list[str] = []
+        if recipe.kind == "static-int8" and (budget is not None or recipe.accuracy_budget is not None):
+            from qcompile.budget import BudgetSpec, instead, split_calibration
+
+            budget = budget or BudgetSpec(None, recipe.accuracy_budget, timing_runs=0, required=False)
+            budget, reader, note = split_calibration(budget, reader, high_precision)
+            notes += [note + instead(recipe.min_sqnr_db)] if note else []
         clock = PhaseClock()
         kept: list = []
         if recipe.kv_cache != "fp32" and reader is not None:  # the cache's scales and check: calibration prompts
@@ -251,6 +260,7 @@ class Pipeline:
                                        samples=recipe.samples, verify_options=verify_options, target=target,
                                        clock=clock, guard_runs=guard_runs, high_precision=high_precision,
                                        exclude=recipe.exclude)
+        details.notes[:0] = notes
         if recipe.kv_cache != "fp32":
             from qcompile.kv_cache import convert_cache
 
@@ -274,7 +284,9 @@ def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str |
     """Quantize ``model`` with a recipe (a preset name or a :class:`~qcompile.recipes.Recipe`, with
     ``changes`` applied: ``method="entropy"``, ``bits=4``, ...) for ``target``: a thin layer over
     :class:`Pipeline`. In place when given an ir.Model. ``statistics``: a
-    :class:`~qcompile.calibrate.StatisticsCache` shared by runs for several targets.
+    :class:`~qcompile.calibrate.StatisticsCache` shared by runs for several targets. ``min_sqnr_db``
+    and ``accuracy_budget`` choose what stays float (None: off; the guard alone turns the budget off:
+    :meth:`~qcompile.recipes.Recipe.choosing_float`).
 
         result = qcompile.quantize("model.onnx", reader, recipe="w8a8-smoothquant", target="onnx-qdq")
         qcompile.save(result.model, "model.int8.onnx")
@@ -282,6 +294,7 @@ def quantize(model: ir.Model | str | os.PathLike, reader=None, *, recipe: "str |
     from qcompile.recipes import preset
 
     chosen = preset(recipe) if isinstance(recipe, str) else recipe
-    return Pipeline(chosen.with_(**changes), target).run(model, reader, verify_options=verify_options,
-                                                         guard_runs=guard_runs, statistics=statistics,
-                                                         budget=budget)
+    choice = {key: changes.pop(key) for key in ("min_sqnr_db", "accuracy_budget") if key in changes}
+    pipeline = Pipeline(chosen.with_(**changes).choosing_float(**choice), target)
+    return pipeline.run(model, reader, verify_options=verify_options, guard_runs=guard_runs, statistics=statistics,
+                        budget=budget)

@@ -1,16 +1,22 @@
 """Named quantization recipes: presets that expand into the pipeline's settings, savable as TOML.
 
-    int8               static INT8 (W8A8) for the target, MSE calibration, SQNR guard
-    fp8                static FP8 E4M3 (W8A8, s = amax/448, percentile ranges), SQNR guard
+    int8               static INT8 (W8A8) for the target, MSE calibration, 1 % accuracy budget
+    fp8                static FP8 E4M3 (W8A8, s = amax/448, percentile ranges), 1 % accuracy budget
     fp16               no quantization: the mixed-precision pass writes FP16 (``high_precision``)
-    w8a8-smoothquant   the same after SmoothQuant (alpha searched per layer unless given), with an
-                       LLM-grade guard: MatMuls under 34 dB output SQNR stay float
+    w8a8-smoothquant   the same after SmoothQuant (alpha searched per layer unless given)
     w8-weight-only     INT8 weights, block 128, RTN, activations float (W8A16)
     w4-weight-only     INT4 weights, block 128, GPTQ, activations float (W4A16)
 
 A recipe file holds the fields of :class:`Recipe` as ``key = value`` lines (TOML); loading it and
 running it reproduces the run. ``high_precision`` (fp32 | fp16 | bf16; unset: the target's default,
 fp16 on GPUs) is what the part that is not quantized runs in, for every kind.
+
+What a static (W8A8) recipe keeps float is chosen by its ``accuracy_budget`` (qcompile/budget.py):
+everything quantizable is planned, then layers fall back until the end metric on held-out data is
+at most that much worse than FP32 (perplexity for a causal LM, else output cosine). Where there is
+no held-out data to measure it on (random calibration data, a calibration set too small to split:
+qcompile.budget.split_calibration), or the target's float part is not FP32, the per-node SQNR guard
+``min_sqnr_db`` decides instead; asking for the guard (``--min-sqnr``) turns the budget off.
 """
 
 from __future__ import annotations
@@ -49,6 +55,12 @@ BLOCK_SIZES: tuple[int, ...] = get_args(BlockSize)
 STATIC_DTYPES: tuple[str, ...] = get_args(StaticDType)
 #: MatMul/Gemm nodes whose INT8 output SQNR falls below this stay float (~4 % relative L2 error).
 DEFAULT_MIN_SQNR_DB = 28.0
+#: Static recipes: the end metric on held-out data at most 1 % worse than FP32 (qcompile/budget.py).
+DEFAULT_ACCURACY_BUDGET = 0.01
+
+
+#: Settings a recipe can turn off: None, written "off" in TOML (absent means the default, which is on).
+OFF_KEYS = ("min_sqnr_db", "accuracy_budget")
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,8 @@ class Recipe:
     method: Method = "mse"
     per_channel: bool = True
     smoothquant: float | str | None = None  # alpha in [0, 1], "auto", or None
-    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB  # the guard: where there is no budget, or no data for it
+    accuracy_budget: float | None = DEFAULT_ACCURACY_BUDGET  # relative drop of the end metric on held-out data
     quantize_attention: bool = False  # activation x activation MatMuls (Q·Kᵀ, scores·V) in INT8 too
     # weight-only
     bits: Bits = 8
@@ -86,6 +99,14 @@ class Recipe:
         """A copy with the non-None ``changes`` applied."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def choosing_float(self, *, min_sqnr_db: Any = ..., accuracy_budget: Any = ...) -> "Recipe":
+        """A copy that chooses what stays float as asked (``...``: as it is; None: off). Asking for
+        the guard alone turns the budget off: the two are alternatives, not layers."""
+        if min_sqnr_db is not ... and accuracy_budget is ...:
+            accuracy_budget = None
+        asked = {"min_sqnr_db": min_sqnr_db, "accuracy_budget": accuracy_budget}
+        return dataclasses.replace(self, **{k: v for k, v in asked.items() if v is not ...})
+
     def validate(self) -> "Recipe":
         problems = []
         for key, allowed in (("kind", KINDS), ("bits", BITS), ("block_size", BLOCK_SIZES), ("algorithm", ALGORITHMS),
@@ -96,6 +117,8 @@ class Recipe:
         for key, allowed in (("lm_head_bits", BITS), ("lm_head_block_size", BLOCK_SIZES)):
             if getattr(self, key) not in (None, *allowed):
                 problems.append(f"{key} {getattr(self, key)!r} ({' | '.join(map(str, allowed))})")
+        if self.accuracy_budget is not None and not self.accuracy_budget >= 0:
+            problems.append(f"accuracy_budget {self.accuracy_budget!r} (a relative drop >= 0, e.g. 0.01)")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             problems.append(f"accuracy_level {self.accuracy_level!r} (0..4)")
         sq = self.smoothquant
@@ -128,7 +151,9 @@ class Recipe:
         lines = ["# qcompile quantization recipe"]
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None and f.name in OFF_KEYS:
+                value = "off"  # absent would mean the default, which is on
+            elif value is None:
                 continue  # TOML has no null: absent means None
             if isinstance(value, bool):
                 text = "true" if value else "false"
@@ -154,6 +179,12 @@ class Recipe:
             raise InputSpecError(f"unknown recipe key {unknown[0]!r}", where=where,
                                  fix=f"keys: {', '.join(sorted(known))}")
         defaults = {f.name: None for f in fields(cls) if f.name in ("smoothquant", "accuracy_level", "high_precision")}
+        for key in OFF_KEYS:
+            if data.get(key) == "off":
+                data[key] = None
+            elif key in data and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))):
+                raise InputSpecError(f"recipe key {key!r} must be a number or \"off\"", where=where,
+                                     fix=f'write {key} = 0.01, or {key} = "off"')
         if "exclude" in data:
             if not isinstance(data["exclude"], list) or not all(isinstance(x, str) for x in data["exclude"]):
                 raise InputSpecError("recipe key 'exclude' must be a list of strings", where=where,
@@ -178,18 +209,19 @@ class Recipe:
 
 PRESETS: dict[str, Recipe] = {
     "int8": Recipe(),
-    # an LLM-grade error budget: a MatMul stays float under 34 dB output SQNR (~2 % relative error);
-    # the level is measured, not derived: docs/benchmarks.md has the guard rows of tools/bench_llm.py
+    # the guard's level is measured, not derived: docs/benchmarks.md has the guard rows of tools/bench_llm.py
+    # its guard, where no budget can be measured, is LLM-grade: under 34 dB output SQNR (~2 % relative error)
     "w8a8-smoothquant": Recipe(name="w8a8-smoothquant", smoothquant="auto", min_sqnr_db=34.0),
     # FP8 ranges: the 99.999th percentile of |x|. Measured on tensorrt placement (docs/benchmarks.md):
     # min-max lets rare outliers stretch s = amax/448 until small values fall into E4M3's subnormals
     # (SmolLM2 PPL 15.56), mse's clipping is tuned to the uniform INT8 grid (15.55), percentile 15.42
     # with 180 MatMuls in FP8; MiniLM keeps the same 35 either way (R@1 0.396, cosine 0.9977)
     "fp8": Recipe(name="fp8", dtype="fp8", method="percentile"),
-    "fp16": Recipe(name="fp16", kind="float", high_precision="fp16", min_sqnr_db=None),
-    "w8-weight-only": Recipe(name="w8-weight-only", kind="weight-only", bits=8, block_size=128, algorithm="rtn"),
+    "fp16": Recipe(name="fp16", kind="float", high_precision="fp16", min_sqnr_db=None, accuracy_budget=None),
+    "w8-weight-only": Recipe(name="w8-weight-only", kind="weight-only", bits=8, block_size=128, algorithm="rtn",
+                             accuracy_budget=None),
     "w4-weight-only": Recipe(name="w4-weight-only", kind="weight-only", bits=4, block_size=128, algorithm="gptq",
-                             samples=32),
+                             samples=32, accuracy_budget=None),
 }
 
 

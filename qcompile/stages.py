@@ -62,9 +62,9 @@ class OptimizedModelChanged(Exception):
     """The optimized model is not within its passes' bound of the original. ``feeds``: the
     calibration feeds read before it was found (a reader is read once), None if none were."""
 
-    def __init__(self, message: str, feeds: list[dict] | None = None) -> None:
+    def __init__(self, message: str, feeds: list[dict] | None = None, failing: dict | None = None) -> None:
         super().__init__(message)
-        self.feeds = feeds
+        self.feeds, self.failing = feeds, failing  # failing: a calibration feed it did not run on
 
 def prepare(model_or_path: ir.Model | str | os.PathLike, target: str, verify_options: VerifyOptions | None,
             guard_runs: int | str | None, clock: PhaseClock, *, optimize: bool = True,
@@ -118,10 +118,12 @@ def prepare(model_or_path: ir.Model | str | os.PathLike, target: str, verify_opt
 
 
 def reverify_passes(original: ir.Model, float_model: FloatModel, verify_options: VerifyOptions,
-                    target: str) -> FloatModel:
+                    target: str, also: dict | None = None) -> FloatModel:
     """The optimized model failed its check: find the pass as `qcompile optimize` would (each pass
-    verified, a failing one rolled back) and return the float model that passes. Rare: a qcompile bug."""
-    model, _, _, notes = prepare_float_model(original, True, replace(verify_options, feeds=float_model.feeds),
+    verified, a failing one rolled back) and return the float model that passes. Rare: a qcompile bug.
+    ``also``: a feed it failed to run on, verified on too (the original failing on it: exit 2)."""
+    feeds = float_model.feeds + ([also] if also is not None else [])
+    model, _, _, notes = prepare_float_model(original, True, replace(verify_options, feeds=feeds),
                                              pipeline=targets.get(target).passes)
     return FloatModel(model, float_model.feeds, float_model.outputs, notes, None, float_model.fp32_time)
 

@@ -9,6 +9,8 @@ The result is standard QDQ ONNX that the target runtime fuses into integer kerne
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import memory, modelio, records, specs, targets
-from qcompile.budget import BudgetResult, BudgetSpec
+from qcompile.budget import BudgetResult, BudgetSpec, instead
 from qcompile.cache import cache_root
 from qcompile.calibrate import CalibrationResult, StatisticsCache, collect_ranges, graph_fingerprint, tapped
 from qcompile.calibration import CalibrationReader, IterableReader, describe, iter_feeds
@@ -35,6 +37,7 @@ from qcompile.precision import PrecisionReport, lower_precision
 from qcompile.quant.observers import Method
 from qcompile.quant.qparams import QParams, activation_qparams, quantize_bias, union_ranges, weight_codes
 from qcompile.recipes import DEFAULT_MIN_SQNR_DB
+from qcompile.runtimes import BackendError
 from qcompile.sensitivity import SensitivitySampler
 from qcompile.smoothing import smooth
 from qcompile.stages import (
@@ -199,7 +202,11 @@ def quantize_static(
         # The optimized model is off: find the pass as `qcompile optimize` would (each pass verified, a
         # failing one rolled back), then quantize the model that passes. Rare: it means a qcompile bug.
         log.warning("the optimized model fails its check (%s); verifying each pass", exc)
-        float_model = reverify_passes(original, float_model, verify_options, target)
+        float_model = reverify_passes(original, float_model, verify_options, target, also=exc.failing)
+        if exc.feeds is None and exc.failing is not None:
+            raise VerificationError(f"the optimize passes made a model that fails on calibration data: {exc}",
+                                    stage="all passes", fix="run `qcompile optimize --data` on that data to find "
+                                                            "the pass") from None
         return _quantize_float(float_model, reader if exc.feeds is None else IterableReader(exc.feeds), clock, **args)
 
 
@@ -212,6 +219,7 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     """Plan, calibrate, lower and check (see :func:`quantize`)."""
     model, verify_feeds, notes = float_model.model, float_model.feeds, float_model.notes
     target_spec = targets.get(target)
+    guard_db = min_sqnr_db  # what decides should the budget have nothing to be measured on
     if budget is not None:
         min_sqnr_db = None  # the most aggressive plan: the budget decides what falls back
         if high_precision != "fp32":  # candidates are scored natively on the check runtime (ORT CPU)
@@ -287,12 +295,19 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
         if float_model.bound is not None:
             check_optimized_model(float_model, target)
         notes.append("calibration statistics reused: computed once for this graph and data")
+        if budget is not None and not budget.feeds:  # samples held out of calibration: read as it would
+            collections.deque(iter_feeds(reader, specs.input_specs(model), samples), maxlen=0)
     else:
         calibration = _calibrate(model, plan, float_model, reader, method=method, samples=samples,
                                  symmetric=policy.activation_symmetric, sampler=sampler)
         if statistics is not None:
             statistics.store(key, calibration.ranges, sampler.samples if sampler else {}, calibration.samples)
     clock.lap("calibrate")
+    if budget is not None:
+        budget, why_not = _measurable(budget, model)
+        if budget is None:
+            notes.append(why_not + instead(guard_db))
+            min_sqnr_db = guard_db
     scale_dtype = FLOAT_TYPES.get(high_precision)  # Q/DQ scales stored in FP16/BF16 (opset 19)
     qparams = shared_qparams(model, plan, calibration.ranges, scale_dtype)
     sqnr: dict[str, float] = sampler.sqnr(qparams) if sampler is not None else {}
@@ -386,6 +401,22 @@ def _budget_search(model: ir.Model, plan: QuantPlan, policy: QuantPolicy, exclud
         raise
 
 
+def _measurable(spec: BudgetSpec, model: ir.Model) -> tuple[BudgetSpec | None, str | None]:
+    """``spec`` ready to measure on ``model`` (its metric resolved, its held-out feeds validated),
+    or None and why not (qcompile.budget.too_few_feeds)."""
+    from qcompile.budget import default_metric, too_few_feeds
+    from qcompile.evaluators import parse_metric
+
+    why_not = too_few_feeds(spec)
+    if why_not:
+        return None, why_not
+    input_specs = specs.input_specs(model)
+    metric = spec.metric or parse_metric(default_metric({s.name for s in input_specs},
+                                                        {v.name for v in model.graph.outputs}))
+    feeds = list(iter_feeds(IterableReader(spec.feeds, "the held-out samples", user_code=False), input_specs))
+    return dataclasses.replace(spec, metric=metric, feeds=feeds), None
+
+
 def _budget_note(result: BudgetResult) -> str:
     best, spec = result.best, result.spec
     verdict = "within" if result.met else "NOT within"
@@ -393,7 +424,9 @@ def _budget_note(result: BudgetResult) -> str:
     return (f"accuracy budget: {spec.metric.name} drop {drop} {verdict} {spec.max_drop:g} on "
             f"{len(spec.feeds)} held-out samples ({spec.data or 'given data'}), {best.kept_float} of "
             f"{len(result.order)} layers kept float, after {len(result.trials)} trials"
-            + (f" ({result.stopped})" if result.stopped else ""))
+            + (f" ({result.stopped})" if result.stopped else "")
+            + ("" if result.met or spec.required else
+               ": the closest candidate is written (the recipe's budget; --accuracy-budget X makes it a check)"))
 
 
 def lower_plan(model: ir.Model, plan: QuantPlan, qparams: Mapping[str, QParams], codes, high_precision: str,
@@ -420,11 +453,19 @@ def _calibrate(model: ir.Model, plan: QuantPlan, float_model: FloatModel, reader
     if check_feeds:
         reader = recording = _Recording(reader, iter_feeds(reader, specs.input_specs(model), samples), kept)
     outputs = [v.name for v in model.graph.outputs]
-    with tapped(model, plan.activations, keep_outputs=bool(check_feeds)) as runtime:
-        calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
-                                     symmetric=symmetric, runtime=runtime,
-                                     extra=sampler.statistics() if sampler is not None else None,
-                                     check_feeds=check_feeds, check_outputs=outputs)
+    try:
+        with tapped(model, plan.activations, keep_outputs=bool(check_feeds)) as runtime:
+            calibration = collect_ranges(model, plan.activations, reader, method=method, samples=samples,
+                                         symmetric=symmetric, runtime=runtime,
+                                         extra=sampler.statistics() if sampler is not None else None,
+                                         check_feeds=check_feeds, check_outputs=outputs)
+    except BackendError as exc:
+        if not check_feeds or recording.last is None:
+            raise
+        # the unchecked optimized model fails on a calibration sample: the passes are verified on it
+        # (with the original's outputs: should the original fail too, the data is at fault)
+        raise OptimizedModelChanged(f"the optimized model failed to run on a calibration sample: {exc}",
+                                    kept if recording.complete else None, failing=recording.last) from None
     modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
     if check_feeds:
         try:
@@ -445,8 +486,11 @@ class _Recording(IterableReader):
         super().__init__(feeds, describe(reader), user_code=getattr(reader, "user_code", True))
         self.kept, self.complete, self._bytes = kept, True, 0
 
+    last: dict | None = None  # the feed read last: the one running when a run fails
+
     def get_next(self) -> dict | None:
         feed = super().get_next()
+        self.last = feed
         if feed is not None and self.complete:
             self._bytes += sum(np.asarray(a).nbytes for a in feed.values())
             self.complete = self._bytes <= KEEP_FEED_BYTES

@@ -179,7 +179,7 @@ def test_sweep_measures_runnable_targets_and_reports(mlp, tmp_path):
                                        "--calib", str(calib), "--data", str(data), "-o", str(tmp_path / "out"),
                                        "--json", "--report", str(report)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    rows = {(r["recipe"], r["target"]): r for r in json.loads(result.output)["rows"]}
+    rows = {(r["recipe"], r["target"]): r for r in json.loads(result.stdout)["rows"]}
     assert len(rows) == 4
     for recipe in ("int8", "w8-weight-only"):
         cpu = rows[(recipe, "ort-cpu")]
@@ -187,3 +187,137 @@ def test_sweep_measures_runnable_targets_and_reports(mlp, tmp_path):
         onnx.checker.check_model(cpu["path"])
         assert rows[(recipe, "tensorrt")]["value"] is None and "not evaluated" in rows[(recipe, "tensorrt")]["note"]
     assert "data:image/png;base64," in report.read_text()  # the latency-vs-metric scatter
+
+
+# --- the static recipes' default: a 1 % budget on samples held out of calibration ---------------------------
+
+
+def test_held_out_split_lends_every_fourth_sample():
+    from qcompile.calibration import HeldOutSplit
+
+    feeds = _feeds(20, 2)
+    split = HeldOutSplit(IterableReader(feeds), every=4, minimum=4, limit=16)
+    passed = list(iter(split.get_next, None))
+    assert split.split and len(passed) == 15 and len(split.heldout) == 5
+    index = {id(f["x"]): i for i, f in enumerate(feeds)}
+    assert [index[id(f["x"])] for f in split.heldout] == [3, 7, 11, 15, 19]
+    assert [index[id(f["x"])] for f in passed] == [i for i in range(20) if i % 4 != 3]  # in order, none twice
+    small = HeldOutSplit(IterableReader(feeds[:12]), every=4, minimum=4, limit=16)
+    assert len(list(iter(small.get_next, None))) == 12 and not small.split and small.heldout == []
+    capped = HeldOutSplit(IterableReader(feeds), every=4, minimum=4, limit=2)
+    assert len(list(iter(capped.get_next, None))) == 18 and len(capped.heldout) == 2
+
+
+def _wrong_scale_on(monkeypatch, node: str) -> dict:
+    """Quantization with a wrong (clipping) activation scale on ``node``'s input; what was planted."""
+    import dataclasses
+
+    from qcompile import static_int8
+
+    real, planted = static_int8.shared_qparams, {}
+
+    def wrong_scale(model, plan, ranges, scale_dtype=None):
+        params = real(model, plan, ranges, scale_dtype)
+        tensor = next(n.inputs[0].name for n in model.graph if n.name == node)
+        if tensor in params:
+            params[tensor] = dataclasses.replace(params[tensor], scale=params[tensor].scale * 0.02)
+            planted["tensor"] = tensor
+        return params
+
+    monkeypatch.setattr(static_int8, "shared_qparams", wrong_scale)
+    return planted
+
+
+def test_default_budget_chooses_what_stays_float(mlp, monkeypatch):
+    """No budget asked for, 16 calibration samples: the recipe's 1 % cosine budget is measured on
+    the 4 held out of calibration (12 calibrate) and repairs the planted layer; the SQNR guard,
+    asked for instead, decides by its own measure and measures no budget."""
+    ref, _, _ = mlp
+    planted = _wrong_scale_on(monkeypatch, "layer2")
+    result = qcompile.quantize(str(ref), IterableReader(_feeds(16, 1)), recipe="int8")
+    assert planted and result.budget is not None and result.budget.met
+    spec = result.budget.spec
+    assert spec.metric.name == "cosine" and spec.max_drop == 0.01 and len(spec.feeds) == 4 and not spec.required
+    assert result.calibration.samples == 12
+    assert result.budget.kept_float() == ["layer2"]
+    assert any("every 4th calibration sample" in note for note in result.notes)
+    guard = qcompile.quantize(str(ref), IterableReader(_feeds(16, 1)), recipe="int8", min_sqnr_db=28.0)
+    assert guard.budget is None and guard.calibration.samples == 16
+    assert "kept float by the accuracy budget" not in guard.plan.kept_float.values()
+
+
+def test_default_budget_without_data_falls_back_to_the_guard(mlp):
+    """8 calibration samples are too few to lend 4: all 8 calibrate, the guard decides, and a note
+    says so; random calibration data lends nothing either."""
+    ref, _, _ = mlp
+    result = qcompile.quantize(str(ref), IterableReader(_feeds(8, 1)), recipe="int8")
+    assert result.budget is None and result.calibration.samples == 8
+    assert any("accuracy budget not measured" in n and "28 dB SQNR guard" in n for n in result.notes), result.notes
+    from qcompile.calibration import random_reader
+    from qcompile.specs import input_specs
+
+    reader = random_reader(input_specs(modelio.load(ref)), 4)
+    rand = qcompile.quantize(str(ref), reader, recipe="int8")
+    assert rand.budget is None and any("calibration data is random" in n for n in rand.notes)
+
+
+def test_default_budget_cli_is_deterministic_and_writes_no_log(mlp, tmp_path):
+    ref, _, _ = mlp
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in _feeds(16, 1)]))
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}" / "q.onnx"
+        out.parent.mkdir()
+        result = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(out), "--calib", str(calib), "--json"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["accuracy_budget"]["samples"] == 4 and report["accuracy_budget"]["met"]
+        assert report["calibration"]["samples"] == 12
+        assert report["recipe"]["accuracy_budget"] == 0.01
+        assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]  # no search log: not asked for
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_asked_budget_holds_out_of_a_users_calibration(mlp, tmp_path):
+    """--accuracy-budget with no --budget-data: held out of the user's own calibration data, with
+    the log; too few samples to lend is the user's error (exit 2, nothing written); the guard and
+    the budget together are a usage error."""
+    ref, _, _ = mlp
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in _feeds(20, 1)]))
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(out), "--calib", str(calib),
+                                       "--accuracy-budget", "0.02", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["accuracy_budget"]["samples"] == 5 and report["calibration"]["samples"] == 15
+    assert json.loads((tmp_path / "q.onnx.budget.json").read_text())["met"]
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.stack([f["x"] for f in _feeds(8, 1)]))
+    few = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(tmp_path / "few.onnx"), "--calib", str(small),
+                                    "--accuracy-budget", "0.02"])
+    assert few.exit_code == 2 and "held-out" in few.output and not (tmp_path / "few.onnx").exists()
+    both = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(tmp_path / "both.onnx"), "--calib", str(calib),
+                                     "--accuracy-budget", "0.02", "--min-sqnr", "30"])
+    assert both.exit_code == 2 and "give one" in both.output
+
+
+def test_recipe_files_write_off_for_a_choice_turned_off(tmp_path):
+    from qcompile.errors import InputSpecError
+    from qcompile.recipes import Recipe, preset
+
+    guard_only = preset("int8").choosing_float(min_sqnr_db=30.0)
+    assert guard_only.accuracy_budget is None and guard_only.min_sqnr_db == 30.0
+    path = tmp_path / "r.toml"
+    guard_only.save(path)
+    assert 'accuracy_budget = "off"' in path.read_text()
+    assert Recipe.load(path) == guard_only
+    neither = preset("int8").choosing_float(min_sqnr_db=None, accuracy_budget=None)
+    neither.save(path)
+    assert Recipe.load(path) == neither
+    path.write_text('accuracy_budget = "loose"\n')
+    with pytest.raises(InputSpecError, match="accuracy_budget"):
+        Recipe.load(path)

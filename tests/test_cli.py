@@ -50,7 +50,7 @@ def test_help_for_every_command():
 def test_inspect_json(small_model):
     result = invoke("inspect", small_model, "--json")
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["opsets"] == {"ai.onnx": 17}
     assert data["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}]
     assert data["outputs"][0]["name"] == "y"
@@ -63,7 +63,7 @@ def test_optimize_writes_verified_smaller_model(small_model, tmp_path):
     out = tmp_path / "opt.onnx"
     result = invoke("optimize", small_model, "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["verified"] and data["nodes_after"] < data["nodes_before"]
     assert all(p["verified"] in (True, None) for p in data["passes"])
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
@@ -77,7 +77,7 @@ def test_optimize_writes_verified_smaller_model(small_model, tmp_path):
 def test_optimize_with_named_passes(small_model, tmp_path):
     out = tmp_path / "opt.onnx"
     result = invoke("optimize", small_model, "-o", out, "--passes", "identity,cse", "--json")
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert [p["name"] for p in data["passes"]][:2] == ["identity", "cse"]
 
 
@@ -93,7 +93,7 @@ def test_bench_json_side_by_side(small_model, tmp_path):
     invoke("optimize", small_model, "-o", other)
     result = invoke("bench", small_model, other, "--runs", "5", "--batch", "4", "--json")
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["feed_shapes"] == {"x": [4, 8]}
     first, second = data["results"]
     assert first["speedup_vs_baseline"] == 1.0 and second["speedup_vs_baseline"] > 0
@@ -109,7 +109,7 @@ def test_compare_json_and_data_file(small_model, tmp_path):
     np.savez(data_file, x=np.random.default_rng(0).standard_normal((3, 2, 8)).astype(np.float32))
     result = invoke("compare", small_model, other, "--data", data_file, "--json", "--max-rel-l2", "1e-6")
     assert result.exit_code == 0
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["samples"] == 3 and data["passed"]
     y = data["outputs"]["y"]
     assert y["rel_l2"] == 0.0 and y["cosine"] == pytest.approx(1.0) and y["sqnr_db"] == "inf"
@@ -307,7 +307,7 @@ def test_quantize_json_report(matmul_model, tmp_path):
     result = invoke("quantize", matmul_model, "-o", out, "--calib", data, "--method", "minmax", "--runs", "3",
                     "--batch", "4", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["written"] and out.is_file()
     assert report["plan"]["quantized_nodes"] == 2 and report["calibration"]["samples"] == 8
     assert report["speedup"] > 0 and len(report["latency"]["results"]) == 2
@@ -338,7 +338,7 @@ def test_quantize_recipes_and_recipe_files(matmul_model, tmp_path):
     result = invoke("quantize", matmul_model, "-o", out, "--recipe", "w4-weight-only", "--algorithm", "rtn",
                     "--block-size", "16", "--include-embeddings", "--save-recipe", saved, "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["quantized_matmuls"] == 1  # the LM head (graph output) stays float by default
     assert report["quantized_embeddings"] == 0  # asked for, but this model has no Gather
     assert report["recipe"]["bits"] == 4 and report["recipe"]["block_size"] == 16
@@ -346,7 +346,7 @@ def test_quantize_recipes_and_recipe_files(matmul_model, tmp_path):
     assert 'algorithm = "rtn"' in text and "block_size = 16" in text and "include_embeddings = true" in text
     again = tmp_path / "mm.again.onnx"
     result = invoke("quantize", matmul_model, "-o", again, "--recipe-file", saved, "--runs", "2", "--json")
-    assert json.loads(result.output)["recipe"] == report["recipe"]
+    assert json.loads(result.stdout)["recipe"] == report["recipe"]
     assert again.read_bytes() == out.read_bytes()  # the file reproduces the run
 
 

@@ -123,6 +123,29 @@ def test_llama_attention_fuses_into_gqa_rotary_and_skip_norm(tiny_llama, tiny_ll
             assert rel < 1e-5, (name, past, seq, rel)
 
 
+def test_no_cache_export_counts_positions_from_its_input_length():
+    """The zoo's plain SmolLM2 export (no cache) computes positions as arange over input_ids'
+    length: its rotary subgraph reads input_ids only through Shape. The fused kernel counts
+    positions itself (no position input), never taking token ids for positions: real text, whose
+    token ids run past the rotary tables (4,096 rows), runs and matches."""
+    from qcompile import targets
+    from qcompile.models import smollm2
+    from qcompile.pipeline import optimize_with_stats
+
+    source = cached_export(smollm2.ENTRY)
+    fused = optimize_with_stats(modelio.load(source), verify=False, pipeline=targets.get("ort-cpu").passes).model
+    gqa = [n for n in fused.graph if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 30 and all(len(n.inputs) == 9 and "input_ids" not in [v.name for v in n.inputs if v]
+                                  for n in gqa)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/fused.onnx"
+        modelio.save(fused, out)
+        feed = next(iter(smollm2.calibration(1)))
+        assert feed["input_ids"].max() > 4096
+        want, got = session_runner(source)(feed)["logits"], session_runner(out)(feed)["logits"]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
 def test_gpt_attention_with_learned_positions_fuses(tmp_path):
     source = cached_export(gpt_synth.ENTRY, {"cache": True})
     out = tmp_path / "model.onnx"

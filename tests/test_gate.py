@@ -49,7 +49,7 @@ def test_identical_pair_passes_with_json(pair):
     ref, same, _, data = pair
     result = invoke("gate", ref, same, "--data", data, "--metric", "cosine", "--max-drop", "0", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["passed"] and report["score"]["reference"] == 1.0 and report["score"]["samples"] == 6
     assert report["score"]["candidate"] == pytest.approx(1.0, abs=1e-12)
 
@@ -75,7 +75,7 @@ def test_latency_ratio_check_is_reported(pair):
     result = invoke("gate", ref, same, "--data", data, "--metric", "cosine", "--max-latency-ratio", "100",
                     "--runs", "3", "--json")
     assert result.exit_code == 0
-    checks = {c["name"]: c for c in json.loads(result.output)["checks"]}
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["latency ratio"]["passed"] and checks["latency ratio"]["value"] > 0
 
 

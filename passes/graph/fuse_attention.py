@@ -372,8 +372,8 @@ def _subgraph(graph: ir.Graph, outputs: list[ir.Value], shape_leaves: bool = Fal
     produced = {x.name for n in nodes for x in n.outputs}
     constants = {id(x): x for n in nodes for x in n.inputs if x is not None and x.const_value is not None}
 
-    def info(v: ir.Value):
-        return onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None)
+    def info(v: ir.Value):  # an output's type may be unknown (no shape inference ran): the evaluator infers it
+        return onnx.helper.make_tensor_value_info(v.name, int(v.dtype) if v.dtype is not None else 0, None)
 
     proto = onnx.helper.make_model(
         onnx.helper.make_graph(
@@ -384,17 +384,35 @@ def _subgraph(graph: ir.Graph, outputs: list[ir.Value], shape_leaves: bool = Fal
     return Subgraph(leaves, list(outputs), proto)
 
 
+#: (first, count) of the positions a rotary subgraph is probed at: are its leaf's values positions?
+POSITION_PROBE = (5, 4)
+
+
 def _rotary_tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_positions: int):
     """(position input, cos_cache, sin_cache [max_positions, D/2]) from the model's own cos/sin
-    subgraph, or None when it reads anything but one int64 graph input or is not rotate-half."""
+    subgraph, or None when it reads anything but one int64 graph input or is not rotate-half.
+
+    The leaf's role is measured, not assumed: fed positions p = first .. first+count-1, the
+    subgraph gives rows p of the tables when the leaf holds position ids; rows 0 .. count-1 when
+    only its shape is read (a no-cache export's arange over input_ids' length: then the position
+    input is None, and the kernel counts from 0 as that arange does); anything else: None."""
     sub = _subgraph(graph, [cos, sin])
     if sub is None or len(sub.leaves) != 1 or sub.leaves[0].dtype != ir.DataType.INT64:
         return None
     position = sub.leaves[0]
     tables = sub.run({position.name: np.arange(max_positions, dtype=np.int64)[None, :]})
-    if tables is None:
+    first, count = POSITION_PROBE
+    probe = sub.run({position.name: np.arange(first, first + count, dtype=np.int64)[None, :]})
+    if tables is None or probe is None:
         return None
     cos_table, sin_table = (t.astype(np.float32).reshape(max_positions, -1) for t in tables)
+    probed = probe[0].astype(np.float32).reshape(count, -1)
+    if np.array_equal(probed, cos_table[first:first + count]):
+        pass  # the leaf's values are the positions
+    elif np.array_equal(probed, cos_table[:count]) and position.name != "position_ids":
+        position = None  # only its shape is read: positions 0 .. S-1
+    else:
+        return None
     half = cos_table.shape[1] // 2
     if cos_table.shape[1] % 2 or not (np.array_equal(cos_table[:, :half], cos_table[:, half:])
                                       and np.array_equal(sin_table[:, :half], sin_table[:, half:])):
@@ -529,16 +547,19 @@ class AttentionFusionPass(ir.passes.InPlacePass):
                     continue
             if lengths is None:
                 lengths = _sequence_lengths(graph, mask)
-            self._fuse(graph, m, rotary, lengths, len(tables))
-            self.count += 1
+            self.count += self._fuse(graph, m, rotary, lengths, len(tables))
         if self.count:
             model.opset_imports.setdefault(MS, 1)
             ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, bool(self.count))
 
-    def _fuse(self, graph: ir.Graph, m: Match, rotary, lengths, table_id: int) -> None:
+    def _fuse(self, graph: ir.Graph, m: Match, rotary, lengths, table_id: int) -> bool:
+        """Fuse ``m``; False (nothing changed) where RotaryEmbedding would need position ids the
+        model does not have (separate projections, positions counted from its input's shape)."""
         anchor = m.output.producer()
         seqlens, total = lengths
+        if rotary is not None and rotary[0] is None and not _packable(m):
+            return False
         packed, new_nodes = _packed_projection(graph, m)
         attributes = {"num_heads": m.query.heads, "kv_num_heads": m.key.heads, "scale": float(m.scale)}
         rotary_inputs: list[ir.Value | None] = []
@@ -546,7 +567,7 @@ class AttentionFusionPass(ir.passes.InPlacePass):
             position, cos_table, sin_table = rotary
             cos_cache, sin_cache = (_initializer(graph, f"qcompile_rotary_{kind}_{table_id}", table)
                                     for kind, table in (("cos", cos_table), ("sin", sin_table)))
-            rotary_inputs = [cos_cache, sin_cache, position]
+            rotary_inputs = [cos_cache, sin_cache] + ([position] if position is not None else [])
         if packed is not None:  # one projection; the rope (with the model's position ids) inside the kernel
             qkv = [packed, None, None]
             if rotary is not None:
@@ -572,6 +593,7 @@ class AttentionFusionPass(ir.passes.InPlacePass):
         out, present_key, present_value = attention.outputs
         for old, new in ((m.output, out), (m.present_key, present_key), (m.present_value, present_value)):
             _replace(graph, old, new)
+        return True
 
 
     def _fuse_encoder(self, graph: ir.Graph, m: Match, padding: ir.Value) -> None:
@@ -587,22 +609,35 @@ def _single_use(value: ir.Value) -> bool:
     return len(list(value.uses())) == 1 and not value.is_graph_output()
 
 
-def _packed_projection(graph: ir.Graph, m: Match) -> tuple[ir.Value | None, list[ir.Node]]:
-    """One [B, S, (H + 2 KVH) D] projection for q, k, v, and the nodes that make it (appended by the
-    caller), or (None, []): when the three are outputs 0, 1, 2 of one Split along the last axis
-    (a fused QKV Linear), that Split's input; when they are MatMul(x, W) (+ constant bias) of one x
-    with constant weights, a MatMul of x with [Wq | Wk | Wv] (+ [bq | bk | bv])."""
+def _packing(m: Match):
+    """How q, k, v come from one projection: the fused QKV Linear's input (outputs 0, 1, 2 of one
+    Split along the last axis), the three (x, W, b) of MatMuls of one x with constant weights, or None."""
     projections = [m.query.projection, m.key.projection, m.value]
     if not all(_single_use(v) for v in projections):
-        return None, []
+        return None
     split = projections[0].producer()
     if (split is not None and split.op_type == "Split" and all(v.producer() is split for v in projections)
             and [v.index() for v in projections] == [0, 1, 2] and len(split.outputs) == 3
             and split.attributes.get_int("axis", 0) in (-1, 2)):
-        return split.inputs[0], []
+        return split.inputs[0]
     parts = [_linear(v) for v in projections]
     if None in parts or len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1:
-        return None, []
+        return None
+    return parts
+
+
+def _packable(m: Match) -> bool:
+    return _packing(m) is not None
+
+
+def _packed_projection(graph: ir.Graph, m: Match) -> tuple[ir.Value | None, list[ir.Node]]:
+    """One [B, S, (H + 2 KVH) D] projection for q, k, v (:func:`_packing`), and the nodes that make
+    it (appended by the caller), or (None, []): the Split's input, or a MatMul of x with
+    [Wq | Wk | Wv] (+ [bq | bk | bv])."""
+    packing = _packing(m)
+    if not isinstance(packing, list):
+        return packing, []
+    parts = packing
     x = parts[0][0]
     weight = _initializer(graph, f"{m.query.projection.name}_qkv_weight",
                           np.concatenate([w for _, w, _ in parts], axis=1))

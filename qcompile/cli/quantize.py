@@ -28,7 +28,16 @@ from qcompile.cli.common import (
 from qcompile.evaluators import METRIC_HELP
 from qcompile.executor import EXECUTORS
 from qcompile.kv_cache import KV_CACHES
-from qcompile.recipes import ALGORITHMS, BITS, BLOCK_SIZES, DEFAULT_MIN_SQNR_DB, FORMATS, METHODS, PRESETS
+from qcompile.recipes import (
+    ALGORITHMS,
+    BITS,
+    BLOCK_SIZES,
+    DEFAULT_ACCURACY_BUDGET,
+    DEFAULT_MIN_SQNR_DB,
+    FORMATS,
+    METHODS,
+    PRESETS,
+)
 from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 
 
@@ -81,8 +90,9 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
               help="Keep float: node name, op type or name pattern.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Calibration samples at most.")
 @click.option("--min-sqnr", type=float, default=None,
-              help="Static INT8: MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float "
-                   f"({DEFAULT_MIN_SQNR_DB:g}); negative disables.")
+              help="Static recipes: choose what stays float by a per-node guard instead of the accuracy budget: "
+                   f"MatMul/Gemm whose INT8 output SQNR (dB) is lower stay float (the guard where no budget can be "
+                   f"measured: {DEFAULT_MIN_SQNR_DB:g}, w8a8-smoothquant 34); negative: neither, all INT8.")
 @click.option("--min-speedup", type=float, default=None, help="Exit 1 (writing nothing) if not this much faster.")
 @click.option("--runs", type=click.IntRange(min=1), default=None,
               help="Timed runs per model for the speed check (default: at least 2, up to 20, within about 0.5 s).")
@@ -90,12 +100,15 @@ from qcompile.targets import HIGH_PRECISIONS, PRECISIONS
 @data_option
 @click.option("--accuracy-budget", type=float, default=None, metavar="X",
               help="Static recipes: plan everything quantizable, then keep layers float until --metric on "
-                   "held-out data is at most X worse than FP32 (0.01 = 1 %); replaces the --min-sqnr guard.")
+                   f"held-out data is at most X worse than FP32 (0.01 = 1 %) [default: {DEFAULT_ACCURACY_BUDGET:g}, "
+                   "measured where there is held-out data, else the --min-sqnr guard; asked for, candidates are "
+                   "timed too].")
 @click.option("--metric", "metric_name", default=None, metavar="NAME",
               help=f"The budget's metric [default: perplexity for a causal LM, else cosine]: {METRIC_HELP}")
 @click.option("--budget-data", default=None, metavar="SPEC",
               help="Held-out inputs for the budget (never the evaluation set) [default: with --calib zoo:NAME, "
-                   "that entry's held-out split].")
+                   "that entry's held-out split; else every 4th calibration sample, held out of calibration, from "
+                   "16 samples up].")
 @click.option("--budget-samples", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--budget-trials", type=click.IntRange(min=1), default=12, show_default=True,
               help="Candidates evaluated at most.")
@@ -136,8 +149,11 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
         exclude=tuple(dict.fromkeys([*base.exclude, *exclude])) if exclude else None,
     )
     target = recipe.target
-    if min_sqnr is not None:  # negative turns the guard off (None), which with_() cannot express
-        recipe = dataclasses.replace(recipe, min_sqnr_db=min_sqnr if min_sqnr >= 0 else None)
+    if min_sqnr is not None and accuracy_budget is not None:
+        raise click.UsageError("--min-sqnr and --accuracy-budget are two ways to choose what stays float: give one")
+    choice = {"min_sqnr_db": min_sqnr if min_sqnr >= 0 else None} if min_sqnr is not None else {}  # negative: off
+    recipe = recipe.choosing_float(**choice, **({"accuracy_budget": accuracy_budget} if accuracy_budget is not None
+                                                else {}))
     recipe.validate()
     path = resolve_model(model)
     out = Path(output)
@@ -152,14 +168,16 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     verify_options = VerifyOptions(each_pass=False, feeds=verify_feeds, dims=shape["dims"], batch=batch, seq=seq)
     executor = None
     budget = None
-    if accuracy_budget is not None:
+    if accuracy_budget is not None or (recipe.kind == "static-int8" and recipe.accuracy_budget is not None):
         from qcompile.executor import make_executor
 
         executor = make_executor(executor_spec)
-        budget = _budget_spec(accuracy_budget, metric_name, budget_data or _heldout_of(calib), input_specs,
-                              budget_samples, budget_trials, budget_seconds, executor, source)
+        budget = _budget_spec(recipe.accuracy_budget, metric_name, budget_data or _heldout_of(calib), input_specs,
+                              budget_samples, budget_trials, budget_seconds, executor, source,
+                              required=accuracy_budget is not None)
     elif metric_name or budget_data:
-        raise click.UsageError("--metric and --budget-data go with --accuracy-budget")
+        raise click.UsageError("--metric and --budget-data go with an accuracy budget (--accuracy-budget, or a "
+                               "static recipe's own)")
     clock.lap("read")
     from qcompile.pipeline import Pipeline
 
@@ -169,21 +187,22 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     finally:
         if executor is not None:
             executor.close()
-    if getattr(result, "budget", None) is not None:
+    searched = getattr(result, "budget", None)
+    if searched is not None and searched.spec.required:  # asked for: a check, with its log and closest model
         _write_budget_outputs(result, out, report)
-        if not result.budget.met:
+        if not searched.met:
             from qcompile.errors import CheckFailedError
 
             closest = _closest_path(out)
             modelio.save(result.model, closest)
             best = result.budget.best
             fail(CheckFailedError(
-                f"the accuracy budget {accuracy_budget:g} on {budget.metric.name} cannot be met within "
+                f"the accuracy budget {accuracy_budget:g} on {searched.spec.metric.name} cannot be met within "
                 f"{len(result.budget.trials)} trials ({result.budget.stopped or 'every layer tried'}): the closest "
                 f"candidate keeps {best.kept_float} layers float, drop {best.drop}",
                 fix=f"{out} not written; the closest is {closest}, the search log {_log_path(out)}"))
     elif report:
-        _write_budget_outputs(result, out, report)
+        _write_budget_outputs(result, out, report, log=False)
     timing = result.latency
     clock.skip()  # the pipeline's own phases account for that
     for note in result.notes:
@@ -231,22 +250,30 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
 
 
 def _heldout_of(calib: str | None) -> str | None:
-    """The budget's default data: a zoo entry's held-out split (a user's own data has none we know of)."""
-    return calib if calib and calib.startswith("zoo:") else None
+    """The budget's data when none is given: a zoo entry's held-out split (else, held out from
+    calibration: qcompile.budget.split_calibration)."""
+    if not (calib and calib.startswith("zoo:")):
+        return None
+    from qcompile.models import get_entry
+
+    try:
+        return calib if get_entry(calib[4:]).heldout is not None else None
+    except KeyError:
+        return None  # resolve_reader says so, with the zoo's names
 
 
-def _budget_spec(max_drop, metric_name, data, input_specs, samples, trials, seconds, executor, source):
-    from qcompile.budget import BudgetSpec
+def _budget_spec(max_drop, metric_name, data, input_specs, samples, trials, seconds, executor, source, *,
+                 required: bool):
+    """The budget asked for (``required``: --accuracy-budget) or the recipe's own: on ``data``, or
+    (None) held out from calibration; candidates timed only when asked for (the default is chosen by
+    accuracy alone: the same inputs give the same bytes)."""
+    from qcompile.budget import BudgetSpec, default_metric
     from qcompile.calibration import iter_feeds, resolve_reader
     from qcompile.errors import InputSpecError
     from qcompile.evaluators import parse_metric
 
-    if data is None:
-        raise InputSpecError("--accuracy-budget needs held-out data", where="--budget-data",
-                             fix="give inputs that are neither the calibration nor the evaluation set")
     names = {spec.name for spec in input_specs}
-    outputs = {v.name for v in source.graph.outputs}
-    metric = parse_metric(metric_name or ("perplexity" if "input_ids" in names and "logits" in outputs else "cosine"))
+    metric = parse_metric(metric_name or default_metric(names, {v.name for v in source.graph.outputs}))
     from qcompile.gate import Thresholds
 
     Thresholds(max_drop=max_drop).validate(metric)  # sqnr has no relative drop
@@ -254,9 +281,13 @@ def _budget_spec(max_drop, metric_name, data, input_specs, samples, trials, seco
         raise InputSpecError(f"{metric.name} is measured on the evaluation set: a budget tuned on it is no budget",
                              where="--metric", fix="use cosine, perplexity, top1 or your own module:function on "
                                                    "--budget-data")
+    common = dict(max_trials=trials, max_seconds=seconds, executor=executor, required=required,
+                  timing_runs=BudgetSpec.timing_runs if required else 0, heldout_samples=samples)
+    if data is None:
+        return BudgetSpec(metric, max_drop, **common)
     feeds = list(iter_feeds(resolve_reader(data, input_specs, samples, heldout=True), input_specs, samples))
-    return BudgetSpec(metric, max_drop, feeds, max_trials=trials, max_seconds=seconds, executor=executor,
-                      data=data + (" (held-out split)" if data.startswith("zoo:") else ""))
+    return BudgetSpec(metric, max_drop, feeds, data=data + (" (held-out split)" if data.startswith("zoo:") else ""),
+                      **common)
 
 
 def _log_path(out: Path) -> Path:
@@ -267,14 +298,14 @@ def _closest_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.closest{out.suffix or '.onnx'}")
 
 
-def _write_budget_outputs(result, out: Path, report: str | None) -> None:
-    """The search log (always, beside the output) and the report."""
+def _write_budget_outputs(result, out: Path, report: str | None, *, log: bool = True) -> None:
+    """The search log (beside the output: for a budget asked for) and the report."""
     import json
     import shlex
     import sys
 
     budget = getattr(result, "budget", None)
-    if budget is not None:
+    if budget is not None and log:
         modelio.write_text(_log_path(out), json.dumps(budget.to_json(), indent=1, default=str))
     if report:
         from qcompile.report import environment, precision_by_op, write_report
