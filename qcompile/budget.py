@@ -77,11 +77,12 @@ def split_calibration(spec: BudgetSpec, reader, high_precision: str = "fp32"):
     from qcompile.calibration import HeldOutSplit, RandomReader
     from qcompile.errors import InputSpecError
 
+    if high_precision != "fp32" and not spec.required:  # asked for, _quantize_float says what to do
+        return None, reader, (f"accuracy budget not measured: the float part runs in {high_precision}, which ORT "
+                              "CPU does not score natively")
     if spec.feeds or reader is None:
         return spec, reader, None
-    why = ("the calibration data is random" if isinstance(reader, RandomReader) else
-           f"the float part runs in {high_precision}, which ORT CPU does not score natively"
-           if high_precision != "fp32" and not spec.required else None)
+    why = "the calibration data is random" if isinstance(reader, RandomReader) else None
     if why is None:
         split = HeldOutSplit(reader, every=HOLD_OUT_EVERY, minimum=MIN_HELDOUT, limit=spec.heldout_samples)
         data = f"every {HOLD_OUT_EVERY}th calibration sample, held out from calibration"

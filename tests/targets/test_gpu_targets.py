@@ -310,6 +310,8 @@ def test_quantize_for_a_gpu_target_writes_the_model_and_claims_no_timing(tmp_pat
                                   "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "not timed" in result.output and out.is_file()
+    # the recipe's budget is scored on ORT CPU, which has no native FP16: the guard decides, and says so
+    assert "accuracy budget not measured: the float part runs in fp16" in " ".join(result.output.split())
     gated = runner.invoke(main, ["quantize", str(digits_path), "--target", "tensorrt", "--calib", "zoo:digits_cnn",
                                  "--min-speedup", "1.2", "-o", str(tmp_path / "g.onnx")])
     assert gated.exit_code == 2 and "--min-speedup needs tensorrt's runtime" in gated.output
