@@ -71,7 +71,7 @@ def default_metric(input_names: set[str], output_names: set[str]) -> str:
 def split_calibration(spec: BudgetSpec, reader, high_precision: str = "fp32"):
     """(spec, reader, note): a spec without feeds gets every :data:`HOLD_OUT_EVERY`-th calibration
     sample, and the reader passes on the rest (qcompile.calibration.HeldOutSplit). Where nothing
-    can be held out — random calibration data, or (for a budget that is not ``required``) a float
+    can be measured — random calibration data, or (for a budget that is not ``required``) a float
     part that ORT CPU does not score natively — a required budget is the user's error (exit 2);
     otherwise the spec is None and the note says why the SQNR guard decides."""
     from qcompile.calibration import HeldOutSplit, RandomReader
@@ -82,15 +82,15 @@ def split_calibration(spec: BudgetSpec, reader, high_precision: str = "fp32"):
                               "CPU does not score natively")
     if spec.feeds or reader is None:
         return spec, reader, None
-    why = "the calibration data is random" if isinstance(reader, RandomReader) else None
-    if why is None:
-        split = HeldOutSplit(reader, every=HOLD_OUT_EVERY, minimum=MIN_HELDOUT, limit=spec.heldout_samples)
-        data = f"every {HOLD_OUT_EVERY}th calibration sample, held out from calibration"
-        return dataclasses.replace(spec, feeds=split.heldout, data=data, min_feeds=MIN_HELDOUT), split, None
-    if spec.required:
-        raise InputSpecError(f"--accuracy-budget needs held-out data: {why}", where="--budget-data",
-                             fix="give inputs that are neither the calibration nor the evaluation set")
-    return None, reader, f"accuracy budget not measured: {why}"
+    if isinstance(reader, RandomReader):
+        if spec.required:
+            raise InputSpecError("--accuracy-budget needs held-out data: the calibration data is random",
+                                 where="--budget-data",
+                                 fix="give inputs that are neither the calibration nor the evaluation set")
+        return None, reader, "accuracy budget not measured: the calibration data is random"
+    split = HeldOutSplit(reader, every=HOLD_OUT_EVERY, minimum=MIN_HELDOUT, limit=spec.heldout_samples)
+    data = f"every {HOLD_OUT_EVERY}th calibration sample, held out from calibration"
+    return dataclasses.replace(spec, feeds=split.heldout, data=data, min_feeds=MIN_HELDOUT), split, None
 
 
 def too_few_feeds(spec: BudgetSpec) -> str | None:

@@ -86,10 +86,11 @@ class HeldOutSplit(IterableReader):
 
     The first ``every * minimum`` feeds are read before any is passed on: a reader that ends
     sooner is passed on whole (nothing held out; ``split`` False), so a small calibration set is
-    never thinned for a budget too small to measure."""
+    never thinned for a budget too small to measure. Its name says so: statistics computed on it
+    (qcompile.calibrate.StatisticsCache, keyed by the reader's name) are not those of the whole."""
 
     def __init__(self, reader: CalibrationReader, *, every: int, minimum: int, limit: int) -> None:
-        super().__init__((), describe(reader), user_code=_is_user_code(reader))
+        super().__init__((), f"{describe(reader)} (every {every}th held out)", user_code=_is_user_code(reader))
         self.reader, self.every, self.minimum, self.limit = reader, every, minimum, limit
         self.heldout: list = []
         self.split: bool | None = None  # decided on the first read

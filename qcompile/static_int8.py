@@ -460,12 +460,15 @@ def _calibrate(model: ir.Model, plan: QuantPlan, float_model: FloatModel, reader
                                          extra=sampler.statistics() if sampler is not None else None,
                                          check_feeds=check_feeds, check_outputs=outputs)
     except BackendError as exc:
-        if not check_feeds or recording.last is None:
+        if not check_feeds:
             raise
-        # the unchecked optimized model fails on a calibration sample: the passes are verified on it
-        # (with the original's outputs: should the original fail too, the data is at fault)
-        raise OptimizedModelChanged(f"the optimized model failed to run on a calibration sample: {exc}",
-                                    kept if recording.complete else None, failing=recording.last) from None
+        failing = recording.last  # what ran last: a calibration sample, else the verification feeds
+        while recording.get_next() is not None:  # the rest too: the retry calibrates on every sample
+            pass
+        # the unchecked optimized model fails: the passes are verified on that sample too (with the
+        # original's outputs: should the original fail on it, the data is at fault)
+        raise OptimizedModelChanged(f"the optimized model failed to run: {exc}",
+                                    kept if recording.complete else None, failing=failing) from None
     modelio.drop_resident_weights(model)  # the session is gone: weights are next read one at a time
     if check_feeds:
         try:
@@ -490,7 +493,7 @@ class _Recording(IterableReader):
 
     def get_next(self) -> dict | None:
         feed = super().get_next()
-        self.last = feed
+        self.last = feed if feed is not None else self.last
         if feed is not None and self.complete:
             self._bytes += sum(np.asarray(a).nbytes for a in feed.values())
             self.complete = self._bytes <= KEEP_FEED_BYTES

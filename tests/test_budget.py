@@ -321,3 +321,27 @@ def test_recipe_files_write_off_for_a_choice_turned_off(tmp_path):
     path.write_text('accuracy_budget = "loose"\n')
     with pytest.raises(InputSpecError, match="accuracy_budget"):
         Recipe.load(path)
+
+
+def test_a_run_failing_on_the_optimized_model_reverifies_and_calibrates_on_every_sample(mlp, monkeypatch):
+    """The optimized (not yet checked) model failing on a calibration sample is qcompile's to find:
+    the passes are re-verified with that sample, and calibration is redone on every sample read —
+    those after the failing one included (the reader cannot be read twice)."""
+    from qcompile import static_int8
+    from qcompile.runtimes import BackendError
+
+    ref, _, _ = mlp
+    real, calls = static_int8.collect_ranges, []
+
+    def failing_once(model, tensors, reader, **kwargs):
+        calls.append(bool(kwargs.get("check_feeds")))
+        if len(calls) == 1:
+            assert calls[0], "the optimized model is unchecked here: the test needs a model the passes change"
+            reader.get_next(), reader.get_next()  # two samples in, the third fails
+            raise BackendError("onnxruntime failed to run: planted")
+        return real(model, tensors, reader, **kwargs)
+
+    monkeypatch.setattr(static_int8, "collect_ranges", failing_once)
+    result = qcompile.quantize(str(ref), IterableReader(_feeds(10, 1)), recipe="int8", min_sqnr_db=None)
+    assert len(calls) == 2 and result.calibration.samples == 10
+    assert set(result.plan.quantized_nodes) == {f"layer{i}" for i in range(LAYERS)}

@@ -407,12 +407,11 @@ def _rotary_tables(graph: ir.Graph, cos: ir.Value, sin: ir.Value, max_positions:
         return None
     cos_table, sin_table = (t.astype(np.float32).reshape(max_positions, -1) for t in tables)
     probed = probe[0].astype(np.float32).reshape(count, -1)
-    if np.array_equal(probed, cos_table[first:first + count]):
-        pass  # the leaf's values are the positions
-    elif np.array_equal(probed, cos_table[:count]) and position.name != "position_ids":
-        position = None  # only its shape is read: positions 0 .. S-1
-    else:
+    holds_positions = np.array_equal(probed, cos_table[first:first + count])
+    counts_from_zero = np.array_equal(probed, cos_table[:count]) and position.name != "position_ids"
+    if not (holds_positions or counts_from_zero):
         return None
+    position = position if holds_positions else None  # None: only its shape is read, positions 0 .. S-1
     half = cos_table.shape[1] // 2
     if cos_table.shape[1] % 2 or not (np.array_equal(cos_table[:, :half], cos_table[:, half:])
                                       and np.array_equal(sin_table[:, :half], sin_table[:, half:])):
@@ -558,7 +557,7 @@ class AttentionFusionPass(ir.passes.InPlacePass):
         model does not have (separate projections, positions counted from its input's shape)."""
         anchor = m.output.producer()
         seqlens, total = lengths
-        if rotary is not None and rotary[0] is None and not _packable(m):
+        if rotary is not None and rotary[0] is None and _packing(m) is None:
             return False
         packed, new_nodes = _packed_projection(graph, m)
         attributes = {"num_heads": m.query.heads, "kv_num_heads": m.key.heads, "scale": float(m.scale)}
@@ -624,10 +623,6 @@ def _packing(m: Match):
     if None in parts or len({id(x) for x, _, _ in parts}) != 1 or len({b is None for _, _, b in parts}) != 1:
         return None
     return parts
-
-
-def _packable(m: Match) -> bool:
-    return _packing(m) is not None
 
 
 def _packed_projection(graph: ir.Graph, m: Match) -> tuple[ir.Value | None, list[ir.Node]]:

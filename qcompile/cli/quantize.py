@@ -151,9 +151,12 @@ def quantize(model, output, target, recipe_name, precision, high_precision, reci
     target = recipe.target
     if min_sqnr is not None and accuracy_budget is not None:
         raise click.UsageError("--min-sqnr and --accuracy-budget are two ways to choose what stays float: give one")
-    choice = {"min_sqnr_db": min_sqnr if min_sqnr >= 0 else None} if min_sqnr is not None else {}  # negative: off
-    recipe = recipe.choosing_float(**choice, **({"accuracy_budget": accuracy_budget} if accuracy_budget is not None
-                                                else {}))
+    asked = {}
+    if min_sqnr is not None:
+        asked["min_sqnr_db"] = min_sqnr if min_sqnr >= 0 else None  # negative: off
+    if accuracy_budget is not None:
+        asked["accuracy_budget"] = accuracy_budget
+    recipe = recipe.choosing_float(**asked)
     recipe.validate()
     path = resolve_model(model)
     out = Path(output)
