@@ -213,8 +213,11 @@ class Pipeline:
         if recipe.kind != "float":
             self.target.require_precision(high_precision)
         if budget is not None and recipe.kind != "static-int8":
+            from qcompile.recipes import PRESETS
+
+            static = ", ".join(name for name, r in PRESETS.items() if r.kind == "static-int8")
             raise InputSpecError(f"--accuracy-budget needs a static recipe (W8A8, FP8), not {recipe.name!r}",
-                                 fix="choose int8, int8-sq or fp8, or drop --accuracy-budget")
+                                 fix=f"choose {static}, or drop --accuracy-budget")
         if recipe.needs_calibration and reader is None:
             raise InputSpecError(f"recipe {recipe.name!r} needs calibration data", fix="pass --calib SPEC")
         if self.target.device != "cpu":

@@ -345,3 +345,13 @@ def test_a_run_failing_on_the_optimized_model_reverifies_and_calibrates_on_every
     result = qcompile.quantize(str(ref), IterableReader(_feeds(10, 1)), recipe="int8", min_sqnr_db=None)
     assert len(calls) == 2 and result.calibration.samples == 10
     assert set(result.plan.quantized_nodes) == {f"layer{i}" for i in range(LAYERS)}
+
+
+def test_a_budget_with_a_weight_only_recipe_is_refused_naming_the_static_ones(mlp, tmp_path):
+    ref, _, _ = mlp
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.stack([f["x"] for f in _feeds(16, 1)]))
+    result = CliRunner().invoke(main, ["quantize", str(ref), "-o", str(tmp_path / "q.onnx"), "--calib", str(calib),
+                                       "--recipe", "w8-weight-only", "--accuracy-budget", "0.01"])
+    assert result.exit_code == 2 and not (tmp_path / "q.onnx").exists()
+    assert "choose int8, w8a8-smoothquant, fp8" in " ".join(result.output.split())
