@@ -133,7 +133,8 @@ class Trial:
 class BudgetResult:
     spec: BudgetSpec
     reference_value: float
-    order: list[str]
+    order: list[str]  # the fallback order; empty when the all-quantized candidate was within budget
+    layers: int = 0  # quantized layers of the all-quantized candidate
     trials: list[Trial] = field(default_factory=list)
     chosen: int | None = None  # index into trials (within budget)
     stopped: str = ""
@@ -154,7 +155,8 @@ class BudgetResult:
 
     def to_json(self) -> dict:
         return {"metric": self.spec.metric.name, "max_drop": self.spec.max_drop, "data": self.spec.data,
-                "samples": len(self.spec.feeds), "reference": self.reference_value, "met": self.met,
+                "samples": len(self.spec.feeds), "reference": self.reference_value, "layers": self.layers,
+                "met": self.met,
                 "chosen": self.chosen, "best": self.best.index, "stopped": self.stopped,
                 "fallback_order": self.order, "trials": [t.to_json() for t in self.trials]}
 
@@ -193,15 +195,19 @@ def fallback_order(layers, order: str = "noise-per-mac") -> list[str]:
     return [layer.node for layer in sorted(layers, key=lambda layer: (-cost(layer), layer.node))]
 
 
-def search(build: Callable[[list[str]], Path], first: Path, order: list[str], reference: ReferenceRun,
-           spec: BudgetSpec, log: Callable[[Trial], None] | None = None) -> BudgetResult:
+def search(build: Callable[[list[str]], Path], first: Path, order: list[str] | Callable[[], list[str]],
+           reference: ReferenceRun, spec: BudgetSpec, log: Callable[[Trial], None] | None = None,
+           layers: int | None = None) -> BudgetResult:
     """The search (module docstring): ``build(nodes)`` writes the candidate with ``nodes`` float;
-    ``first`` is the all-quantized candidate, already built; ``order`` the fallback order."""
+    ``first`` is the all-quantized candidate, already built; ``order`` the fallback order, or what
+    measures it — called only when ``first`` is over budget (measuring it costs runs of its own);
+    ``layers`` how many layers ``first`` quantizes (default: the order's length)."""
     from qcompile.executor import InProcess
 
     executor = spec.executor or InProcess()
     started = time.perf_counter()
-    result = BudgetResult(spec, reference.value, order)
+    result = BudgetResult(spec, reference.value, [],
+                          layers if layers is not None else 0 if callable(order) else len(order))
     evaluated: dict[int, Trial] = {}
 
     def run(ks: list[int]) -> None:
@@ -226,6 +232,10 @@ def search(build: Callable[[list[str]], Path], first: Path, order: list[str], re
         return ""
 
     run([0])
+    if not evaluated[0].within:
+        result.order = order() if callable(order) else list(order)
+        result.layers = layers if layers is not None else len(result.order)
+    order = result.order
     lo, hi = 0, len(order)  # k = lo is over budget (once measured); k = hi: everything float
     while not evaluated[0].within and hi - lo > 1:
         result.stopped = out_of_budget()

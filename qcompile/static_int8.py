@@ -384,11 +384,14 @@ def _budget_search(model: ir.Model, plan: QuantPlan, policy: QuantPolicy, exclud
 
         first = build([])
         reference = ReferenceRun(spec.metric, float_path, spec.feeds, targets.get(target).check_runtime)
-        layers = measure_layers(first, None, spec.feeds[:4])
-        for layer in layers:
-            if layer.node in sqnr:
-                layer.local_sqnr_db = sqnr[layer.node]
-        result = search(build, first, fallback_order(layers, spec.order), reference, spec)
+        def order() -> list[str]:
+            layers = measure_layers(first, None, spec.feeds[:4])
+            for layer in layers:
+                if layer.node in sqnr:
+                    layer.local_sqnr_db = sqnr[layer.node]
+            return fallback_order(layers, spec.order)
+
+        result = search(build, first, order, reference, spec, layers=len(plans[0].quantized_nodes))
         best = result.best
         chosen = modelio.load(best.path)
         for path in workdir.glob("candidate-*.onnx*"):
@@ -423,7 +426,7 @@ def _budget_note(result: BudgetResult) -> str:
     drop = "n/a" if best.drop is None else f"{best.drop:.4g}"
     return (f"accuracy budget: {spec.metric.name} drop {drop} {verdict} {spec.max_drop:g} on "
             f"{len(spec.feeds)} held-out samples ({spec.data or 'given data'}), {best.kept_float} of "
-            f"{len(result.order)} layers kept float, after {len(result.trials)} trials"
+            f"{result.layers} layers kept float, after {len(result.trials)} trials"
             + (f" ({result.stopped})" if result.stopped else "")
             + ("" if result.met or spec.required else
                ": the closest candidate is written (the recipe's budget; --accuracy-budget X makes it a check)"))

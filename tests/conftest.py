@@ -58,3 +58,14 @@ def digits_path():
     from qcompile.models import cached_export, digits_cnn
 
     return cached_export(digits_cnn.ENTRY)
+
+
+@pytest.fixture
+def int8_kernels_win(monkeypatch):
+    """The ort-cpu kernel probe as on a CPU where every INT8 kernel beats FP32, for tests about the
+    graph qcompile writes rather than this CPU's kernels (on a Zen 2, INT8 Conv is 0.8x FP32 and the
+    policy rightly keeps every Conv float)."""
+    from qcompile.targets.ort_cpu import kernel_probe
+
+    monkeypatch.setattr(kernel_probe, "probe",
+                        lambda **_: {case.op_class: 1.5 for case in kernel_probe.PROBE_CASES})

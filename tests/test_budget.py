@@ -274,6 +274,10 @@ def test_default_budget_cli_is_deterministic_and_writes_no_log(mlp, tmp_path):
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["accuracy_budget"]["samples"] == 4 and report["accuracy_budget"]["met"]
+        # the all-quantized candidate is within budget: nothing falls back, so no per-layer measurement
+        assert len(report["accuracy_budget"]["trials"]) == 1 and report["accuracy_budget"]["fallback_order"] == []
+        assert report["accuracy_budget"]["layers"] == LAYERS
+        assert f"0 of {LAYERS} layers kept float" in " ".join(report["notes"])
         assert report["calibration"]["samples"] == 12
         assert report["recipe"]["accuracy_budget"] == 0.01
         assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]  # no search log: not asked for

@@ -115,6 +115,32 @@ def test_u8s8_saturation_probe_and_u8_weight_storage():
     assert codes.inputs[0].const_value.numpy().dtype == np.dtype(policy.weight_dtype)
 
 
+
+ZEN2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC\n" \
+       "flags\t\t: fpu sse2 fma avx2 sha_ni\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+
+
+def test_cpu_signature_names_the_core_and_keys_the_probe_cache(tmp_path, monkeypatch):
+    """Two CPUs with the same AVX2-only flags are different INT8 machines (ORT's INT8 MatMul is 1.0x
+    FP32 on a Zen 2 and 1.7x on a later core): the signature, and so the probe cache, tells them apart."""
+    from qcompile.targets.ort_cpu import kernel_probe
+
+    zen2 = kernel_probe.cpu_signature(ZEN2)
+    assert "|AuthenticAMD-23-49|fma,avx2|" in zen2  # the first processor's block; only INT8-relevant flags
+    later = kernel_probe.cpu_signature(ZEN2.replace("cpu family\t: 23", "cpu family\t: 25", 1))
+    assert later != zen2
+    arm = kernel_probe.cpu_signature("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n"
+                                     "CPU part\t: 0xd0c\n")
+    assert "|0x41-0xd0c|" in arm
+    measured = []
+    signature_of = kernel_probe.cpu_signature
+    for info in (ZEN2, ZEN2, ZEN2.replace("model\t\t: 49", "model\t\t: 1", 1)):
+        monkeypatch.setattr(kernel_probe, "cpu_signature", lambda info=info: signature_of(info))
+        ratios = kernel_probe._cached("probe-test", tmp_path, False, ["case"],
+                                      lambda: measured.append(1) or {"MatMul": float(len(measured))})
+    assert len(measured) == 2 and ratios == {"MatMul": 2.0}  # measured once per core, not once per flag set
+
+
 CONCAT = f"""
 <ir_version: 9, opset_import: ["" : 17]>
 g (float[1, 2, 6, 6] x) => (float[1, 4, 6, 6] y)

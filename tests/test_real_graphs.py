@@ -70,7 +70,7 @@ def test_symbolic_image_model_is_verified_on_a_size_it_takes(tmp_path):
     assert quantized.exit_code == 0, quantized.output
 
 
-def test_model_at_opset_12_is_upgraded_before_per_channel_qdq(tmp_path):
+def test_model_at_opset_12_is_upgraded_before_per_channel_qdq(tmp_path, int8_kernels_win):
     # The recognizer's bug: per-channel DequantizeLinear (axis exists from opset 13) in an opset-12 graph.
     path = save(detector(opset=12, constant_weights=True), tmp_path / "rec.onnx")
     out = tmp_path / "q.onnx"
@@ -237,7 +237,7 @@ def test_model_with_nothing_to_quantize_says_so_and_writes_the_float_model(tmp_p
     np.testing.assert_array_equal(ort_outputs(out, feed)[0], ort_outputs(path, feed)[0])
 
 
-def test_quantized_output_that_fails_to_run_is_exit_3_naming_the_lowering(tmp_path, monkeypatch):
+def test_quantized_output_that_fails_to_run_is_exit_3_naming_the_lowering(tmp_path, monkeypatch, int8_kernels_win):
     from qcompile.passes.quant import qdq
 
     original = qdq.QDQLoweringPass.call

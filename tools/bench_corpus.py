@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus  # noqa: E402
+from qcompile.targets.ort_cpu.kernel_probe import cpu_signature  # noqa: E402
 
 
 def qcompile_cmd() -> list[str]:
@@ -45,18 +45,6 @@ def qcompile_cmd() -> list[str]:
 def cli_has(command: str, option: str) -> bool:
     done = subprocess.run(qcompile_cmd() + [command, "--help"], capture_output=True, text=True)
     return re.search(rf"(^|\s){re.escape(option)}[\s,=]", done.stdout) is not None
-
-
-def cpu_signature() -> str:
-    """Model name and the int8-relevant flags (avx2, avx512_vnni, avx_vnni, amx) of this CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or [None, ""])[1].split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{model.group(1).strip() if model else 'cpu'} ({', '.join(wanted) or 'no avx2'}; {os.cpu_count()} cores)"
 
 
 def error_line(stderr: str) -> str:

@@ -319,7 +319,7 @@ def _write_budget_outputs(result, out: Path, report: str | None, *, log: bool = 
         if budget is not None:
             data["summary"] += [["budget", f"{budget.spec.metric.name} drop <= {budget.spec.max_drop:g}"],
                                 ["met", "yes" if budget.met else "NO"],
-                                ["layers kept float", f"{budget.best.kept_float} of {len(budget.order)}"]]
+                                ["layers kept float", f"{budget.best.kept_float} of {budget.layers}"]]
             data.update(budget.report_data())
         write_report(report, data)
 

@@ -105,20 +105,33 @@ def time_case(case: KernelCase, runs: int = 60, variants: dict[str, tuple[bool, 
     return {name: r.median_ms for name, r in results.items()}
 
 
-def cpu_signature() -> str:
-    """What decides INT8 speed: instruction-set flags, core count, onnxruntime version."""
+#: /proc/cpuinfo fields naming the microarchitecture: x86 (vendor, family, model), then Arm's.
+CORE_FIELDS = ("vendor_id", "cpu family", "model", "CPU implementer", "CPU part")
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+
+
+def cpu_signature(cpuinfo: str | None = None) -> str:
+    """What decides INT8 speed: the core's microarchitecture, its instruction-set flags, the core
+    count and the onnxruntime version. Flags alone do not: a Zen 2 and a later core under the same
+    AVX2-only flags differ by 1.7x in ORT's INT8 MatMul against FP32 (docs/benchmarks.md)."""
     import onnxruntime
 
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
-                flags = ",".join(f for f in line.split(":", 1)[1].split() if f in wanted)
-                break
-    except OSError:
-        flags = platform.processor()
-    return f"{platform.machine()}|{flags}|cores={os.cpu_count()}|ort={onnxruntime.__version__}"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    core = "-".join(fields[k] for k in CORE_FIELDS if fields.get(k)) or platform.processor() or "unknown"
+    flags = ",".join(f for f in fields.get("flags", fields.get("Features", "")).split() if f in INT8_FLAGS)
+    return f"{platform.machine()}|{core}|{flags}|cores={os.cpu_count()}|ort={onnxruntime.__version__}"
 
 
 def _cached(kind: str, cache_dir: Path | None, refresh: bool, cases: list[str], measure) -> dict[str, float]:
