@@ -126,7 +126,8 @@ class Trial:
     seconds: float
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Everything but the path: candidates are temporary files, gone once the result is chosen."""
+        return {k: v for k, v in asdict(self).items() if k != "path"}
 
 
 @dataclass

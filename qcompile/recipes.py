@@ -185,6 +185,12 @@ class Recipe:
             elif key in data and (isinstance(data[key], bool) or not isinstance(data[key], (int, float))):
                 raise InputSpecError(f"recipe key {key!r} must be a number or \"off\"", where=where,
                                      fix=f'write {key} = 0.01, or {key} = "off"')
+        if data.get("kind", "static-int8") != "static-int8":
+            if data.get("accuracy_budget") is not None:
+                raise InputSpecError(f"recipe key 'accuracy_budget' applies to static recipes only, not "
+                                     f"kind {data['kind']!r}", where=where,
+                                     fix='remove it (or write accuracy_budget = "off"), or use kind = "static-int8"')
+            data["accuracy_budget"] = None  # the dataclass default is a static recipe's
         if "exclude" in data:
             if not isinstance(data["exclude"], list) or not all(isinstance(x, str) for x in data["exclude"]):
                 raise InputSpecError("recipe key 'exclude' must be a list of strings", where=where,

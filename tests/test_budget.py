@@ -276,6 +276,7 @@ def test_default_budget_cli_is_deterministic_and_writes_no_log(mlp, tmp_path):
         assert report["accuracy_budget"]["samples"] == 4 and report["accuracy_budget"]["met"]
         # the all-quantized candidate is within budget: nothing falls back, so no per-layer measurement
         assert len(report["accuracy_budget"]["trials"]) == 1 and report["accuracy_budget"]["fallback_order"] == []
+        assert "path" not in report["accuracy_budget"]["trials"][0]  # a deleted temporary file: not reported
         assert report["accuracy_budget"]["layers"] == LAYERS
         assert f"0 of {LAYERS} layers kept float" in " ".join(report["notes"])
         assert report["calibration"]["samples"] == 12
@@ -324,6 +325,13 @@ def test_recipe_files_write_off_for_a_choice_turned_off(tmp_path):
     assert Recipe.load(path) == neither
     path.write_text('accuracy_budget = "loose"\n')
     with pytest.raises(InputSpecError, match="accuracy_budget"):
+        Recipe.load(path)
+    preset("w4-weight-only").save(path)  # a weight-only recipe has no budget, and says so
+    assert Recipe.load(path) == preset("w4-weight-only")
+    path.write_text('kind = "weight-only"\nbits = 4\n')
+    assert Recipe.load(path).accuracy_budget is None  # not the static recipes' default
+    path.write_text('kind = "weight-only"\naccuracy_budget = 0.02\n')  # was silently ignored
+    with pytest.raises(InputSpecError, match="static recipes only"):
         Recipe.load(path)
 
 
