@@ -115,15 +115,19 @@ def random_feed(
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
             raise InputSpecError(
-                f"cannot make random data for input {spec.name!r} of type {spec.dtype}",
-                fix="pass real data with --data",
+                f"cannot make random data for input {spec.name!r} of type {spec.dtype}"
+                + (" (text)" if spec.dtype == np.object_ else ""),
+                fix="pass real data with --data" + (f" (text as a numpy str array: np.savez(FILE, {spec.name}="
+                                                    "np.array([...])))" if spec.dtype == np.object_ else ""),
             )
     sig = decoder.signature(specs)
     return sig.fit(feed) if sig else feed
 
 
 def validate_feed(specs: list[InputSpec], feed: Mapping[str, np.ndarray], where: str = "feed") -> None:
-    """Check names, dtypes and ranks of a feed against the model's inputs."""
+    """Check names, dtypes and ranks of a feed against the model's inputs. Text for a string input
+    comes as a numpy str or bytes array (an .npz never holds object arrays: they would be unpickled)
+    and is turned, in place, into the object array of str ONNX Runtime takes."""
     expected = {s.name: s for s in specs}
     missing = [name for name in expected if name not in feed]
     if missing:
@@ -134,6 +138,9 @@ def validate_feed(specs: list[InputSpec], feed: Mapping[str, np.ndarray], where:
             raise InputSpecError(f"{where} has unknown input {name!r}",
                                  fix=f"the model's inputs are {sorted(expected)}")
         array = np.asarray(array)
+        if spec.dtype == np.object_ and array.dtype.kind in "US" and isinstance(feed, dict):
+            array = np.char.decode(array, "utf-8") if array.dtype.kind == "S" else array
+            feed[name] = array = array.astype(object)
         if array.dtype != spec.dtype:
             raise InputSpecError(
                 f"input {name!r} in {where} has dtype {array.dtype}, the model wants {spec.dtype}",

@@ -351,3 +351,46 @@ def test_paddle_minus_one_dims_and_stacked_scalar_inputs(tmp_path):
     np.savez(data, x=np.ones((2, 5, 3), np.float32), sr=np.array([16000, 8000], np.int64))  # two samples stacked
     result = run_cli("optimize", path, "-o", tmp_path / "out.onnx", "--data", data)
     assert result.exit_code == 0, result.output
+
+
+def _text_pipeline(path: Path) -> None:
+    """skl2onnx's conversion of a ColumnTransformer (scaled numbers, one-hot categories given as text)
+    and a logistic regression: a model with a string input."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    rng = np.random.default_rng(0)
+    numbers, cats = rng.normal(size=(60, 2)), np.array([["red", "green", "blue"][i % 3] for i in range(60)])
+    rows = np.concatenate([numbers.astype(object), cats[:, None]], axis=1)
+    pipe = make_pipeline(ColumnTransformer([("num", StandardScaler(), [0, 1]), ("cat", OneHotEncoder(), [2])]),
+                         LogisticRegression()).fit(rows, np.arange(60) % 3)
+    onnx.save(convert_sklearn(pipe, initial_types=[("num", FloatTensorType([None, 2])),
+                                                   ("cat", StringTensorType([None, 1]))],
+                              options={id(pipe.steps[-1][1]): {"zipmap": False}}), path)
+
+
+def test_a_model_with_a_text_input_takes_text_from_an_npz(tmp_path):
+    """Text comes as numpy str arrays (an .npz never holds object arrays: those are never unpickled),
+    turned into the object arrays ORT takes; without data the message says how to give it."""
+    path = tmp_path / "pipe.onnx"
+    _text_pipeline(path)
+    cats = np.array([["red"], ["blue"], ["green"]])
+    data = tmp_path / "data.npz"
+    np.savez(data, num=np.random.default_rng(1).normal(size=(4, 3, 2)).astype(np.float32), cat=np.stack([cats] * 4))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(3):
+        np.savez(calib / f"{i}.npz", num=np.random.default_rng(i).normal(size=(3, 2)).astype(np.float32),
+                 cat=np.char.encode(cats, "utf-8"))  # bytes work too
+    out = tmp_path / "out.onnx"
+    assert run_cli("optimize", path, "-o", out, "--data", data).exit_code == 0
+    quantized = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", calib, "--data", data)
+    assert quantized.exit_code == 0, quantized.output
+    feed = {"num": np.zeros((3, 2), np.float32), "cat": cats.astype(object)}
+    np.testing.assert_allclose(ort_outputs(out, feed)[1], ort_outputs(path, feed)[1], rtol=1e-6)
+    no_data = run_cli("optimize", path, "-o", tmp_path / "nd.onnx")
+    assert no_data.exit_code == 2 and "numpy str array" in no_data.output and not (tmp_path / "nd.onnx").exists()
