@@ -142,10 +142,22 @@ def torch_export(
     torch = require("torch")
     module.eval()
     if exporter == "dynamo":
+        # torch.export's own form of the dynamic axes (its conversion of ``dynamic_axes`` fails on a
+        # forward taking *past): every named axis of every input left for the exporter to infer
+        import inspect
+
+        auto = torch.export.Dim.AUTO
+        shapes = [{axis: auto for axis in (dynamic_axes or {}).get(name, {})} or None
+                  for name in list(input_names)[:len(args)]]
+        kinds = [p.kind for p in inspect.signature(module.forward).parameters.values()]
+        if inspect.Parameter.VAR_POSITIONAL in kinds:  # torch.export sees *rest as one tuple argument
+            at = kinds.index(inspect.Parameter.VAR_POSITIONAL)
+            shapes = shapes[:at] + [tuple(shapes[at:])]
+        shapes = tuple(shapes)
         with torch.no_grad():
             program = torch.onnx.export(
                 module, args, input_names=list(input_names), output_names=list(output_names),
-                dynamic_axes=dynamic_axes, opset_version=opset or 18, dynamo=True, external_data=False,
+                dynamic_shapes=shapes, opset_version=opset or 18, dynamo=True, external_data=False,
                 optimize=True, verbose=False,
             )
         program.save(str(path))

@@ -123,6 +123,36 @@ def test_llama_attention_fuses_into_gqa_rotary_and_skip_norm(tiny_llama, tiny_ll
             assert rel < 1e-5, (name, past, seq, rel)
 
 
+@pytest.mark.parametrize("attention,exporter", [("sdpa", "torchscript"), ("eager", "dynamo"), ("sdpa", "dynamo")])
+def test_llama_exported_as_users_export_it_fuses_the_same(tmp_path, attention, exporter):
+    """transformers' default attention is SDPA and torch's default exporter is dynamo; their exports
+    differ from the eager TorchScript one: q and K^T each scaled by sqrt(c), a boolean mask through
+    Where, the probabilities NaN-guarded (Where(IsNaN(p), 0, p)), p @ V reshaped to its own shape
+    before the transpose (SDPA); K^T through [B*N, T, D] and a mask broadcast through Max (dynamo).
+    Each fuses into the same graph, outputs unchanged across prefill and decode steps."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qcompile.models import causal_lm
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA, attn_implementation=attention))
+    source, out = tmp_path / "export.onnx", tmp_path / "fused.onnx"
+    causal_lm.export_hf(model, source, exporter=exporter)
+    assert op_counts(source)["Softmax"] == 2 and (op_counts(source)["IsNaN"] == 2) == (attention == "sdpa")
+    done = qcompile("optimize", source, "-o", out)
+    assert done.returncode == 0, done.stderr
+    after = op_counts(out)
+    assert after["GroupQueryAttention"] == 2 and after["Softmax"] == 0 and after["IsNaN"] == 0
+    assert after["MatMul"] == 2 * 5 + 1
+    sig = decoder.signature_of(source)
+    reference, fused = session_runner(source), session_runner(out)
+    for past, seq in ((0, 9), (7, 1), (5, 4)):
+        feed = random_cache_feed(sig, past, seq, seed=past)
+        want, got = reference(feed), fused(feed)
+        for name, value in want.items():
+            assert np.linalg.norm(got[name] - value) / np.linalg.norm(value) < 1e-5, (name, past, seq)
+
+
 def test_no_cache_export_counts_positions_from_its_input_length():
     """The zoo's plain SmolLM2 export (no cache) computes positions as arange over input_ids'
     length: its rotary subgraph reads input_ids only through Shape. The fused kernel counts

@@ -254,11 +254,31 @@ def match(softmax: ir.Node, graph_inputs: set[int], kind_of: Callable[[ir.Value]
     return None
 
 
+class _Flat:
+    """K^T as Reshape(Transpose(0, 2, 1)(Reshape(K, [B*N, T, D])), [B, N, D, T]), seen as one
+    Transpose(0, 1, 3, 2) of K (``inputs[0]``)."""
+
+    def __init__(self, keys: ir.Value) -> None:
+        self.inputs = [keys]
+
+
+def _flat_transposed(value: ir.Value) -> _Flat | None:
+    outer = _producer(value, "Reshape")
+    transpose = None if outer is None else _producer(outer.inputs[0], "Transpose")
+    inner = None if transpose is None or _perm(transpose) != [0, 2, 1] else _producer(transpose.inputs[0], "Reshape")
+    if inner is None or _target_rank(outer.inputs[1]) != 4 or _target_rank(inner.inputs[1]) != 3:
+        return None
+    return _Flat(inner.inputs[0])
+
+
 def _key_heads(transposed: ir.Value, graph_inputs: set[int]):
     """(present_key, past_key, key) behind K^T: Transpose(0, 1, 3, 2) of the [B, N, T, D] keys (with a
     cache and repeat_kv), or an encoder's Transpose(0, 2, 3, 1) of Reshape(k_proj, [B, S, N, D])."""
     transpose = _producer(transposed, "Transpose")
     perm = _perm(transpose)
+    flat = _flat_transposed(transposed)
+    if flat is not None:  # torch's dynamo export: K^T through [B*N, T, D]
+        transpose, perm = flat, [0, 1, 3, 2]
     if perm == [0, 1, 3, 2]:
         present_key = _repeated(transpose.inputs[0])
         past_key, new_key = _cached(present_key, graph_inputs)
@@ -274,34 +294,72 @@ def _key_heads(transposed: ir.Value, graph_inputs: set[int]):
     return None
 
 
-def _match_scores(scaled, bias, softmax, graph_inputs, kind_of) -> Match | None:
-    scale, qk = 1.0, scaled
-    node = _producer(scaled, "Mul", "Div")
+def _scaled(value: ir.Value) -> tuple[ir.Value, float]:
+    """(x, c) for value = x * c or x / (1/c) with a constant scalar c, else (value, 1)."""
+    node = _producer(value, "Mul", "Div")
     if node is not None:
         for product, constant in (node.inputs, node.inputs[::-1] if node.op_type == "Mul" else ()):
             c = _scalar(constant)
             if c is not None and c != 0.0:
-                scale, qk = (c if node.op_type == "Mul" else 1.0 / c), product
-                break
-        else:
+                return product, (c if node.op_type == "Mul" else 1.0 / c)
+    return value, 1.0
+
+
+def _nan_guarded(probs: ir.Value) -> ir.Value | None:
+    """Where(IsNaN(p), 0, p) — torch's SDPA export zeroes fully masked rows — or None."""
+    uses = list(probs.uses())
+    is_nan = next((n for n, i in uses if n.op_type == "IsNaN" and i == 0), None)
+    where = next((n for n, i in uses if n.op_type == "Where" and i == 2), None)
+    if len(uses) != 2 or is_nan is None or where is None or where.inputs[0] is not is_nan.outputs[0]:
+        return None
+    return where.outputs[0] if _scalar(where.inputs[1]) == 0.0 else None
+
+
+def _relayout(value: ir.Value) -> ir.Value | None:
+    """The output of torch's SDPA export's Reshape of p @ V to [B, -1, S, D], each dim k read from
+    Shape(t)[k] of a tensor of the same [B, N, S, D] layout (or -1): the same shape back; else None.
+    (Shape(p @ V) may feed that target too; nothing else may read p @ V.)"""
+    reshape = next((n for n, _ in value.uses() if n.op_type == "Reshape"), None)
+    others = [n for n, _ in value.uses() if n is not reshape]
+    target = None if reshape is None else _producer(reshape.inputs[1], "Concat")
+    if target is None or len(target.inputs) != 4 or any(n.op_type != "Shape" for n in others):
+        return None
+    for k, part in enumerate(target.inputs):
+        if _scalar(part) == -1:
+            continue
+        unsqueeze = _producer(part, "Unsqueeze")
+        gather = None if unsqueeze is None else _producer(unsqueeze.inputs[0], "Gather")
+        shape = None if gather is None else _producer(gather.inputs[0], "Shape")
+        if shape is None or _scalar(gather.inputs[1]) != k or shape.attributes.get_int("start", 0) != 0:
             return None
+    return reshape.outputs[0]
+
+
+def _match_scores(scaled, bias, softmax, graph_inputs, kind_of) -> Match | None:
+    qk, scale = _scaled(scaled)  # c * (q @ K^T); torch's SDPA export scales q and K^T by sqrt(c) each
     matmul = _producer(qk, "MatMul")
-    keys = None if matmul is None else _key_heads(matmul.inputs[1], graph_inputs)
+    if matmul is None:
+        return None
+    (queries, q_scale), (keys_t, k_scale) = _scaled(matmul.inputs[0]), _scaled(matmul.inputs[1])
+    scale *= q_scale * k_scale
+    keys = _key_heads(keys_t, graph_inputs)
     if keys is None:
         return None
     present_key, past_key, key = keys
-    query = _heads(matmul.inputs[0])
+    query = _heads(queries)
     kind = kind_of(bias) if query is not None and key is not None else None
     if kind is None or (kind == "bidirectional" and (past_key is not None or query.cos is not None)):
         return None
-    uses = list(softmax.outputs[0].uses())
+    probs = softmax.outputs[0]
+    uses = list((_nan_guarded(probs) or probs).uses())
     if query is None or key is None or len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 0:
         return None
     pv = uses[0][0]
     present_value = _repeated(pv.inputs[1])
     past_value, new_value = _cached(present_value, graph_inputs)
     value = _split_heads(new_value)
-    out_uses = list(pv.outputs[0].uses())
+    heads_out = _relayout(pv.outputs[0]) or pv.outputs[0]
+    out_uses = list(heads_out.uses())
     if value is None or len(out_uses) != 1 or _perm(out_uses[0][0]) != [0, 2, 1, 3]:
         return None
     final_uses = list(out_uses[0][0].outputs[0].uses())
@@ -428,8 +486,12 @@ def bias_kind(graph: ir.Graph, bias: ir.Value) -> str | None:
     and a right-padded mask: "causal" (-inf where key > past + query, and at masked keys),
     "bidirectional" (-inf at masked keys only), or None (anything else, or a bias that reads a float
     input other than the KV cache, e.g. a relative-position bias)."""
-    sub = _subgraph(graph, [bias], shape_leaves=True)
-    if sub is None:
+    for shape_leaves in (True, False):  # a shape-only leaf whose dims nothing sizes: its inputs instead
+        sub = _subgraph(graph, [bias], shape_leaves=shape_leaves)
+        feeds = None if sub is None else _probe_feeds(graph, sub.leaves, 0, 1, False)
+        if feeds is not None:
+            break
+    else:
         return None
     kinds = {"causal", "bidirectional"}
     cached = any(PAST_NAME.match(v.name) for v in graph.inputs)
@@ -471,6 +533,8 @@ def _probe_feeds(graph: ir.Graph, leaves: list[ir.Value], past: int, new: int,
                     sizes.setdefault(dim.value, size)
     feeds = {}
     for leaf in leaves:
+        if leaf.dtype is None:
+            return None  # an input of unknown type: nothing to probe it with
         dtype = np.dtype(leaf.dtype.numpy())
         rank = leaf.shape.rank() if leaf.shape is not None else None
         if leaf.name == "attention_mask":
