@@ -20,7 +20,10 @@ and ``GroupQueryAttention(q', k', v_proj, past_key, past_value, seqlens_k, total
 computed once. The rotary tables are the model's own: its cos/sin subgraph is evaluated (ONNX's
 reference evaluator) on positions 0 .. max_positions-1 (the recorded context length, else 4096),
 and used only if it has the rotate-half layout (both halves equal). ``repeat`` (GQA's
-Unsqueeze/Expand/Reshape) is matched by shape.
+Unsqueeze/Expand/Reshape) is matched by shape. The forms users' exports take are matched too:
+torch's SDPA (q and K^T each scaled by sqrt(c), the probabilities NaN-guarded by
+Where(IsNaN(p), 0, p), p @ V reshaped to its own shape) and the dynamo exporter's (K^T through
+[B*N, T, D]).
 
 Contract, as ONNX Runtime GenAI's builder has it: the attention mask is ones with right padding
 at most (what a generation loop feeds), and in a prompt the position ids count up from the first
@@ -254,36 +257,31 @@ def match(softmax: ir.Node, graph_inputs: set[int], kind_of: Callable[[ir.Value]
     return None
 
 
-class _Flat:
-    """K^T as Reshape(Transpose(0, 2, 1)(Reshape(K, [B*N, T, D])), [B, N, D, T]), seen as one
-    Transpose(0, 1, 3, 2) of K (``inputs[0]``)."""
-
-    def __init__(self, keys: ir.Value) -> None:
-        self.inputs = [keys]
-
-
-def _flat_transposed(value: ir.Value) -> _Flat | None:
+def _keys_of_transposed(value: ir.Value) -> ir.Value | None:
+    """K behind K^T = Transpose(0, 1, 3, 2)(K), or torch's dynamo form of it,
+    Reshape(Transpose(0, 2, 1)(Reshape(K, [B*N, T, D])), [B, N, D, T]); else None."""
+    transpose = _producer(value, "Transpose")
+    if _perm(transpose) == [0, 1, 3, 2]:
+        return transpose.inputs[0]
     outer = _producer(value, "Reshape")
     transpose = None if outer is None else _producer(outer.inputs[0], "Transpose")
     inner = None if transpose is None or _perm(transpose) != [0, 2, 1] else _producer(transpose.inputs[0], "Reshape")
     if inner is None or _target_rank(outer.inputs[1]) != 4 or _target_rank(inner.inputs[1]) != 3:
         return None
-    return _Flat(inner.inputs[0])
+    return inner.inputs[0]
 
 
 def _key_heads(transposed: ir.Value, graph_inputs: set[int]):
     """(present_key, past_key, key) behind K^T: Transpose(0, 1, 3, 2) of the [B, N, T, D] keys (with a
-    cache and repeat_kv), or an encoder's Transpose(0, 2, 3, 1) of Reshape(k_proj, [B, S, N, D])."""
-    transpose = _producer(transposed, "Transpose")
-    perm = _perm(transpose)
-    flat = _flat_transposed(transposed)
-    if flat is not None:  # torch's dynamo export: K^T through [B*N, T, D]
-        transpose, perm = flat, [0, 1, 3, 2]
-    if perm == [0, 1, 3, 2]:
-        present_key = _repeated(transpose.inputs[0])
+    cache and repeat_kv; or its dynamo form), or an encoder's Transpose(0, 2, 3, 1) of
+    Reshape(k_proj, [B, S, N, D])."""
+    keys = _keys_of_transposed(transposed)
+    if keys is not None:
+        present_key = _repeated(keys)
         past_key, new_key = _cached(present_key, graph_inputs)
         return present_key, past_key, _heads(new_key)
-    if perm == [0, 2, 3, 1]:
+    transpose = _producer(transposed, "Transpose")
+    if _perm(transpose) == [0, 2, 3, 1]:
         reshape = _producer(transpose.inputs[0], "Reshape")
         x = None if reshape is None else reshape.inputs[0]
         width = _width(x)
