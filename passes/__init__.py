@@ -20,7 +20,7 @@ from qcompile.passes.graph.cleanup import (
     no_op,
     topo_sort,
 )
-from qcompile.passes.graph.folding import constant_folding
+from qcompile.passes.graph.folding import constant_folding, fold_weights
 from qcompile.passes.graph.fuse_attention import fuse_attention
 from qcompile.passes.graph.fuse_batchnorm import fuse_batchnorm
 from qcompile.passes.graph.fuse_gelu import fuse_gelu
@@ -34,6 +34,7 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "lift-constants": lift_constants,
     "shape-inference": shape_inference,
     "constant-folding": constant_folding,
+    "fold-weights": fold_weights,
     "identity": identity,
     "no-op": no_op,
     "cse": cse,
@@ -100,6 +101,13 @@ CONTRIB_PASSES: frozenset[str] = frozenset({"fuse-gelu", "fuse-skip-norm", "fuse
 _AFTER_SKIP_NORM = DEFAULT_PIPELINE.index("fuse-skip-norm") + 1
 ORT_GPU_PIPELINE: tuple[str, ...] = (*DEFAULT_PIPELINE[:_AFTER_SKIP_NORM], "fuse-skip-layernorm",
                                      *DEFAULT_PIPELINE[_AFTER_SKIP_NORM:])
+
+def quantization_pipeline(passes: tuple[str, ...]) -> tuple[str, ...]:
+    """A target's passes as a quantizer runs them: with ``fold-weights`` after constant folding, so
+    weights that a constant subgraph computes reach the quantizer as constants."""
+    at = passes.index("constant-folding") + 1 if "constant-folding" in passes else 0
+    return (*passes[:at], "fold-weights", *passes[at:])
+
 
 #: Run once after the default pipeline reaches its fixed point.
 FINAL_PASSES: tuple[str, ...] = ("clear-shapes",)

@@ -558,7 +558,8 @@ def _names_used(node: onnx.NodeProto) -> Iterator[str]:
 
 
 def prune_dead_nodes(graph: onnx.GraphProto) -> int:
-    """Remove nodes and initializers that no graph output depends on; returns nodes removed."""
+    """Remove nodes and initializers that no graph output depends on (and the graph inputs that
+    only gave such an initializer its overridable default); returns nodes removed."""
     needed = {o.name for o in graph.output}
     live = []
     for node in reversed(graph.node):
@@ -571,8 +572,13 @@ def prune_dead_nodes(graph: onnx.GraphProto) -> int:
         graph.node.extend(reversed(live))
     initializers = [t for t in graph.initializer if t.name in needed]
     if len(initializers) != len(graph.initializer):
+        dropped = {t.name for t in graph.initializer} - {t.name for t in initializers}
         del graph.initializer[:]
         graph.initializer.extend(initializers)
+        inputs = [i for i in graph.input if i.name not in dropped]
+        if len(inputs) != len(graph.input):
+            del graph.input[:]
+            graph.input.extend(inputs)
     return removed
 
 

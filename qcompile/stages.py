@@ -27,7 +27,7 @@ from qcompile.calibration import CalibrationReader, fit_reader
 from qcompile.errors import BackendFailedError, InputModelError, QCompileError, VerificationError
 from qcompile.memory import PhaseClock
 from qcompile.metrics import Comparison, compare_outputs
-from qcompile.passes import make_pass
+from qcompile.passes import make_pass, quantization_pipeline
 from qcompile.passmanager import VerifyOptions, choose_feeds, snapshot
 from qcompile.pipeline import optimize_with_stats, prepare_float_model
 from qcompile.runtimes import BackendError, Runtime, RuntimeOptions, TimingResult
@@ -104,7 +104,7 @@ def prepare(model_or_path: ir.Model | str | os.PathLike, target: str, verify_opt
     original = snapshot(model) if optimize else None  # shares the weights: cheap
     if optimize:
         # checked end to end below; a pass that crashes is rolled back
-        pipeline = tuple(p for p in target_spec.passes if p not in skip_passes)
+        pipeline = tuple(p for p in quantization_pipeline(target_spec.passes) if p not in skip_passes)
         result = optimize_with_stats(model, verify=False, pipeline=pipeline)
         float_model.model, float_model.notes = result.model, result.warnings()
         if result.modified:
@@ -124,7 +124,7 @@ def reverify_passes(original: ir.Model, float_model: FloatModel, verify_options:
     ``also``: a feed it failed to run on, verified on too (the original failing on it: exit 2)."""
     feeds = float_model.feeds + ([also] if also is not None else [])
     model, _, _, notes = prepare_float_model(original, True, replace(verify_options, feeds=feeds),
-                                             pipeline=targets.get(target).passes)
+                                             pipeline=quantization_pipeline(targets.get(target).passes))
     return FloatModel(model, float_model.feeds, float_model.outputs, notes, None, float_model.fp32_time)
 
 @contextlib.contextmanager

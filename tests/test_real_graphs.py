@@ -394,3 +394,112 @@ def test_a_model_with_a_text_input_takes_text_from_an_npz(tmp_path):
     np.testing.assert_allclose(ort_outputs(out, feed)[1], ort_outputs(path, feed)[1], rtol=1e-6)
     no_data = run_cli("optimize", path, "-o", tmp_path / "nd.onnx")
     assert no_data.exit_code == 2 and "numpy str array" in no_data.output and not (tmp_path / "nd.onnx").exists()
+
+
+def caffe2_style_classifier() -> onnx.ModelProto:
+    """What Caffe2's exporter wrote (the onnx wheel's backend/test/data/light models): IR 3, opset 9,
+    every weight also a graph input, a BatchNorm to fold, and one unused initializer-input."""
+    rng = np.random.default_rng(3)
+    w = conv_weights(1, 8, 3, 3)
+    inits = {"w": w, "bn_s": rng.uniform(0.5, 1.5, 8), "bn_b": rng.standard_normal(8), "bn_m": rng.standard_normal(8),
+             "bn_v": rng.uniform(0.5, 1.5, 8), "fc": rng.standard_normal((8, 4)), "unused_queue": np.zeros((1, 1))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["b"]),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["y"]),
+    ]
+    tensors = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])]
+    inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in tensors]
+    graph = helper.make_graph(nodes, "caffe2", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              tensors)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+
+
+def test_weights_listed_as_graph_inputs_are_weights(tmp_path, int8_kernels_win):
+    # light_zfnet512 from the onnx wheel: an unused initializer-input made the "original" fail to run
+    # (exit 2, blaming the input); every light model: nothing folded, nothing quantized.
+    path = save(caffe2_style_classifier(), tmp_path / "c2.onnx")
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    out = tmp_path / "opt.onnx"
+    result = run_cli("optimize", path, "-o", out)
+    assert result.exit_code == 0, result.output
+    written = onnx.load(str(out))
+    assert [i.name for i in written.graph.input] == ["x"]
+    assert "BatchNormalization" not in {n.op_type for n in written.graph.node}  # folded into the Conv
+    np.testing.assert_allclose(ort_outputs(out, feed)[0], ort_outputs(path, feed)[0], rtol=1e-4, atol=1e-5)
+    quantized = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", quantized, "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert report_of(result)["plan"]["quantized_nodes"] == 2  # the Conv and the MatMul
+
+
+def test_weights_a_constant_subgraph_computes_are_quantized(tmp_path, int8_kernels_win):
+    # fp16-stored weights cast up, a transposed weight, a ConstantOfShape weight (the light models'):
+    # constant folding keeps them (size limits, ConstantOfShape preserved); quantization folds them.
+    rng = np.random.default_rng(5)
+    w16 = (rng.standard_normal((32, 64)) * 0.2).astype(np.float16)
+    wt = (rng.standard_normal((16, 64)) * 0.2).astype(np.float32)
+    nodes = [
+        helper.make_node("Cast", ["w16"], ["w1"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Transpose", ["wt"], ["w2"], perm=[1, 0]),
+        helper.make_node("MatMul", ["r", "w2"], ["h2"]),
+        helper.make_node("ConstantOfShape", ["shape3"], ["w3"],
+                         value=numpy_helper.from_array(np.array([0.02], np.float32))),
+        helper.make_node("MatMul", ["h2", "w3"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(w16, "w16"), numpy_helper.from_array(wt, "wt"),
+             numpy_helper.from_array(np.array([16, 8], np.int64), "shape3")]
+    graph = helper.make_graph(nodes, "computed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "w.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--min-sqnr", "-1", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert report_of(result)["plan"]["quantized_nodes"] == 3
+    written = onnx.load(str(out))
+    assert {n.op_type for n in written.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert not {"Cast", "Transpose", "ConstantOfShape"} & {n.op_type for n in written.graph.node}
+
+
+def test_a_weight_that_is_already_dequantized_is_not_quantized_again(tmp_path):
+    codes = np.random.default_rng(6).integers(-127, 128, (16, 8)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    inits = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(np.array(0.01, np.float32), "scale")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dq.onnx")
+    result = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert list(report_of(result)["plan"]["kept_float"].values()) == ["weight is not a float constant"]
+
+
+_LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+_LIGHT_SLOW = {"light_vgg19", "light_densenet121", "light_zfnet512", "light_bvlc_alexnet", "light_inception_v2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(p.stem, marks=[pytest.mark.slow] if p.stem in _LIGHT_SLOW else [])
+                                  for p in sorted(_LIGHT.glob("light_*.onnx"))])
+def test_caffe2_exports_in_the_onnx_wheel_optimize_and_quantize(tmp_path, name, int8_kernels_win):
+    # Models qcompile was not written against (Caffe2's exporter, IR 3, opset 9, weights as graph inputs
+    # computed by ConstantOfShape): before, optimize changed nothing, quantize quantized nothing and two
+    # of them were refused (exit 2) for an unused initializer-input.
+    source = _LIGHT / f"{name}.onnx"
+    original = onnx.load(str(source))
+    real_inputs = [i.name for i in original.graph.input if i.name not in {t.name for t in original.graph.initializer}]
+    out = tmp_path / "opt.onnx"
+    result = run_cli("optimize", source, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert [i.name for i in onnx.load(str(out)).graph.input] == real_inputs
+    quantized = run_cli("quantize", source, "-o", tmp_path / "q.onnx", "--calib", "random", "--min-sqnr", "-1",
+                        "--runs", "2", "--json")
+    assert quantized.exit_code == 0, quantized.output
+    plan = report_of(quantized)["plan"]
+    # every weighted node INT8 (identical 0.02-filled Convs may merge first: cse), none kept float
+    assert plan["kept_float"] == {} and plan["quantized_nodes"] > 0

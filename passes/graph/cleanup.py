@@ -15,7 +15,9 @@ our own: onnx-ir's hashes every byte of every weight on every sweep):
     dedup-initializers   byte-identical initializers -> one (candidates by dtype, shape and a few
                          sampled bytes; only those are compared in full, so weights that differ
                          are read a few KB each, not hashed whole)
-    lift-constants       Constant node -> graph initializer (an IR < 4 model is raised to IR 4)
+    lift-constants       Constant node -> graph initializer; an initializer also listed as a graph
+                         input (IR < 4 models, torch's keep_initializers_as_inputs) stops being an
+                         input: a weight, not an overridable default (an IR < 4 model is raised to IR 4)
     topo-sort            nodes in a valid topological order
     default-attributes   omitted attributes written out with their schema defaults, so that
                          rules match ``ReduceMean(x)`` and ``ReduceMean(x, keepdims=1)`` alike
@@ -211,16 +213,26 @@ def dedup_initializers() -> ir.passes.PassBase:
 
 
 class LiftConstantsPass(common.LiftConstantsToInitializersPass):
-    """onnx-ir's Constant lifting; an IR < 4 model is raised to IR 4, where initializers need not be
-    graph inputs (below it the lifted model fails the checker)."""
+    """onnx-ir's Constant lifting, and initializers listed as graph inputs made plain initializers.
+
+    ONNX lets a feed override an initializer that is also a graph input; nothing can then be folded
+    or quantized through it. Exporters list weights that way by convention (every IR < 4 model, torch
+    with ``keep_initializers_as_inputs``), never to have them fed, so they are taken as the weights
+    they are: the model then has only its real inputs (a feed that names a weight is refused by the
+    runtime, never silently ignored). An IR < 4 model is raised to IR 4, where initializers need not
+    be graph inputs (below it the lifted model fails the checker)."""
 
     name = "lift-constants"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
-        if result.modified:
+        graph = model.graph
+        defaults = [v for v in graph.inputs if v.name in graph.initializers]
+        for value in defaults:
+            graph.inputs.remove(value)
+        if result.modified or defaults:
             allow_initializers(model)
-        return result
+        return ir.passes.PassResult(model, result.modified or bool(defaults))
 
 
 def lift_constants() -> ir.passes.PassBase:

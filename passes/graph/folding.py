@@ -1,6 +1,12 @@
 """Constant folding: any node whose inputs are all constants is evaluated once and replaced by
 its result (onnxscript's folder, with its size limits so weights are not duplicated).
 
+``fold-weights`` (the quantization pipelines): the weights of Conv / ConvTranspose / MatMul / Gemm
+that a constant subgraph computes — ``Cast(fp16 W)``, ``Transpose(W)``, ``ConstantOfShape`` —
+folded whatever their size, so that the quantizer sees them as the constants they are. A weight
+that comes out of a DequantizeLinear (an already quantized model) is left as it is: re-quantizing
+its float values would quantize twice.
+
 A node that one of onnxscript's partial evaluators fails on is left as it is (folding is only an
 optimization), e.g. onnxscript 0.7's SplitToSequence evaluator on a scalar ``split`` whose value is
 unknown (``split_value.ndim`` on None).
@@ -60,3 +66,45 @@ class ConstantFoldingPass(ir.passes.InPlacePass):
 
 def constant_folding() -> ir.passes.PassBase:
     return ConstantFoldingPass()
+
+
+#: Ops whose weight (input 1) and bias (input 2) are what a quantizer reads.
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+#: A weight computed by these is already quantized, or cannot be folded: not traced through.
+_NOT_THROUGH = frozenset({"DequantizeLinear", "QuantizeLinear", "If", "Loop", "Scan"})
+
+
+def weight_cone(graph: ir.Graph) -> set[ir.Node]:
+    """Every node upstream of a weighted op's weight or bias, up to a Q/DQ or control flow."""
+    cone: set[ir.Node] = set()
+    stack = [v for node in graph if node.domain in ("", "ai.onnx") and node.op_type in WEIGHTED_OPS
+             for v in node.inputs[1:3] if v is not None and v.const_value is None]
+    while stack:
+        producer = stack.pop().producer()
+        if producer is None or producer in cone or producer.op_type in _NOT_THROUGH or producer.graph is not graph:
+            continue
+        cone.add(producer)
+        stack.extend(v for v in producer.inputs if v is not None and v.const_value is None)
+    return cone
+
+
+class WeightFoldingPass(ir.passes.InPlacePass):
+    """Fold the constant subgraphs that compute weights (module docstring), and nothing else."""
+
+    name = "fold-weights"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cone = weight_cone(model.graph)
+        if not cone:
+            return ir.passes.PassResult(model, False)
+        folder = _Folder(shape_inference=False, input_size_limit=2**62, output_size_limit=2**62,
+                         should_fold=lambda node: node in cone)
+        modified = bool(folder(model).modified)
+        if modified:
+            ir.passes.common.RemoveUnusedNodesPass()(model)
+            allow_initializers(model)
+        return ir.passes.PassResult(model, modified)
+
+
+def fold_weights() -> ir.passes.PassBase:
+    return WeightFoldingPass()

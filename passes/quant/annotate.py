@@ -392,8 +392,10 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
                 plan.add_activation(x.name, (name, 0))
                 plan.add_activation(w.name, (name, 1))
                 plan.quantized_nodes.append(name)
-            else:
+            elif node.op_type == "MatMul" and _is_float_activation(w):
                 plan.kept_float[name] = "activation x activation (attention) stays float"
+            else:
+                plan.kept_float[name] = "weight is not a float constant"
             continue
         if w.shape is None or w.shape.rank() < 2:
             plan.kept_float[name] = "weight rank < 2"
