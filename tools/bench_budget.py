@@ -1,11 +1,12 @@
 """Accuracy-budget mixed precision against the fixed per-node SQNR guards, side by side in one run.
 
-    python tools/bench_budget.py [--models minilm,smollm2] [--runs 30] [--json OUT]
+    python tools/bench_budget.py [--models minilm,smollm2] [--runs 30] [--budget-recipes RECIPE,...] [--json OUT]
 
 Per model: FP32, the recipe with its fixed guard (MiniLM int8: 28 dB; SmolLM2 w8a8-smoothquant:
 34 dB) and the same recipe with an accuracy budget on held-out data (MiniLM: embedding cosine, drop
 <= --minilm-budget; SmolLM2: perplexity, 1 %), each scored on the zoo's evaluation set (R@1 / perplexity,
 never seen by the budget) and timed interleaved (batch 1, sequence 128; ORT spin-waiting off).
+``--budget-recipes`` adds budget rows of other recipes (e.g. w8a8-smoothquant for MiniLM) to the same run.
 Then `qcompile gate` and `qcompile analyze` on the MiniLM pair, timed as a user runs them.
 """
 
@@ -33,7 +34,7 @@ SETUPS = {  # recipe, its guard, budget metric, calibration samples
 }
 
 
-def run_model(name: str, folder: Path, budget: float, runs: int, order: str) -> list[dict]:
+def run_model(name: str, folder: Path, budget: float, runs: int, order: str, extra: tuple[str, ...] = ()) -> list[dict]:
     entry = get_entry(name)
     recipe, guard, metric, samples = SETUPS[name]
     source = cached_export(entry)
@@ -45,14 +46,15 @@ def run_model(name: str, folder: Path, budget: float, runs: int, order: str) -> 
                  "path": str(modelio.save(guarded.model, folder / f"{name}.guard.onnx"))})
     del guarded
     spec = BudgetSpec(parse_metric(metric), budget, list(entry.heldout(16)), data=f"zoo:{name} held-out", order=order)
-    t0 = time.perf_counter()
-    budgeted = quantize(str(source), entry.calibration(samples), recipe=recipe, budget=spec)
-    rows.append({"model": name, "variant": f"{recipe}, budget {metric} {budget:g} ({order})",
-                 "seconds": time.perf_counter() - t0, "kept_float": len(budgeted.plan.kept_float),
-                 "quantized": len(budgeted.plan.quantized_nodes), "trials": len(budgeted.budget.trials),
-                 "met": budgeted.budget.met, "heldout_drop": budgeted.budget.best.drop,
-                 "path": str(modelio.save(budgeted.model, folder / f"{name}.budget.onnx"))})
-    del budgeted
+    for i, budget_recipe in enumerate(dict.fromkeys((recipe, *extra))):
+        t0 = time.perf_counter()
+        budgeted = quantize(str(source), entry.calibration(samples), recipe=budget_recipe, budget=spec)
+        rows.append({"model": name, "variant": f"{budget_recipe}, budget {metric} {budget:g} ({order})",
+                     "seconds": time.perf_counter() - t0, "kept_float": len(budgeted.plan.kept_float),
+                     "quantized": len(budgeted.plan.quantized_nodes), "trials": len(budgeted.budget.trials),
+                     "met": budgeted.budget.met, "heldout_drop": budgeted.budget.best.drop,
+                     "path": str(modelio.save(budgeted.model, folder / f"{name}.budget{i or ''}.onnx"))})
+        del budgeted
     for row in rows:
         row.update(entry.evaluate(row["path"], reference=str(source)) if name == "minilm" else
                    entry.evaluate(row["path"]))
@@ -103,13 +105,15 @@ def main() -> None:
     parser.add_argument("--smollm2-budget", type=float, default=0.01)
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--order", choices=ORDERS, default=ORDERS[0], help="the budget's fallback order")
+    parser.add_argument("--budget-recipes", default="", help="more recipes with the same budget, e.g. w8a8-smoothquant")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    extra = tuple(r for r in args.budget_recipes.split(",") if r)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         folder = Path(tmp)
         for name in args.models.split(","):
-            rows += run_model(name, folder, getattr(args, f"{name}_budget"), args.runs, args.order)
+            rows += run_model(name, folder, getattr(args, f"{name}_budget"), args.runs, args.order, extra)
             print(markdown(rows), flush=True)
         cli = time_cli(folder) if "minilm" in args.models else {}
     print(f"\n{cpu_signature()}\n")
