@@ -1,4 +1,5 @@
-"""ONNX's own operator suite (the node cases in the onnx wheel) through optimize and quantize.
+"""ONNX's own operator suite (the node cases in the onnx wheel, and its PyTorch-exported and simple
+model folders) through optimize and quantize.
 
 One run of tools/node_suite.py over every case (two worker processes, one ORT thread each), then:
 optimize changes no runnable case and crashes on none, refusals are at most 1 % and each has a
@@ -29,13 +30,24 @@ def _listed(items) -> str:
 
 @pytest.fixture(scope="module")
 def suite() -> node_suite.SuiteResult:
-    return node_suite.run_suite(node_suite.load_cases(), quantize=True, jobs=2, threads=1)
+    return node_suite.run_suite(node_suite.load_cases(suites=node_suite.SUITES), quantize=True, jobs=2, threads=1)
 
 
 def test_the_suite_is_there(suite):
     totals = suite.totals()
     assert totals["runnable"] >= 1400, totals  # ORT refusing everything would make the rest vacuous
     assert len({q.name for q in suite.quant}) >= 100
+    folders = [c for c in suite.cases if "/" in c.name and c.status != "not-runnable"]
+    assert len(folders) >= 90  # pytorch-converted, pytorch-operator, simple
+
+
+def test_sequence_folding_writes_only_what_the_opset_has():
+    # simple/test_sequence_model5 and 8 (opset 12): onnxscript's SplitToSequence / ConcatFromSequence
+    # rewrites wrote Split and Unsqueeze with opset 13's inputs; constant-folding was refused (exit 3).
+    cases = node_suite.load_cases("simple/test_sequence_model[58]", suites=("simple",))
+    assert len(cases) == 2
+    suite = node_suite.run_suite(cases, quantize=False)
+    assert [c.status for c in suite.cases] == ["ok", "ok"], _listed(suite.cases)
 
 
 def test_optimize_changes_and_crashes_on_no_case(suite):

@@ -1,13 +1,18 @@
 """ONNX's own operator suite through qcompile: every runnable node case optimized, verified, re-run.
 
-    python tools/node_suite.py [--only PATTERN] [--json FILE] [--no-quantize] [--jobs N] [--threads N]
+    python tools/node_suite.py [--only PATTERN] [--suites node,...] [--json FILE] [--no-quantize] [--jobs N]
+                               [--threads N]
 
 The cases are the ones shipped in the onnx wheel (``onnx.backend.test.case.node.collect_testcases``),
-each a model with its own input data. A case is *runnable* when ONNX Runtime CPU loads the original
-and runs it on the case's inputs; the others are counted as "not runnable" and go no further. Each
-runnable case then goes through ``qcompile.optimize_with_stats(verify=True)`` with the case's inputs
-as the verification feeds, and the optimized model is run again in a fresh ORT session and compared
-with the original's ORT outputs, independently of qcompile's own verification:
+each a model with its own input data; ``--suites`` adds the wheel's model folders
+(``onnx/backend/test/data/{pytorch-converted,pytorch-operator,simple}``: PyTorch's exporter of its
+day, whole small modules, each with its input and output protobufs).
+
+A case is *runnable* when ONNX Runtime CPU loads the original and runs it on the case's inputs;
+the others are counted as "not runnable" and go no further. Each runnable case then goes through
+``qcompile.optimize_with_stats(verify=True)`` with the case's inputs as the verification feeds, and
+the optimized model is run again in a fresh ORT session and compared with the original's ORT
+outputs, independently of qcompile's own verification:
 
     ok        optimize succeeded and every output matches (structure exactly; floats to
               |a - b| <= ATOL + RTOL |a|, NaN where NaN; everything else bit for bit)
@@ -138,14 +143,53 @@ class SuiteResult:
 # --- cases and ORT ---------------------------------------------------------------------------------
 
 
-def load_cases(only: str | None = None) -> list:
-    """The node cases of the installed onnx wheel, sorted by name; ``only`` is a shell pattern."""
+#: The wheel's model folders --suites can add to the node cases.
+MODEL_SUITES = ("pytorch-converted", "pytorch-operator", "simple")
+SUITES = ("node", *MODEL_SUITES)
+
+
+@dataclass
+class FolderCase:
+    """A model folder of the wheel's test data: model.onnx and test_data_set_*/{input,output}_*.pb."""
+
+    name: str
+    model: onnx.ModelProto
+    data_sets: list
+
+
+def _read_pbs(folder: Any, prefix: str) -> list:
+    out = []
+    for path in sorted(folder.glob(f"{prefix}_*.pb"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(path.read_bytes())
+        out.append(onnx.numpy_helper.to_array(tensor))
+    return out
+
+
+def folder_cases(suite: str) -> list[FolderCase]:
+    from pathlib import Path
+
+    root = Path(onnx.__file__).parent / "backend" / "test" / "data" / suite
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if (p / "model.onnx").is_file()):
+        sets = [(_read_pbs(d, "input"), _read_pbs(d, "output")) for d in sorted(folder.glob("test_data_set_*"))]
+        cases.append(FolderCase(f"{suite}/{folder.name}", onnx.load(str(folder / "model.onnx")), sets))
+    return cases
+
+
+def load_cases(only: str | None = None, suites: Sequence[str] = ("node",)) -> list:
+    """The cases of the installed onnx wheel's ``suites``, sorted by name; ``only`` is a shell pattern."""
     from onnx.backend.test.case import node as node_cases
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the case generators overflow casts on purpose
-        with np.errstate(all="ignore"):
-            cases = node_cases.collect_testcases()
+    cases = []
+    if "node" in suites:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the case generators overflow casts on purpose
+            with np.errstate(all="ignore"):
+                cases = list(node_cases.collect_testcases())
+    for suite in suites:
+        if suite != "node":
+            cases += folder_cases(suite)
     cases = sorted(cases, key=lambda c: c.name)
     if only:
         cases = [c for c in cases if fnmatch.fnmatchcase(c.name, only) or only in c.name]
@@ -563,6 +607,7 @@ def report(suite: SuiteResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only cases whose name contains this, or matches this shell pattern")
+    parser.add_argument("--suites", default="node", help=f"comma-separated: {', '.join(SUITES)} (default: node)")
     parser.add_argument("--json", metavar="FILE", help="write the totals and the lists as JSON ('-' for stdout)")
     parser.add_argument("--no-quantize", action="store_true", help="skip the quantize part")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the suite's own sessions")
@@ -571,8 +616,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--not-runnable", action="store_true",
                         help="also list the cases ORT refuses, with ORT's reason")
     args = parser.parse_args(argv)
-    suite = run_suite(load_cases(args.only), quantize=not args.no_quantize, threads=args.threads, jobs=args.jobs,
-                      progress=args.progress)
+    suites = [x for x in args.suites.split(",") if x]
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)}")
+    suite = run_suite(load_cases(args.only, suites), quantize=not args.no_quantize, threads=args.threads,
+                      jobs=args.jobs, progress=args.progress)
     print(report(suite))
     if args.not_runnable:
         for c in suite.by_status("not-runnable"):
