@@ -503,3 +503,26 @@ def test_caffe2_exports_in_the_onnx_wheel_optimize_and_quantize(tmp_path, name, 
     plan = report_of(quantized)["plan"]
     # every weighted node INT8 (identical 0.02-filled Convs may merge first: cse), none kept float
     assert plan["kept_float"] == {} and plan["quantized_nodes"] > 0
+
+
+def test_a_one_element_default_input_stays_a_knob_from_ir_4(tmp_path):
+    # torch's keep_initializers_as_inputs at IR 7: the weight becomes a weight, the scalar default
+    # (how a threshold is exported to be fed) stays an input that a feed can still override.
+    w = numpy_helper.from_array(conv_weights(2, 4, 3, 3), "w")
+    t = numpy_helper.from_array(np.array([0.5], np.float32), "threshold")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Greater", ["c", "threshold"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
+              helper.make_tensor_value_info("threshold", TensorProto.FLOAT, [1])]
+    graph = helper.make_graph(nodes, "knob", inputs, [helper.make_tensor_value_info("y", TensorProto.BOOL, [1, 4, 6, 6])],
+                              [w, t])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=7),
+                tmp_path / "knob.onnx")
+    out = tmp_path / "opt.onnx"
+    result = run_cli("optimize", path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["x", "threshold"]
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    for threshold in (None, np.array([-0.5], np.float32)):
+        feed = {"x": x} if threshold is None else {"x": x, "threshold": threshold}
+        np.testing.assert_array_equal(ort_outputs(out, feed)[0], ort_outputs(path, feed)[0])

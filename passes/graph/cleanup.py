@@ -17,7 +17,8 @@ our own: onnx-ir's hashes every byte of every weight on every sweep):
                          are read a few KB each, not hashed whole)
     lift-constants       Constant node -> graph initializer; an initializer also listed as a graph
                          input (IR < 4 models, torch's keep_initializers_as_inputs) stops being an
-                         input: a weight, not an overridable default (an IR < 4 model is raised to IR 4)
+                         input: a weight, not an overridable default (from IR 4 a one-element one,
+                         a knob, stays an input; an IR < 4 model is raised to IR 4)
     topo-sort            nodes in a valid topological order
     default-attributes   omitted attributes written out with their schema defaults, so that
                          rules match ``ReduceMean(x)`` and ``ReduceMean(x, keepdims=1)`` alike
@@ -31,7 +32,7 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRule
 from onnxscript.rewriter.rules.common import _basic_rules, _no_op
 
-from qcompile.passes.graph.rewrite import RuleSetPass, allow_initializers
+from qcompile.passes.graph.rewrite import IR_INITIALIZERS_OPTIONAL, RuleSetPass, allow_initializers
 
 
 class DeadCodeEliminationPass(ir.passes.InPlacePass):
@@ -219,15 +220,19 @@ class LiftConstantsPass(common.LiftConstantsToInitializersPass):
     or quantized through it. Exporters list weights that way by convention (every IR < 4 model, torch
     with ``keep_initializers_as_inputs``), never to have them fed, so they are taken as the weights
     they are: the model then has only its real inputs (a feed that names a weight is refused by the
-    runtime, never silently ignored). An IR < 4 model is raised to IR 4, where initializers need not
-    be graph inputs (below it the lifted model fails the checker)."""
+    runtime, never silently ignored). From IR 4, where listing one is a choice, a single-element
+    initializer stays an input: that is how a default knob is exported (an NMS threshold). An IR < 4
+    model is raised to IR 4, where initializers need not be graph inputs (below it the lifted model
+    fails the checker)."""
 
     name = "lift-constants"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         result = super().call(model)
         graph = model.graph
-        defaults = [v for v in graph.inputs if v.name in graph.initializers]
+        legacy = model.ir_version < IR_INITIALIZERS_OPTIONAL
+        defaults = [v for v in graph.inputs if v.name in graph.initializers
+                    and (legacy or (v.const_value is not None and v.const_value.size > 1))]
         for value in defaults:
             graph.inputs.remove(value)
         if result.modified or defaults:
