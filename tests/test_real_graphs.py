@@ -514,8 +514,8 @@ def test_a_one_element_default_input_stays_a_knob_from_ir_4(tmp_path):
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
               helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
               helper.make_tensor_value_info("threshold", TensorProto.FLOAT, [1])]
-    graph = helper.make_graph(nodes, "knob", inputs, [helper.make_tensor_value_info("y", TensorProto.BOOL, [1, 4, 6, 6])],
-                              [w, t])
+    outputs = [helper.make_tensor_value_info("y", TensorProto.BOOL, [1, 4, 6, 6])]
+    graph = helper.make_graph(nodes, "knob", inputs, outputs, [w, t])
     path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=7),
                 tmp_path / "knob.onnx")
     out = tmp_path / "opt.onnx"
@@ -526,3 +526,26 @@ def test_a_one_element_default_input_stays_a_knob_from_ir_4(tmp_path):
     for threshold in (None, np.array([-0.5], np.float32)):
         feed = {"x": x} if threshold is None else {"x": x, "threshold": threshold}
         np.testing.assert_array_equal(ort_outputs(out, feed)[0], ort_outputs(path, feed)[0])
+
+
+def test_fold_weights_leaves_constants_upstream_of_an_activation_alone():
+    # An activation-by-activation MatMul whose second input mixes in a ConstantOfShape mask: the mask
+    # is not a weight's, so fold-weights leaves it to constant-folding (which keeps ConstantOfShape).
+    import onnx_ir as ir
+
+    from qcompile.passes.graph.folding import fold_weights
+
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["mask"],
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Add", ["x", "mask"], ["k"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "kt"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "attention-like",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])],
+                              [numpy_helper.from_array(np.array([64, 64], np.int64), "shape")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert not fold_weights()(model).modified
+    assert [n.op_type for n in model.graph] == ["ConstantOfShape", "Add", "Transpose", "MatMul"]

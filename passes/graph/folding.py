@@ -84,13 +84,40 @@ _NOT_THROUGH = frozenset({"DequantizeLinear", "QuantizeLinear", "If", "Loop", "S
 
 
 def weight_cone(graph: ir.Graph) -> set[ir.Node]:
-    """Every node upstream of a weighted op's weight or bias, up to a Q/DQ or control flow."""
+    """The nodes that compute a weighted op's weight or bias from constants alone (nothing upstream
+    of an activation: an attention MatMul's key path or a mask stays to the default folder's limits)."""
+    computable: dict[ir.Value, bool] = {}
+
+    def from_constants(value: ir.Value) -> bool:
+        """Whether ``value`` is computed from constants only, without a Q/DQ or control flow (iterative:
+        an activation's ancestry is the whole network)."""
+        stack = [value]
+        while stack:
+            top = stack[-1]
+            if top in computable:
+                stack.pop()
+                continue
+            producer = top.producer()
+            if top.const_value is not None:
+                computable[top] = True
+            elif (producer is None or producer.op_type in _NOT_THROUGH or producer.graph is not graph
+                  or top.is_graph_input()):
+                computable[top] = False
+            else:
+                pending = [v for v in producer.inputs if v is not None and v not in computable]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                computable[top] = all(computable[v] for v in producer.inputs if v is not None)
+            stack.pop()
+        return computable[value]
+
     cone: set[ir.Node] = set()
     stack = [v for node in graph if node.domain in ("", "ai.onnx") and node.op_type in WEIGHTED_OPS
-             for v in node.inputs[1:3] if v is not None and v.const_value is None]
+             for v in node.inputs[1:3] if v is not None and v.const_value is None and from_constants(v)]
     while stack:
         producer = stack.pop().producer()
-        if producer is None or producer in cone or producer.op_type in _NOT_THROUGH or producer.graph is not graph:
+        if producer is None or producer in cone:
             continue
         cone.add(producer)
         stack.extend(v for v in producer.inputs if v is not None and v.const_value is None)
