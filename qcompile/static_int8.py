@@ -54,6 +54,10 @@ from qcompile.targets import FLOAT_TYPES
 
 log = logging.getLogger(__name__)
 
+#: Ops of a model quantized before (ONNX's integer ops, ORT's quantized contrib ops): with no float
+#: weighted op left, "nothing to quantize" says the model is quantized already.
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear",
+                         "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "QGemm"})
 #: Calibration feeds whose rows are kept to measure that SQNR, in at most 1/32 of the model's weight
 #: bytes (but at least this much: a small model keeps every row) and qcompile.quant.algorithms.sensitivity's cap.
 SENSITIVITY_FEEDS = 4
@@ -268,8 +272,10 @@ def _quantize_float(float_model: FloatModel, reader: CalibrationReader, clock: P
     clock.lap("plan")
     smoothing_json = smoothing.to_json() if smoothing else None
     if not plan.quantized_nodes:
-        notes.append(f"nothing to quantize: no MatMul/Gemm/Conv/ConvTranspose with constant weights runs in "
-                     f"{precision.upper()} here; the optimized float model is the result")
+        integer = sorted({n.op_type for n in model.graph if n.op_type in INTEGER_OPS})
+        why = (f"the model is already quantized ({', '.join(integer)})" if integer else
+               f"no MatMul/Gemm/Conv/ConvTranspose with constant weights runs in {precision.upper()} here")
+        notes.append(f"nothing to quantize: {why}; the optimized {'' if integer else 'float '}model is the result")
         model = PassManager([make_pass("clear-shapes")])(model).model
         model, lowered = lower_precision(model, high_precision, verify_feeds, exclude)
         accuracy, latency = check_result(model, float_model, "the quantize pipeline", target, guard_runs, clock)

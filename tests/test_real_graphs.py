@@ -549,3 +549,20 @@ def test_fold_weights_leaves_constants_upstream_of_an_activation_alone():
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert not fold_weights()(model).modified
     assert [n.op_type for n in model.graph] == ["ConstantOfShape", "Add", "Transpose", "MatMul"]
+
+
+def test_a_model_quantized_before_is_said_to_be_so(tmp_path):
+    # ddddocr's common_old.onnx (onnxruntime.quantization's dynamic INT8): no float weighted op is left.
+    codes = np.random.default_rng(7).integers(-127, 128, (16, 8)).astype(np.int8)
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["xs", "ws"], ["s"]),
+             helper.make_node("Mul", ["accf", "s"], ["y"])]
+    inits = [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
+    graph = helper.make_graph(nodes, "dynamic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dyn.onnx")
+    result = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert any("already quantized (DynamicQuantizeLinear, MatMulInteger)" in n for n in report_of(result)["notes"])
