@@ -477,7 +477,7 @@ def test_a_weight_that_is_already_dequantized_is_not_quantized_again(tmp_path):
     path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dq.onnx")
     result = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2", "--json")
     assert result.exit_code == 0, result.output
-    assert list(report_of(result)["plan"]["kept_float"].values()) == ["weight is not a float constant"]
+    assert list(report_of(result)["plan"]["kept_float"].values()) == ["weight is not an FP32 constant"]
 
 
 _LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

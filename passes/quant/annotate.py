@@ -395,7 +395,7 @@ def plan_quantization(model: ir.Model, policy: QuantPolicy, exclude: frozenset[s
             elif node.op_type == "MatMul" and _is_float_activation(w):
                 plan.kept_float[name] = "activation x activation (attention) stays float"
             else:
-                plan.kept_float[name] = "weight is not a float constant"
+                plan.kept_float[name] = "weight is not an FP32 constant"
             continue
         if w.shape is None or w.shape.rank() < 2:
             plan.kept_float[name] = "weight rank < 2"
