@@ -437,6 +437,18 @@ def test_weights_listed_as_graph_inputs_are_weights(tmp_path, int8_kernels_win):
     assert report_of(result)["plan"]["quantized_nodes"] == 2  # the Conv and the MatMul
 
 
+def quantize_matrix_model(tmp_path: Path, nodes: list, inits: list, k: int, n: int, *args: str) -> tuple[dict, Path]:
+    """Build x [N, k] -> ``nodes`` -> y [N, n] (opset 17), quantize it with random calibration; the
+    report and the written model's path."""
+    graph = helper.make_graph(nodes, "matrix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], inits)
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--runs", "2", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return report_of(result), out
+
+
 def test_weights_a_constant_subgraph_computes_are_quantized(tmp_path, int8_kernels_win):
     # fp16-stored weights cast up, a transposed weight, a ConstantOfShape weight (the light models'):
     # constant folding keeps them (size limits, ConstantOfShape preserved); quantization folds them.
@@ -455,13 +467,8 @@ def test_weights_a_constant_subgraph_computes_are_quantized(tmp_path, int8_kerne
     ]
     inits = [numpy_helper.from_array(w16, "w16"), numpy_helper.from_array(wt, "wt"),
              numpy_helper.from_array(np.array([16, 8], np.int64), "shape3")]
-    graph = helper.make_graph(nodes, "computed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
-    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "w.onnx")
-    out = tmp_path / "q.onnx"
-    result = run_cli("quantize", path, "-o", out, "--calib", "random", "--min-sqnr", "-1", "--runs", "2", "--json")
-    assert result.exit_code == 0, result.output
-    assert report_of(result)["plan"]["quantized_nodes"] == 3
+    report, out = quantize_matrix_model(tmp_path, nodes, inits, 32, 8, "--min-sqnr", "-1")
+    assert report["plan"]["quantized_nodes"] == 3
     written = onnx.load(str(out))
     assert {n.op_type for n in written.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     assert not {"Cast", "Transpose", "ConstantOfShape"} & {n.op_type for n in written.graph.node}
@@ -472,12 +479,8 @@ def test_a_weight_that_is_already_dequantized_is_not_quantized_again(tmp_path):
     nodes = [helper.make_node("DequantizeLinear", ["codes", "scale"], ["w"]),
              helper.make_node("MatMul", ["x", "w"], ["y"])]
     inits = [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(np.array(0.01, np.float32), "scale")]
-    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
-    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dq.onnx")
-    result = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2", "--json")
-    assert result.exit_code == 0, result.output
-    assert list(report_of(result)["plan"]["kept_float"].values()) == ["weight is not an FP32 constant"]
+    report, _ = quantize_matrix_model(tmp_path, nodes, inits, 16, 8)
+    assert list(report["plan"]["kept_float"].values()) == ["weight is not an FP32 constant"]
 
 
 _LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -560,9 +563,5 @@ def test_a_model_quantized_before_is_said_to_be_so(tmp_path):
              helper.make_node("Mul", ["xs", "ws"], ["s"]),
              helper.make_node("Mul", ["accf", "s"], ["y"])]
     inits = [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
-    graph = helper.make_graph(nodes, "dynamic", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
-    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "dyn.onnx")
-    result = run_cli("quantize", path, "-o", tmp_path / "q.onnx", "--calib", "random", "--runs", "2", "--json")
-    assert result.exit_code == 0, result.output
-    assert any("already quantized (DynamicQuantizeLinear, MatMulInteger)" in n for n in report_of(result)["notes"])
+    report, _ = quantize_matrix_model(tmp_path, nodes, inits, 16, 8)
+    assert any("already quantized (DynamicQuantizeLinear, MatMulInteger)" in n for n in report["notes"])

@@ -51,6 +51,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -157,7 +158,7 @@ class FolderCase:
     data_sets: list
 
 
-def _read_pbs(folder: Any, prefix: str) -> list:
+def _read_pbs(folder: Path, prefix: str) -> list:
     out = []
     for path in sorted(folder.glob(f"{prefix}_*.pb"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
         tensor = onnx.TensorProto()
@@ -167,8 +168,6 @@ def _read_pbs(folder: Any, prefix: str) -> list:
 
 
 def folder_cases(suite: str) -> list[FolderCase]:
-    from pathlib import Path
-
     root = Path(onnx.__file__).parent / "backend" / "test" / "data" / suite
     cases = []
     for folder in sorted(p for p in root.iterdir() if (p / "model.onnx").is_file()):
